@@ -1,0 +1,24 @@
+# Every target creates the environment first when it is missing (see scripts/setup_env.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.varlib-installed
+
+.PHONY: setup test test-all demo bench clean
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	VENV=$(VENV) bash scripts/setup_env.sh
+
+setup: $(STAMP)
+
+## fast test suite (slow tests included, they are bounded to minutes on CPU)
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m varlib.cli.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf outputs multirun lightning_logs .pytest_cache
