@@ -1,0 +1,247 @@
+"""The VAR transformer: a GPT-2-style decoder with AdaLN that predicts each token map from the coarser ones.
+
+Shapes: B batch, L = sum pn^2 tokens, C width (= D condition width), V vocabulary, Cvae code channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from varlib.models.sampling import SampleOutput, sample_token_maps
+from varlib.models.schedules import sequence_length, validate_patch_nums
+from varlib.models.vqvae import MultiScaleVQVAE
+
+
+def depth_scaled_shape(depth: int) -> dict:
+    """The official depth-scaled shape: width 64*d, d heads of 64, drop-path 0.1*d/24."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    return dict(width=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24)
+
+
+class VAR(nn.Module):
+    """Visual autoregressive transformer over the token maps of a frozen :class:`MultiScaleVQVAE`.
+
+    The class embedding is both the start token (scale 0's input) and the AdaLN condition; class
+    ``num_classes`` is the null class used for classifier-free guidance and label dropout. Training uses a
+    block-causal mask (a token sees every token of its own and coarser scales); inference uses a KV cache.
+
+    The tokenizer is held by reference, not as a submodule, so the state dict matches the official one;
+    device and dtype moves (``.to``, ``.cuda``) are applied to it as well.
+
+    Args:
+        vae: the tokenizer whose codebook and phi convolutions define the token space.
+        depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
+        num_classes: number of real classes.
+        patch_nums: the token-map schedule (default: the tokenizer's).
+        shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px model).
+        cond_drop_rate: label dropout probability in training mode (never applied in eval mode).
+        init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
+    """
+
+    def __init__(
+        self,
+        vae: MultiScaleVQVAE,
+        depth: int = 16,
+        num_classes: int = 1000,
+        *,
+        width: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float | None = None,
+        norm_eps: float = 1e-6,
+        shared_aln: bool = False,
+        attn_l2_norm: bool = True,
+        cond_drop_rate: float = 0.1,
+        patch_nums: Sequence[int] | None = None,
+        init_adaln: float = 0.5,
+        init_adaln_gamma: float = 1e-5,
+        init_head: float = 0.02,
+        init_std: float = -1.0,
+    ):
+        super().__init__()
+        shape = depth_scaled_shape(depth)
+        width = shape["width"] if width is None else width
+        num_heads = shape["num_heads"] if num_heads is None else num_heads
+        drop_path_rate = shape["drop_path_rate"] if drop_path_rate is None else drop_path_rate
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= cond_drop_rate < 1.0:
+            raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
+        self.patch_nums = validate_patch_nums(vae.patch_nums if patch_nums is None else patch_nums)
+        if len(self.patch_nums) != len(vae.patch_nums):
+            raise ValueError(
+                f"the schedule {self.patch_nums} must have as many scales as the tokenizer's {vae.patch_nums}"
+            )
+        self._vae = (vae,)
+        self.depth, self.width, self.num_heads = depth, width, num_heads
+        self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
+        self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
+        self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                           norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
+                           cond_drop_rate=cond_drop_rate, patch_nums=self.patch_nums)
+        self.L = sequence_length(self.patch_nums)
+        init_std = math.sqrt(1 / width / 3) if init_std < 0 else init_std
+
+        self.word_embed = nn.Linear(self.code_channels, width)
+        self.class_emb = nn.Embedding(num_classes + 1, width)
+        self.pos_start = nn.Parameter(torch.empty(1, 1, width))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, width))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), width)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(width, 6 * width)) if shared_aln else nn.Identity()
+        drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+                          drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm)
+            for i in range(depth)
+        )
+        self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
+        self.head = nn.Linear(width, self.vocab_size)
+
+        level_1L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)]).view(1, self.L)
+        self.register_buffer("lvl_1L", level_1L)
+        # Additive block-causal mask (0 where key scale <= query scale, -inf elsewhere), kept persistent
+        # under the official name so official checkpoints load strictly.
+        visible = level_1L.view(self.L, 1) >= level_1L.view(1, self.L)
+        mask = torch.zeros(self.L, self.L).masked_fill_(~visible, float("-inf"))
+        self.register_buffer("attn_bias_for_masking", mask.view(1, 1, self.L, self.L))
+        self.init_weights(init_adaln, init_adaln_gamma, init_head, init_std)
+
+    # -- the tokenizer is shared, not owned ------------------------------------------------------------
+
+    @property
+    def vae(self) -> MultiScaleVQVAE:
+        return self._vae[0]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.vae._apply(fn, recurse)
+        return self
+
+    # -- initialisation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float, init_std: float) -> None:
+        """The official initialisation (truncated normals, scaled-down residual projections and AdaLN)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=init_std)
+        if init_head >= 0:
+            self.head.weight.mul_(init_head)
+            self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        C = self.width
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
+            if block.shared_aln:
+                block.ada_gss[:, :, 2:].mul_(init_adaln)
+                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                block.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+                block.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
+                block.ada_lin[-1].bias.zero_()
+
+    # -- helpers shared by training and sampling ---------------------------------------------------
+
+    def check_labels(self, labels_B: torch.Tensor) -> None:
+        """Raises ValueError unless labels are a 1-D integer tensor in [0, num_classes] (num_classes = null)."""
+        if labels_B.ndim != 1 or labels_B.dtype.is_floating_point:
+            raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels_B.shape)} {labels_B.dtype}")
+        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"
+            )
+
+    def level_position_embedding(self) -> torch.Tensor:
+        """lvl_embed(scale of each token) + pos_1LC: (1, L, C)."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """What the blocks receive: the class embedding, or the shared AdaLN's (B,1,6,C) output."""
+        return self.shared_ada_lin(cond_BD)
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """AdaLN head norm + linear head, in fp32: (B,L,C) -> (B,L,V)."""
+        return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
+
+    # -- teacher-forced training forward --------------------------------------------------------------
+
+    def forward(self, labels_B: torch.Tensor, x_BLCv: torch.Tensor) -> torch.Tensor:
+        """Next-scale prediction with teacher forcing.
+
+        Args:
+            labels_B: (B,) class indices in [0, num_classes]; in training mode each is replaced by the
+                null class with probability ``cond_drop_rate``.
+            x_BLCv: (B, L'-1, Cvae), the tokenizer's teacher-forcing input (``vae.teacher_forcing_input``);
+                L' may be a shorter prefix ending at a scale boundary (progressive training).
+        Returns:
+            (B, L', V) logits for every token of every scale.
+        """
+        self.check_labels(labels_B)
+        B, length = x_BLCv.shape[0], x_BLCv.shape[1] + 1
+        ends = [sequence_length(self.patch_nums[: k + 1]) for k in range(len(self.patch_nums))]
+        if x_BLCv.ndim != 3 or x_BLCv.shape[2] != self.code_channels or length not in ends or labels_B.shape[0] != B:
+            raise ValueError(
+                f"expected teacher-forcing input (B={labels_B.shape[0]}, L-1={self.L - 1} or a scale prefix "
+                f"{[e - 1 for e in ends]}, Cvae={self.code_channels}), got {tuple(x_BLCv.shape)}"
+            )
+        if self.training and self.cond_drop_rate > 0:
+            drop = torch.rand(B, device=labels_B.device) < self.cond_drop_rate
+            labels_B = torch.where(drop, self.num_classes, labels_B)
+        with torch.autocast(device_type=x_BLCv.device.type, enabled=False):
+            cond_BD = self.class_emb(labels_B)
+            sos_B1C = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)
+            x_BLC = torch.cat((sos_B1C, self.word_embed(x_BLCv.float())), dim=1)
+            x_BLC = x_BLC + self.level_position_embedding()[:, :length]
+        attn_mask = self.attn_bias_for_masking[:, :, :length, :length]
+        cond = self.adaln_condition(cond_BD)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond, attn_mask=attn_mask)
+        return self.get_logits(x_BLC, cond_BD)
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def generate_tokens(self, labels, **kwargs) -> SampleOutput:
+        """Samples token maps; see :func:`varlib.models.sampling.sample_token_maps` for the arguments."""
+        return sample_token_maps(self, labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        more_smooth: bool = False,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Class-conditional sampling (KV cache, guidance ramp, top-k/top-p).
+
+        Args:
+            labels: (B,) class indices in [0, num_classes] (num_classes = unconditional), a list, or one
+                int together with ``batch_size``.
+            cfg: guidance strength at the last scale; scale k uses t = cfg * k/(K-1).
+            top_k, top_p: 0 disables either filter. seed: seeds a private ``torch.Generator``.
+            more_smooth: Gumbel-softmax smoothing of the code embeddings (visual quality, not for FID).
+        Returns:
+            (B,3,H,W) images in [0,1].
+        """
+        out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
+                                   more_smooth=more_smooth, batch_size=batch_size)
+        return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)

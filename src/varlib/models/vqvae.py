@@ -1,0 +1,300 @@
+"""The multi-scale VQ autoencoder: a VQGAN-style CNN encoder/decoder around :class:`MultiScaleQuantizer`.
+
+The module tree and parameter names follow the official ``VQVAE`` so official checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from varlib.models.quantizer import MultiScaleQuantizer, QuantizerOutput
+from varlib.models.schedules import PATCH_NUMS_256, validate_patch_nums
+
+GROUPS = 32
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GN-SiLU-conv3x3 twice with a residual (1x1 ``nin_shortcut`` when the width changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x_BChw)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x_BChw) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with one 1x1 ``qkv`` conv and a residual ``proj_out``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x_BChw.shape
+        q, k, v = self.qkv(self.norm(x_BChw)).view(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B,HW,C)
+        h_BLC = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return x_BChw + self.proj_out(h_BLC.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample2x(nn.Module):
+    """Zero-pad right/bottom by one, then a stride-2 3x3 conv (no padding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 2, 0)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
+
+
+class Upsample2x(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x_BChw, scale_factor=2, mode="nearest"))
+
+
+def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module | None) -> nn.Module:
+    level = nn.Module()
+    level.block = nn.ModuleList(blocks)
+    level.attn = nn.ModuleList(attns)
+    if resample is not None:
+        level.add_module("downsample" if isinstance(resample, Downsample2x) else "upsample", resample)
+    return level
+
+
+def _mid(channels: int, dropout: float, using_mid_sa: bool) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels) if using_mid_sa else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Image (B,3,H,W) -> latent (B,z,H/2^(n-1),W/2^(n-1)) with n = len(ch_mult) levels.
+
+    Each level has ``num_res_blocks`` ResnetBlocks; self-attention follows each block of the last level.
+    """
+
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        z_channels: int,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+        using_sa: bool = True,
+        using_mid_sa: bool = True,
+    ):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i_level, mult in enumerate(ch_mult):
+            last = i_level == len(ch_mult) - 1
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, ch * mult, dropout))
+                block_in = ch * mult
+                if last and using_sa:
+                    attns.append(AttnBlock(block_in))
+            self.down.append(_level(blocks, attns, None if last else Downsample2x(block_in)))
+        self.mid = _mid(block_in, dropout, using_mid_sa)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x_BChw)
+        for level in self.down:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[i](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B,z,h,w) -> image (B,3,h*2^(n-1),w*2^(n-1)), unclamped (no tanh).
+
+    Levels run from the coarsest (``up[n-1]``) to the finest (``up[0]``), each with ``num_res_blocks + 1``
+    ResnetBlocks; self-attention follows each block of the coarsest level.
+    """
+
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        z_channels: int,
+        out_channels: int = 3,
+        dropout: float = 0.0,
+        using_sa: bool = True,
+        using_mid_sa: bool = True,
+    ):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
+        self.mid = _mid(block_in, dropout, using_mid_sa)
+        levels = []
+        for i_level in reversed(range(len(ch_mult))):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, ch * ch_mult[i_level], dropout))
+                block_in = ch * ch_mult[i_level]
+                if i_level == len(ch_mult) - 1 and using_sa:
+                    attns.append(AttnBlock(block_in))
+            levels.insert(0, _level(blocks, attns, Upsample2x(block_in) if i_level != 0 else None))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, 1, 1)
+
+    def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[i](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """The output conv's weight, for the adaptive GAN weight."""
+        return self.conv_out.weight
+
+
+class MultiScaleVQVAE(nn.Module):
+    """VAR's tokenizer: image <-> K token maps of growing resolution with one shared codebook.
+
+    Args:
+        vocab_size: V, codebook size (official 4096).
+        z_channels: Cvae, latent/code channels (official 32).
+        ch: base width of the CNN (official 160); every width must be a multiple of 32 (GroupNorm groups).
+        patch_nums: the default token-map schedule; its last entry is the latent side, so images are
+            ``patch_nums[-1] * downsample`` pixels square. Methods accept another schedule of equal length.
+        ch_mult, num_res_blocks, dropout, using_sa, using_mid_sa: the CNN's shape (official vq-f16 values).
+        beta: VQ commitment weight. quant_resi: phi's residual ratio. share_quant_resi: number of phi convs.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        z_channels: int = 32,
+        ch: int = 160,
+        patch_nums: Sequence[int] = PATCH_NUMS_256,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        dropout: float = 0.0,
+        using_sa: bool = True,
+        using_mid_sa: bool = True,
+        beta: float = 0.25,
+        quant_resi: float = 0.5,
+        share_quant_resi: int = 4,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        widths = {ch * m for m in ch_mult}
+        if any(w % GROUPS for w in widths):
+            raise ValueError(f"every CNN width ch*ch_mult must be a multiple of {GROUPS}, got ch={ch}, ch_mult={tuple(ch_mult)}")
+        if vocab_size < 2 or z_channels < 1 or num_res_blocks < 1:
+            raise ValueError(
+                f"expected vocab_size >= 2, z_channels >= 1, num_res_blocks >= 1; got {vocab_size}, {z_channels}, {num_res_blocks}"
+            )
+        self.vocab_size, self.z_channels, self.in_channels = vocab_size, z_channels, in_channels
+        self.patch_nums = validate_patch_nums(patch_nums)
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        cnn = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels, dropout=dropout,
+                   using_sa=using_sa, using_mid_sa=using_mid_sa)
+        self.config = dict(vocab_size=vocab_size, patch_nums=self.patch_nums, beta=beta, quant_resi=quant_resi,
+                           share_quant_resi=share_quant_resi, in_channels=in_channels, **cnn)
+        self.config["ch_mult"] = tuple(ch_mult)
+        self.encoder = Encoder(in_channels=in_channels, **cnn)
+        self.decoder = Decoder(out_channels=in_channels, **cnn)
+        self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
+        num_phi = share_quant_resi if share_quant_resi > 0 else len(self.patch_nums)
+        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, self.patch_nums, beta, quant_resi, num_phi)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images the default schedule expects."""
+        return self.patch_nums[-1] * self.downsample
+
+    def check_images(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> None:
+        """Raises ValueError unless ``img`` is (B, in_channels, S, S) with S = patch_nums[-1] * downsample."""
+        pns = self.patch_nums if patch_nums is None else patch_nums
+        side = pns[-1] * self.downsample
+        if img_B3HW.ndim != 4 or img_B3HW.shape[1] != self.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.in_channels}, {side}, {side}), got {tuple(img_B3HW.shape)}")
+        if tuple(img_B3HW.shape[2:]) != (side, side):
+            raise ValueError(
+                f"image size {tuple(img_B3HW.shape[2:])} does not match the schedule {tuple(pns)}: "
+                f"expected ({side}, {side}) = last patch number {pns[-1]} x downsample {self.downsample}"
+            )
+
+    # -- Algorithm 1 / 2 on images -----------------------------------------------------------------
+
+    def encode(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> torch.Tensor:
+        """Image in [-1,1] (B,3,H,W) -> continuous latent f (B,Cvae,H/16,W/16) before quantization."""
+        self.check_images(img_B3HW, patch_nums)
+        return self.quant_conv(self.encoder(img_B3HW))
+
+    @torch.no_grad()
+    def encode_tokens(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Algorithm 1 (multi-scale VQVAE encoding): image in [-1,1] -> K LongTensors (B, pn_k^2)."""
+        return self.quantize.f_to_tokens(self.encode(img_B3HW, patch_nums), patch_nums)
+
+    @torch.no_grad()
+    def encode_fhat_per_scale(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The cumulative reconstruction f_hat after each scale of Algorithm 1: K tensors (B,Cvae,h,w)."""
+        return self.quantize.f_to_tokens(self.encode(img_B3HW, patch_nums), patch_nums, return_fhat=True)
+
+    def fhat_to_img(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """Decoder on a (B,Cvae,h,w) f_hat -> image (B,3,H,W) clamped to [-1,1]."""
+        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp_(-1, 1)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
+        """Algorithm 2 (multi-scale VQVAE reconstruction): K LongTensors (B, pn_k^2) -> image (B,3,H,W) in [-1,1]."""
+        return self.fhat_to_img(self.quantize.tokens_to_fhat(tokens, patch_nums))
+
+    def teacher_forcing_input(self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None) -> torch.Tensor:
+        """The VAR transformer's input for scales 1..K-1: (B, L-1, Cvae). See ``MultiScaleQuantizer``."""
+        return self.quantize.teacher_forcing_input(tokens, patch_nums)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(self, img_B3HW: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Training forward: image in [-1,1] -> (unclamped reconstruction (B,3,H,W), quantizer output)."""
+        quant = self.quantize(self.encode(img_B3HW))
+        return self.decoder(self.post_quant_conv(quant.f_hat_st)), quant

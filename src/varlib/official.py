@@ -1,0 +1,135 @@
+"""Loading the official FoundationVision/VAR checkpoints into varlib's models, strictly and safely.
+
+Files (huggingface.co/FoundationVision/var): ``vae_ch160v4096z32.pth`` (the tokenizer shared by all models),
+``var_d16/20/24/30.pth`` (256px) and ``var_d36.pth`` (512px, shared AdaLN). The architecture is inferred from
+the weights; loading uses ``torch.load(weights_only=True)`` (or safetensors) and fails on any key mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from varlib.models.schedules import PRESETS, sequence_length
+from varlib.models.transformer import VAR
+from varlib.models.vqvae import MultiScaleVQVAE
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def read_state_dict(source: str | os.PathLike | StateDict) -> dict[str, torch.Tensor]:
+    """A state dict from a mapping, a ``.safetensors`` file, or a torch file loaded with weights_only=True."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{path} is not a plain state dict (a mapping of names to tensors)")
+    return dict(loaded)
+
+
+def load_strict(model: nn.Module, state_dict: StateDict, what: str) -> nn.Module:
+    """Loads every key (buffers included) or raises ValueError naming the missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
+                  for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mis_shaped:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
+        raise ValueError(
+            f"state dict does not fit {what}: missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
+            f"shape mismatches [{show(mis_shaped)}]"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+    return model
+
+
+def _count(prefix_pattern: str, keys) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(prefix_pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def vqvae_config_from_state_dict(sd: StateDict) -> dict:
+    """The ``MultiScaleVQVAE`` arguments implied by an official tokenizer state dict."""
+    if "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:
+        raise ValueError("not a VQVAE state dict: expected keys 'quantize.embedding.weight' and 'encoder.conv_in.weight'")
+    vocab_size, z_channels = sd["quantize.embedding.weight"].shape
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _count(r"encoder\.down\.(\d+)\.", sd)
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    num_phi = _count(r"quantize\.quant_resi\.qresi_ls\.(\d+)\.", sd)
+    num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else 10
+    patch_nums = next((p for p in PRESETS.values() if len(p) == num_scales), PRESETS[256])
+    return dict(
+        vocab_size=int(vocab_size), z_channels=int(z_channels), ch=int(ch), ch_mult=ch_mult,
+        num_res_blocks=_count(r"encoder\.down\.0\.block\.(\d+)\.", sd),
+        using_sa=f"encoder.down.{levels - 1}.attn.0.qkv.weight" in sd,
+        using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd,
+        share_quant_resi=num_phi, patch_nums=patch_nums,
+    )
+
+
+def load_official_vqvae(source: str | os.PathLike | StateDict, **overrides) -> MultiScaleVQVAE:
+    """Builds the tokenizer from an official checkpoint (path or state dict), in eval mode and frozen.
+
+    ``overrides`` replace inferred constructor arguments (e.g. ``patch_nums``).
+    """
+    sd = read_state_dict(source)
+    vae = MultiScaleVQVAE(**{**vqvae_config_from_state_dict(sd), **overrides})
+    load_strict(vae, sd, "MultiScaleVQVAE")
+    return vae.eval().requires_grad_(False)
+
+
+def var_config_from_state_dict(sd: StateDict, vae_patch_nums=None) -> dict:
+    """The ``VAR`` arguments implied by an official transformer state dict (depth, classes, AdaLN, schedule).
+
+    The schedule is the tokenizer's own when its length L matches ``pos_1LC``, else the preset that does.
+    """
+    if "class_emb.weight" not in sd or "pos_1LC" not in sd:
+        raise ValueError("not a VAR state dict: expected keys 'class_emb.weight' and 'pos_1LC'")
+    depth = _count(r"blocks\.(\d+)\.", sd)
+    width = sd["class_emb.weight"].shape[1]
+    length = sd["pos_1LC"].shape[1]
+    candidates = ([tuple(vae_patch_nums)] if vae_patch_nums else []) + list(PRESETS.values())
+    schedules = [p for p in candidates if sequence_length(p) == length]
+    if not schedules:
+        raise ValueError(f"no known patch schedule has L = {length} tokens (known: "
+                         f"{ {r: sequence_length(p) for r, p in PRESETS.items()} }); pass patch_nums explicitly")
+    return dict(
+        depth=depth, num_classes=sd["class_emb.weight"].shape[0] - 1, width=width,
+        num_heads=sd["blocks.0.attn.scale_mul_1H11"].shape[1] if "blocks.0.attn.scale_mul_1H11" in sd else depth,
+        shared_aln="shared_ada_lin.1.weight" in sd, attn_l2_norm="blocks.0.attn.scale_mul_1H11" in sd,
+        patch_nums=schedules[0],
+    )
+
+
+def load_official_var(source: str | os.PathLike | StateDict, vae: MultiScaleVQVAE, **overrides) -> VAR:
+    """Builds the VAR transformer from an official checkpoint on top of ``vae``, in eval mode.
+
+    Depth, width, heads, classes, shared AdaLN and the patch schedule (256px or 512px) are inferred from
+    the weights; ``overrides`` replace any of them.
+    """
+    sd = read_state_dict(source)
+    config = {**var_config_from_state_dict(sd, vae.patch_nums), **overrides}
+    if config["width"] != 64 * config["depth"] and "width" not in overrides:
+        raise ValueError(f"unexpected width {config['width']} for depth {config['depth']} (official: 64 * depth)")
+    if sd["word_embed.weight"].shape[1] != vae.z_channels or sd["head.weight"].shape[0] != vae.vocab_size:
+        raise ValueError(
+            f"checkpoint expects a tokenizer with Cvae={sd['word_embed.weight'].shape[1]} and V={sd['head.weight'].shape[0]}, "
+            f"got Cvae={vae.z_channels} and V={vae.vocab_size}"
+        )
+    var = VAR(vae, **config)
+    load_strict(var, sd, f"VAR(depth={config['depth']})")
+    return var.eval()

@@ -1,0 +1,27 @@
+"""Shared fixtures: the official tiny parity bundles (made by running the official VAR code)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def load_bundle(name: str) -> dict:
+    return torch.load(DATA / f"official_{name}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session", params=["tiny4", "tiny10"])
+def bundle(request) -> dict:
+    return load_bundle(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(bundle):
+    """(vae, var, bundle) loaded from the bundle's official state dicts, in eval mode."""
+    from varlib import load_official_var, load_official_vqvae
+
+    vae = load_official_vqvae(bundle["vqvae_state_dict"], patch_nums=bundle["config"]["patch_nums"])
+    var = load_official_var(bundle["var_state_dict"], vae)
+    return vae, var, bundle
