@@ -1,0 +1,34 @@
+"""Data layer: robust image loading, VAR's transforms, and Lightning DataModules.
+
+- `EmojiDataModule`: embedded default dataset (Twemoji PNGs, 9 emoji-category classes), no download.
+- `ImageFolderDataModule`: ImageNet / OpenImages style `root/{train,val}/<class>/*.jpg` or flat folders.
+- `WebDatasetDataModule`: streaming tar shards (local, glob, brace, `pipe:`, fsspec URLs).
+
+All yield batches `(images (B, 3, R, R) float32 in [-1, 1], labels (B,) int64)`; unreadable
+samples are skipped and counted in each DataModule's `skipped` property.
+"""
+
+from varlib.data.base import ImageDataModule
+from varlib.data.emoji import EmojiDataModule
+from varlib.data.folder import ImageFileDataset, ImageFolderDataModule
+from varlib.data.images import ImageDecodeError, decode_rgb_image, load_rgb_image, to_rgb
+from varlib.data.shards import WebDatasetDataModule, resolve_shard_urls
+from varlib.data.skipping import SkipCounter, collate_skipping_none
+from varlib.data.transforms import ImageTransform, resize_target
+
+__all__ = [
+    "EmojiDataModule",
+    "ImageDataModule",
+    "ImageDecodeError",
+    "ImageFileDataset",
+    "ImageFolderDataModule",
+    "ImageTransform",
+    "SkipCounter",
+    "WebDatasetDataModule",
+    "collate_skipping_none",
+    "decode_rgb_image",
+    "load_rgb_image",
+    "resize_target",
+    "resolve_shard_urls",
+    "to_rgb",
+]

@@ -1,0 +1,62 @@
+"""Shared pieces of the image DataModules: config validation and DataLoader construction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from varlib.data.skipping import SkipCounter, collate_skipping_none
+
+
+def check_int_at_least(name: str, value: Any, minimum: int) -> int:
+    """Return `value` if it is an int >= minimum, else raise ValueError naming expected vs got."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_open_fraction(name: str, value: Any) -> float:
+    """Return `value` as float if it lies strictly between 0 and 1, else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+class ImageDataModule(LightningDataModule):
+    """Base class: validated loader settings and one `SkipCounter` per split.
+
+    Subclasses build their datasets in `setup` and hand them to `make_loader`. Batches are
+    `(images (B, 3, image_size, image_size) float32 in [-1, 1], labels (B,) int64)`.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, image_size: int, hflip: bool) -> None:
+        super().__init__()
+        self.batch_size = check_int_at_least("batch_size", batch_size, 1)
+        self.num_workers = check_int_at_least("num_workers", num_workers, 0)
+        self.image_size = check_int_at_least("image_size", image_size, 1)
+        if not isinstance(hflip, bool):
+            raise ValueError(f"hflip must be a bool, got {hflip!r}")
+        self.hflip = hflip
+        self.skip_counters = {"train": SkipCounter(), "val": SkipCounter()}
+
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped so far by this process's train and val loaders (and their workers)."""
+        return sum(counter.value for counter in self.skip_counters.values())
+
+    def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """DataLoader with the shared settings; map-style training sets are shuffled and drop_last."""
+        iterable = isinstance(dataset, IterableDataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and not iterable,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_skipping_none,
+        )

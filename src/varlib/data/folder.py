@@ -1,0 +1,181 @@
+"""Image-folder datasets (ImageNet / OpenImages layouts) that skip and count unreadable files.
+
+Layouts under `root` (split folder names are configurable):
+
+    root/train/<class>/**/*.jpg   root/val/<class>/**/*.jpg   class = subfolder, sorted -> index
+    root/train/*.jpg              root/val/*.jpg              flat: one class, label 0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from varlib.data.base import ImageDataModule
+from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.skipping import SkipCounter
+from varlib.data.transforms import ImageTransform
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+FLAT_CLASS_NAME = "unlabelled"
+
+Sample = tuple[str, int]
+
+
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_image_files(directory: Path, recursive: bool) -> list[str]:
+    """Sorted paths of image files in `directory` (and its subfolders when `recursive`)."""
+    if not recursive:
+        entries = os.scandir(directory)
+        return sorted(str(directory / e.name) for e in entries if e.is_file() and _is_image_file(e.name))
+    found = []
+    for current, subdirs, files in os.walk(directory, followlinks=True):
+        subdirs.sort()
+        found.extend(os.path.join(current, name) for name in sorted(files) if _is_image_file(name))
+    return found
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the (non-hidden) subfolders of `split_dir`; empty for a flat layout."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"image folder split not found: expected a directory at {split_dir}")
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_split(split_dir: Path, class_names: list[str]) -> list[Sample]:
+    """List `(path, label)` pairs of one split, labels indexing `class_names`.
+
+    A flat split (no subfolders) must be scanned with `class_names == [FLAT_CLASS_NAME]`; a split
+    with class subfolders may lack some classes but must not have folders outside `class_names`.
+    Raises FileNotFoundError for a missing split and ValueError for a layout mismatch or no images.
+    """
+    folders = class_folders(split_dir)
+    flat = class_names == [FLAT_CLASS_NAME]
+    if flat and folders:
+        raise ValueError(f"{split_dir}: expected a flat folder like the train split, got subfolders {folders[:5]}")
+    if not flat and not folders:
+        raise ValueError(f"{split_dir}: expected class subfolders {class_names[:5]}..., got a flat folder")
+    unknown = sorted(set(folders) - set(class_names))
+    if unknown:
+        raise ValueError(f"{split_dir}: class folders {unknown[:5]} not among the {len(class_names)} train classes")
+
+    if flat:
+        samples = [(path, 0) for path in list_image_files(split_dir, recursive=False)]
+    else:
+        if list_image_files(split_dir, recursive=False):
+            logger.warning("%s: image files next to the class folders are ignored", split_dir)
+        samples = []
+        present = set(folders)
+        for label, name in enumerate(tqdm(class_names, desc=f"scanning {split_dir.name}", leave=False)):
+            if name in present:
+                samples.extend((path, label) for path in list_image_files(split_dir / name, recursive=True))
+    if not samples:
+        raise ValueError(f"{split_dir}: no image files found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return samples
+
+
+class ImageFileDataset(Dataset):
+    """Map-style dataset over image files; item i -> `(image (3, R, R) in [-1, 1], label () int64)`.
+
+    An unreadable file yields None (counted in `skip_counter` and logged); pair the DataLoader
+    with `collate_skipping_none`.
+    """
+
+    def __init__(
+        self, samples: list[Sample], transform: Callable, skip_counter: SkipCounter | None = None
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.skip_counter = skip_counter if skip_counter is not None else SkipCounter()
+
+    @property
+    def skipped(self) -> int:
+        return self.skip_counter.value
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        path, label = self.samples[index]
+        try:
+            image = decode_rgb_image(path)
+        except ImageDecodeError as error:
+            self.skip_counter.record(f"image file {path}", str(error))
+            return None
+        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """LightningDataModule over `root/<train_dir>` and `root/<val_dir>` image folders.
+
+    Args:
+        root: dataset root directory.
+        batch_size, num_workers: DataLoader settings (train batches drop the last partial batch).
+        image_size: output resolution R of the official VAR transform.
+        hflip: random horizontal flips for training.
+        train_dir, val_dir: split folder names under `root`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        image_size: int = 256,
+        hflip: bool = False,
+        train_dir: str = "train",
+        val_dir: str = "val",
+    ) -> None:
+        super().__init__(batch_size, num_workers, image_size, hflip)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder root not found: expected a directory at {self.root}")
+        self.train_split = self.root / train_dir
+        self.val_split = self.root / val_dir
+        self._class_names: list[str] | None = None
+        self.train_set: ImageFileDataset | None = None
+        self.val_set: ImageFileDataset | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class folder names of the train split, or [FLAT_CLASS_NAME] for a flat layout."""
+        if self._class_names is None:
+            self._class_names = class_folders(self.train_split) or [FLAT_CLASS_NAME]
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = ImageFileDataset(
+                scan_split(self.train_split, self.class_names),
+                ImageTransform(self.image_size, train=True, hflip=self.hflip),
+                self.skip_counters["train"],
+            )
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = ImageFileDataset(
+                scan_split(self.val_split, self.class_names),
+                ImageTransform(self.image_size, train=False),
+                self.skip_counters["val"],
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self.make_loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self.make_loader(self.val_set, train=False)

@@ -1,0 +1,279 @@
+"""Streaming datasets from WebDataset tar shards.
+
+A shard is a tar file whose members are grouped into samples by basename: `000123.jpg` and
+`000123.cls` form one sample with keys 'jpg' and 'cls'. Shard specs may be local paths, globs,
+brace patterns (`shard-{000000..000099}.tar`), '::'-separated lists, `pipe:` shell commands, or
+fsspec URLs (`s3://...`, `gs://...`, `hf://...`; the matching fsspec backend must be installed).
+
+Bad data never stops the stream: unreadable shards, undecodable images, missing or out-of-range
+labels are passed to `CountingHandler`, which counts them in a `SkipCounter`, logs a warning
+naming the sample and its shard, and continues. Bad samples are dropped before batching, so
+batches stay full. A truncated shard typically counts twice: its cut member and its broken tail.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import fsspec
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from varlib.data.base import ImageDataModule, check_int_at_least
+from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.skipping import SkipCounter
+from varlib.data.transforms import ImageTransform
+
+GLOB_CHARACTERS = ("*", "?", "[")
+LOCAL_SCHEMES = ("", "file")
+DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used; `what` names it (key and shard), `reason` says why."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.what = what
+        self.reason = reason
+
+
+class CountingHandler:
+    """WebDataset exception handler: count the failure, log a warning, continue the stream."""
+
+    def __init__(self, skip_counter: SkipCounter) -> None:
+        self.skip_counter = skip_counter
+
+    def __call__(self, error: Exception) -> bool:
+        if isinstance(error, BadSampleError):
+            self.skip_counter.record(error.what, error.reason)
+        else:
+            self.skip_counter.record("unreadable shard data", f"{type(error).__name__}: {error}")
+        return True
+
+
+def _expand_glob(url: str) -> list[str]:
+    """One URL -> the shard URLs it denotes; local paths are checked to exist."""
+    parsed = urlparse(url)
+    if parsed.scheme == "pipe":
+        return [url]
+    if parsed.scheme in LOCAL_SCHEMES:
+        path = url2pathname(parsed.path) if parsed.scheme == "file" else os.path.expanduser(url)
+        if any(char in path for char in GLOB_CHARACTERS):
+            matches = sorted(glob.glob(path))
+            if not matches:
+                raise FileNotFoundError(f"no shard files match the pattern {url!r}")
+            return matches
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard file not found: {url!r}")
+        return [url]
+    if any(char in parsed.path for char in GLOB_CHARACTERS):
+        filesystem, path = fsspec.core.url_to_fs(url)
+        matches = sorted(filesystem.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"no shard files match the pattern {url!r}")
+        return [filesystem.unstrip_protocol(match) for match in matches]
+    return [url]
+
+
+def resolve_shard_urls(spec: str | Sequence[str]) -> list[str]:
+    """Shard spec (a string or a list of strings) -> flat list of shard URLs, in order.
+
+    Braces and '::' lists are expanded first, then globs (local via `glob`, remote via fsspec).
+    Raises ValueError for an empty spec and FileNotFoundError for local shards that do not exist.
+    """
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"shard spec must be a non-empty string or list of non-empty strings, got {spec!r}")
+    return [shard for pattern in patterns for url in expand_urls(pattern) for shard in _expand_glob(url)]
+
+
+def open_shard(url: str) -> BinaryIO:
+    """Open a shard for reading: local files and `pipe:` commands via webdataset, else via fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme in LOCAL_SCHEMES or scheme == "pipe":
+        return wds.gopen(url, "rb")
+    return fsspec.open(url, "rb").open()
+
+
+def open_shards(
+    sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]
+) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: dict(url=...) -> dict(url=..., stream=...); unopenable shards go to `handler`."""
+    for source in sources:
+        try:
+            stream = open_shard(source["url"])
+        except Exception as error:  # any failure to open a shard (missing file, network, command)
+            if handler(error):
+                continue
+            raise
+        yield {**source, "stream": stream}
+
+
+class ShardSampleDecoder:
+    """Callable: raw WebDataset sample dict -> `(image (3, R, R) in [-1, 1], label () int64)`.
+
+    Args:
+        transform: RGB PIL image -> tensor (3, R, R), e.g. `ImageTransform`.
+        num_classes: labels must lie in [0, num_classes).
+        label_key: sample key holding the integer label as text (e.g. 'cls'); None labels all 0.
+        image_keys: sample keys tried in order for the encoded image.
+    Raises `BadSampleError` for a missing/undecodable image or a missing/invalid label.
+    """
+
+    def __init__(
+        self,
+        transform: Callable,
+        num_classes: int,
+        label_key: str | None = "cls",
+        image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
+    ) -> None:
+        self.transform = transform
+        self.num_classes = num_classes
+        self.label_key = label_key
+        self.image_keys = tuple(image_keys)
+
+    def label(self, sample: dict[str, Any], what: str) -> int:
+        if self.label_key is None:
+            return 0
+        if self.label_key not in sample:
+            entries = sorted(key for key in sample if not key.startswith("__"))
+            raise BadSampleError(what, f"no {self.label_key!r} entry (has {entries})")
+        raw = sample[self.label_key]
+        try:
+            label = int(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except (UnicodeDecodeError, ValueError, TypeError):
+            raise BadSampleError(what, f"label {repr(raw)[:40]} is not an integer") from None
+        if not 0 <= label < self.num_classes:
+            raise BadSampleError(what, f"label {label} outside [0, {self.num_classes})")
+        return label
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        what = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+        image_key = next((key for key in self.image_keys if key in sample), None)
+        if image_key is None:
+            raise BadSampleError(what, f"no image entry among {list(self.image_keys)}")
+        label = self.label(sample, what)
+        try:
+            image = decode_rgb_image(sample[image_key])
+        except ImageDecodeError as error:
+            raise BadSampleError(what, str(error)) from None
+        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+
+
+def shard_pipeline(
+    urls: list[str],
+    decoder: ShardSampleDecoder,
+    handler: CountingHandler,
+    train: bool,
+    shuffle_buffer: int = 0,
+    resampled: bool = False,
+) -> wds.DataPipeline:
+    """Iterable of decoded `(image, label)` samples streamed from `urls`.
+
+    Without resampling, shards are split disjointly across distributed ranks, then across
+    DataLoader workers (a rank or worker with no shard yields nothing), and shard order is
+    shuffled for training. With `resampled=True` every worker draws shards at random with
+    replacement forever (bound the epoch with `DataPipeline.with_epoch`). Training samples go
+    through a shuffle buffer of `shuffle_buffer` samples (0 disables it).
+    """
+    if resampled:
+        stages: list[Any] = [wds.ResampledShards(urls)]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        if train:
+            stages.append(wds.shuffle(len(urls), initial=len(urls)))
+    stages += [
+        wds.pipelinefilter(open_shards)(handler),
+        wds.pipelinefilter(tar_file_expander)(handler=handler),
+        wds.pipelinefilter(group_by_keys)(handler=handler),
+    ]
+    if train and shuffle_buffer > 0:
+        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer))
+    stages.append(wds.map(decoder, handler=handler))
+    return wds.DataPipeline(*stages)
+
+
+class WebDatasetDataModule(ImageDataModule):
+    """LightningDataModule streaming `(image, label)` samples from WebDataset tar shards.
+
+    Args:
+        train_urls: shard spec of the training split (see module docstring).
+        val_urls: shard spec of the validation split; None when there is no validation data
+            (then run the Trainer with `limit_val_batches=0`).
+        num_classes: number of classes; labels outside [0, num_classes) are skipped and counted.
+        batch_size, num_workers: DataLoader settings (train batches drop the last partial batch).
+        image_size: output resolution R of the official VAR transform.
+        hflip: random horizontal flips for training.
+        label_key: sample key with the integer label ('cls'); None gives every sample label 0.
+        image_keys: sample keys tried in order for the encoded image.
+        shuffle_buffer: training sample shuffle buffer size (0 disables).
+        resampled: draw training shards with replacement (recommended for multi-GPU runs, where
+            ranks must see equally many batches); requires samples_per_epoch.
+        samples_per_epoch: training samples per epoch over all ranks and workers; None streams each
+            rank's shards once per epoch.
+    """
+
+    def __init__(
+        self,
+        train_urls: str | Sequence[str],
+        val_urls: str | Sequence[str] | None = None,
+        num_classes: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        image_size: int = 256,
+        hflip: bool = False,
+        label_key: str | None = "cls",
+        image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, image_size, hflip)
+        self.num_classes = check_int_at_least("num_classes", num_classes, 1)
+        self.class_names = [str(index) for index in range(num_classes)]
+        self.shuffle_buffer = check_int_at_least("shuffle_buffer", shuffle_buffer, 0)
+        if samples_per_epoch is not None:
+            check_int_at_least("samples_per_epoch", samples_per_epoch, 1)
+        if resampled and samples_per_epoch is None:
+            raise ValueError("resampled=True streams forever: set samples_per_epoch to an int >= 1, got None")
+        if not image_keys or isinstance(image_keys, str):
+            raise ValueError(f"image_keys must be a non-empty list of sample keys, got {image_keys!r}")
+        self.resampled = resampled
+        self.samples_per_epoch = samples_per_epoch
+        self.label_key = label_key
+        self.image_keys = tuple(image_keys)
+        self.train_urls = resolve_shard_urls(train_urls)
+        self.val_urls = None if val_urls is None else resolve_shard_urls(val_urls)
+
+    def _decoder(self, train: bool) -> ShardSampleDecoder:
+        transform = ImageTransform(self.image_size, train=train, hflip=self.hflip)
+        return ShardSampleDecoder(transform, self.num_classes, self.label_key, self.image_keys)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def train_dataloader(self) -> DataLoader:
+        handler = CountingHandler(self.skip_counters["train"])
+        pipeline = shard_pipeline(
+            self.train_urls, self._decoder(True), handler, True, self.shuffle_buffer, self.resampled
+        )
+        if self.samples_per_epoch is not None:
+            streams = self._world_size() * max(self.num_workers, 1)
+            pipeline = pipeline.with_epoch(math.ceil(self.samples_per_epoch / streams))
+        return self.make_loader(pipeline, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_urls is None:
+            raise ValueError("val_dataloader needs val_urls, got None; set it or use Trainer(limit_val_batches=0)")
+        handler = CountingHandler(self.skip_counters["val"])
+        pipeline = shard_pipeline(self.val_urls, self._decoder(False), handler, train=False)
+        return self.make_loader(pipeline, train=False)
