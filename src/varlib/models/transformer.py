@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from varlib.models.sampling import SampleOutput, sample_token_maps
-from varlib.models.schedules import sequence_length, validate_patch_nums
+from varlib.models.schedules import scale_slices, sequence_length, validate_patch_nums
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
@@ -213,6 +213,14 @@ class VAR(nn.Module):
         for block in self.blocks:
             x_BLC = block(x_BLC, cond, attn_mask=attn_mask)
         return self.get_logits(x_BLC, cond_BD)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 * non-embedding parameters plus attention,
+        12 * depth * C * (mean number of keys a query sees under the block-causal mask)."""
+        embeddings = ("class_emb", "pos_1LC", "pos_start", "lvl_embed")
+        non_embedding = sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
+        visible_keys = sum(sl.stop * (sl.stop - sl.start) for sl in scale_slices(self.patch_nums)) / self.L
+        return 6 * non_embedding + 12 * self.depth * self.width * visible_keys
 
     # -- inference -------------------------------------------------------------------------------
 

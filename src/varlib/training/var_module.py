@@ -1,0 +1,227 @@
+"""VARModule: trains the VAR transformer on a frozen tokenizer with the official recipe (Lightning, thin).
+
+Batches are either images ``(img (B,3,H,W) in [-1,1], labels (B,))``, tokenised on the fly by the frozen
+tokenizer in fp32, or pre-tokenised ``(tokens (B,L) int64, labels (B,))`` from the token cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from torch.distributed.fsdp import fully_shard
+
+from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
+from varlib.io import model_metadata, save_var
+from varlib.models.schedules import scale_slices
+from varlib.models.transformer import VAR
+from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.official import load_official_vqvae
+from varlib.training.ema import ModelEMA
+from varlib.training.schedules import (
+    cosine_weight_decay,
+    decay_parameter_groups,
+    lin0_lr_factor,
+    progressive_num_scales,
+)
+
+
+def load_tokenizer(path: str) -> MultiScaleVQVAE:
+    """A frozen tokenizer from a varlib file/checkpoint or an official ``vae_ch160v4096z32.pth``."""
+    import varlib
+
+    try:
+        vae = varlib.load(path)
+    except ValueError:
+        vae = load_official_vqvae(path)
+    if not isinstance(vae, MultiScaleVQVAE):
+        raise ValueError(f"{path} holds a {type(vae).__name__}, expected a tokenizer (MultiScaleVQVAE)")
+    return vae.eval().requires_grad_(False)
+
+
+class VARModule(L.LightningModule):
+    """Next-scale prediction with teacher forcing and uniform per-token cross-entropy.
+
+    Args:
+        tokenizer_path: the frozen tokenizer (varlib file or official checkpoint); or pass ``vae``.
+        var: ``VAR`` keyword arguments (depth, num_classes, cond_drop_rate, ...).
+        base_lr: lr per 256 images of global batch (official 1e-4); the peak lr is base_lr * global_batch / 256.
+        betas, weight_decay, weight_decay_end: AdamW (official (0.9, 0.95), 0.05, constant).
+        warmup_fraction, warmup_start, end_factor, flat_fraction: the 'lin0' schedule (official warm-up is
+            1/50 of training, end_factor 0.01; the README trains d16/d20 with 0.1).
+        label_smoothing: cross-entropy label smoothing (official 0).
+        progressive_fraction, progressive_first: progressive training grows the trained scales from
+            ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
+        ema_decay: keep an EMA of the transformer used for validation and export (None = off).
+    """
+
+    def __init__(
+        self,
+        var: Mapping[str, Any],
+        tokenizer_path: str | None = None,
+        vae: MultiScaleVQVAE | None = None,
+        base_lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.05,
+        weight_decay_end: float | None = None,
+        warmup_fraction: float = 0.02,
+        warmup_start: float = 0.005,
+        end_factor: float = 0.01,
+        flat_fraction: float = 0.05,
+        label_smoothing: float = 0.0,
+        progressive_fraction: float = 0.0,
+        progressive_first: int = 4,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        if (tokenizer_path is None) == (vae is None):
+            raise ValueError("give exactly one of tokenizer_path or vae")
+        if base_lr <= 0 or not 0 <= label_smoothing < 1 or not 0 <= warmup_fraction < 1:
+            raise ValueError(
+                f"expected base_lr > 0, label_smoothing in [0, 1), warmup_fraction in [0, 1); "
+                f"got {base_lr}, {label_smoothing}, {warmup_fraction}"
+            )
+        self.save_hyperparameters(ignore=["vae"])
+        self.vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
+        self.var = VAR(self.vae, **dict(var))
+        self.slices = scale_slices(self.var.patch_nums)
+        self.ema = ModelEMA(self.var, ema_decay) if ema_decay else None
+        self.val_metrics: PerScaleAccumulator | None = None
+
+    # -- data -> (tokens, teacher-forcing input) ------------------------------------------------------
+
+    @torch.no_grad()
+    def tokens_and_input(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels (B,), targets (B,L), teacher-forcing input (B,L-1,Cvae)), computed in fp32."""
+        x, labels = batch
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            if x.dtype == torch.long:
+                if x.ndim != 2 or x.shape[1] != self.var.L:
+                    raise ValueError(f"token batches must be (B, L={self.var.L}), got {tuple(x.shape)}")
+                tokens = [x[:, sl] for sl in self.slices]
+            else:
+                tokens = self.vae.encode_tokens(x.float(), self.var.patch_nums)
+            x_BLCv = self.vae.teacher_forcing_input(tokens, self.var.patch_nums)
+        return labels.long(), torch.cat(tokens, dim=1), x_BLCv
+
+    def active_length(self) -> int:
+        """Tokens trained at the current step (all of them unless progressive training is on)."""
+        if self.hparams.progressive_fraction <= 0:
+            return self.var.L
+        total = self.trainer.estimated_stepping_batches
+        start = int(self.hparams.warmup_fraction * total)
+        n = progressive_num_scales(self.global_step, start, int(self.hparams.progressive_fraction * total),
+                                   self.hparams.progressive_first, len(self.slices))
+        return self.slices[n - 1].stop
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        if batch is None:  # every sample of the batch was unreadable
+            return None
+        labels, targets_BL, x_BLCv = self.tokens_and_input(batch)
+        length = self.active_length()
+        logits = self.var(labels, x_BLCv[:, : length - 1])
+        ce_BL = token_cross_entropy(logits, targets_BL[:, :length], self.hparams.label_smoothing)
+        loss = ce_BL.mean()  # uniform weight per token, as the official recipe
+        metrics = PerScaleAccumulator(self.var.patch_nums)
+        metrics.update(logits.detach(), targets_BL[:, :length],
+                       None if self.hparams.label_smoothing else ce_BL)
+        stats = metrics.compute() if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0 else {}
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()})
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        total = self.trainer.estimated_stepping_batches
+        wd_end = self.hparams.weight_decay if self.hparams.weight_decay_end is None else self.hparams.weight_decay_end
+        for group in optimizer.param_groups:
+            if group["base_weight_decay"] > 0:
+                group["weight_decay"] = cosine_weight_decay(self.global_step, total, self.hparams.weight_decay, wd_end)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update(self.var)
+
+    def on_validation_epoch_start(self):
+        self.val_metrics = PerScaleAccumulator(self.var.patch_nums)
+
+    def validation_step(self, batch, batch_idx):
+        if batch is None:
+            return
+        labels, targets_BL, x_BLCv = self.tokens_and_input(batch)
+        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
+            logits = self.var(labels, x_BLCv)
+        self.val_metrics.update(logits, targets_BL)
+
+    def on_validation_epoch_end(self):
+        sums = self.val_metrics.sums.to(self.device)
+        if self.trainer.world_size > 1:
+            sums = self.all_gather(sums).sum(0)
+        self.val_metrics.sums = sums
+        if sums[2].sum() == 0:
+            return
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=False)
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def global_batch_size(self) -> int:
+        batch = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch is None:
+            raise ValueError("cannot infer the batch size for the lr scaling; give the DataModule a batch_size")
+        return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        peak_lr = self.hparams.base_lr * self.global_batch_size() / 256
+        groups = decay_parameter_groups(self.var, self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(self.hparams.betas),
+                                      fused=self.device.type == "cuda")
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = round(self.hparams.warmup_fraction * total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lin0_lr_factor(
+            step, warmup, total, self.hparams.warmup_start, self.hparams.end_factor, self.hparams.flat_fraction))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_model(self):
+        """FSDP2: shard every block and then the root when run under ``ModelParallelStrategy``."""
+        if self.device_mesh is None or getattr(self, "_sharded", False):
+            return
+        mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
+        for block in self.var.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.var, mesh=mesh)
+        self._sharded = True
+
+    # -- export and checkpoints -------------------------------------------------------------------
+
+    def export(self, path: str) -> None:
+        """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``."""
+        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
+            save_var(self.var, path)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["varlib"] = model_metadata(self.vae, self.var)
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def generate_images(self, labels_B: torch.Tensor, seed: int, cfg: float = 1.5, top_k: int = 900,
+                        top_p: float = 0.96) -> torch.Tensor:
+        """(B,3,H,W) samples in [0,1] (the hook that the FID/IS callback calls)."""
+        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
+            return self.var.generate(labels_B, cfg=cfg, top_k=min(top_k, self.var.vocab_size), top_p=top_p, seed=seed)
+

@@ -1,0 +1,151 @@
+"""VARModule: official recipe pieces, per-scale metrics, token cache, resumable training."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import varlib
+from varlib.data.token_cache import TokenCacheDataModule, tokenize_to_cache
+from varlib.evaluation.per_scale import per_scale_metrics
+from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.training.schedules import (
+    cosine_weight_decay,
+    decay_parameter_groups,
+    lin0_lr_factor,
+    progressive_num_scales,
+)
+from varlib.training.var_module import VARModule
+
+PATCH_NUMS = (1, 2, 3, 4)
+TINY_VAR = dict(depth=2, num_classes=3, width=64, num_heads=2)
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=PATCH_NUMS).eval()
+
+
+class ImageData(L.LightningDataModule):
+    def __init__(self, n=16, batch_size=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
+
+
+def test_lin0_schedule_shape():
+    total, warmup = 1000, 20
+    assert lin0_lr_factor(0, warmup, total) == pytest.approx(0.005)
+    assert lin0_lr_factor(10, warmup, total) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert lin0_lr_factor(warmup, warmup, total) == 1.0
+    assert lin0_lr_factor(warmup + 40, warmup, total) == 1.0  # still inside the flat 5%
+    assert lin0_lr_factor(total - 1, warmup, total, end_factor=0.1) == pytest.approx(0.1)
+    mid = lin0_lr_factor(warmup + int(0.5 * (total - 1 - warmup)), warmup, total, end_factor=0.0)
+    assert mid == pytest.approx(0.5 / 0.95, rel=1e-2)
+    assert cosine_weight_decay(0, 100, 0.05, 0.08) == pytest.approx(0.05)
+    assert cosine_weight_decay(99, 100, 0.05, 0.08) == pytest.approx(0.08)
+
+
+def test_no_decay_groups_follow_the_official_set():
+    var = varlib.VAR(tiny_vae(), **TINY_VAR)
+    decay, no_decay = decay_parameter_groups(var, 0.05)
+    names = {id(p): n for n, p in var.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_1LC", "pos_start", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "head.bias"} <= no_decay_names
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"class_emb.weight", "word_embed.weight", "head.weight", "blocks.1.attn.mat_qkv.weight"} <= decay_names
+    assert not decay_names & no_decay_names
+    assert len(decay_names) + len(no_decay_names) == len(list(var.parameters()))
+
+
+def test_progressive_scale_count():
+    assert progressive_num_scales(0, 10, 110, 2, 4) == 2
+    assert progressive_num_scales(60, 10, 110, 2, 4) == 3
+    assert progressive_num_scales(110, 10, 110, 2, 4) == 4
+    assert progressive_num_scales(5, 0, 0, 2, 4) == 4
+
+
+def test_per_scale_metrics_by_hand():
+    V = 4
+    targets = torch.tensor([[0, 1, 2, 3, 0]])  # scales (1, 2): 1 + 4 tokens
+    logits = torch.full((1, 5, V), -10.0)
+    logits[0, torch.arange(5), torch.tensor([0, 1, 2, 0, 0])] = 10.0  # one wrong token, in scale 1
+    m = per_scale_metrics(logits, targets, (1, 2))
+    assert m["err_avg"] == pytest.approx(20.0) and m["err_last"] == pytest.approx(25.0) and m["err_s0"] == 0.0
+    ce_wrong = 20 + math.log(1 + 3 * math.exp(-20))
+    ce_right = math.log(1 + 3 * math.exp(-20))
+    assert m["loss_last"] == pytest.approx((3 * ce_right + ce_wrong) / 4, rel=1e-5)
+    assert m["loss_avg"] == pytest.approx((4 * ce_right + ce_wrong) / 5, rel=1e-5)
+
+
+def fit(module, data, tmp_path, steps, **trainer_kwargs):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        default_root_dir=tmp_path, **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
+    L.seed_everything(0)
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), base_lr=2e-1, warmup_fraction=0.1, ema_decay=0.9)
+    data = ImageData(n=8, batch_size=8)
+    labels, targets, x = module.tokens_and_input(next(iter(data.val_dataloader())))
+    with torch.no_grad():
+        before = per_scale_metrics(module.var.eval()(labels, x), targets, PATCH_NUMS)["loss_avg"]
+    trainer = fit(module, data, tmp_path, steps=30, limit_val_batches=1, check_val_every_n_epoch=30)
+    logged = trainer.callback_metrics
+    for key in ("val/loss_avg", "val/loss_last", "val/err_avg", "val/err_last", "val/loss_s0", "val/loss_s3",
+                "train/loss_avg", "train/err_last"):
+        assert key in logged, key
+    assert logged["val/loss_avg"] < before - 0.3
+    peak = 2e-1 * 8 / 256
+    assert trainer.optimizers[0].param_groups[0]["lr"] < peak and trainer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
+    module.export(tmp_path / "var.safetensors")
+    loaded = varlib.load(tmp_path / "var.safetensors")
+    with module.ema.swap(module.var):
+        assert torch.equal(loaded.head.weight, module.var.head.weight)
+
+
+def test_token_cache_round_trip_and_training(tmp_path):
+    vae = tiny_vae()
+    data = ImageData(n=12, batch_size=4)
+    n = tokenize_to_cache(vae, data.train_dataloader(), tmp_path / "cache", "train", num_classes=3, with_flip=True,
+                          shard_size=5)
+    tokenize_to_cache(vae, data.val_dataloader(), tmp_path / "cache", "val", num_classes=3)
+    assert n == 12
+    cache = TokenCacheDataModule(str(tmp_path / "cache"), batch_size=4, use_flip=True)
+    cache.setup()
+    assert cache.patch_nums == PATCH_NUMS and len(cache.train_set) == 12 and len(cache.val_set) == 12
+    tokens, label = cache.val_set[5]
+    want = torch.cat(vae.encode_tokens(data.images[5:6]), dim=1)[0]
+    assert torch.equal(tokens, want) and label == data.labels[5]
+    flip_want = torch.cat(vae.encode_tokens(data.images[5:6].flip(-1)), dim=1)[0]
+    assert any(torch.equal(cache.train_set.flipped[i].long(), flip_want) for i in range(12))
+    module = VARModule(var=TINY_VAR, vae=vae)
+    from_tokens = module.tokens_and_input((tokens[None], label[None]))
+    from_image = module.tokens_and_input((data.images[5:6], data.labels[5:6]))
+    for a, b in zip(from_tokens, from_image):
+        assert torch.equal(a, b)
+    fit(module, cache, tmp_path, steps=3, limit_val_batches=1)
+
+
+def test_bad_configuration_fails_early(tmp_path):
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        VARModule(var={**TINY_VAR, "depth": 0}, vae=tiny_vae())
+    with pytest.raises(ValueError, match="exactly one of tokenizer_path or vae"):
+        VARModule(var=TINY_VAR)
+    with pytest.raises(ValueError, match="base_lr > 0"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), base_lr=0)
+    with pytest.raises(FileNotFoundError):
+        VARModule(var=TINY_VAR, tokenizer_path=str(tmp_path / "absent.safetensors"))
