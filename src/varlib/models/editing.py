@@ -41,3 +41,23 @@ def keep_masks_per_scale(keep_BHW: torch.Tensor, patch_nums: Sequence[int]) -> l
         keep = resized.squeeze(1).gt(0.5)
         masks.append(torch.ones_like(keep) if pn * pn <= 3 else keep)
     return masks
+
+
+def token_grid_mask(keep_mask: torch.Tensor, side: int) -> torch.Tensor:
+    """A keep-mask at any resolution (H,W) or (B,H,W) -> the final token grid (B, side, side) in [0,1].
+
+    Masks already at the token grid pass through unchanged; larger ones (e.g. at image resolution) are
+    area-averaged, so a token is kept when most of its pixels are.
+    """
+    mask = keep_mask.float()
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise ValueError(f"expected a keep mask of shape (H, W) or (B, H, W), got {tuple(keep_mask.shape)}")
+    if mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"mask values must lie in [0, 1] (1 = keep), got [{mask.min():.3g}, {mask.max():.3g}]")
+    if mask.shape[-2:] != (side, side):
+        if mask.shape[-1] % side or mask.shape[-2] % side:
+            raise ValueError(f"mask size {tuple(mask.shape[-2:])} must be a multiple of the token grid {side}x{side}")
+        mask = F.interpolate(mask.unsqueeze(1), size=(side, side), mode="area").squeeze(1)
+    return mask

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
-from varlib.models.sampling import SampleOutput, sample_token_maps
+from varlib.models.editing import keep_masks_per_scale, token_grid_mask
+from varlib.models.sampling import SampleOutput, TokenConstraint, sample_token_maps
 from varlib.models.schedules import scale_slices, sequence_length, validate_patch_nums
 from varlib.models.vqvae import MultiScaleVQVAE
 
@@ -252,4 +253,41 @@ class VAR(nn.Module):
         """
         out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
                                    more_smooth=more_smooth, batch_size=batch_size)
+        return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: torch.Tensor,
+        keep_mask: torch.Tensor,
+        labels,
+        cfg: float = 3.0,
+        top_k: int = 900,
+        top_p: float = 0.95,
+        seed: int | None = 0,
+        more_smooth: bool = False,
+    ) -> torch.Tensor:
+        """Zero-shot in-painting, out-painting or class-conditional editing (the official method).
+
+        The ground-truth tokens of ``images`` are teacher-forced wherever ``keep_mask`` is 1 at every
+        scale (the 1x1 scale always), and the model generates the rest conditioned on ``labels``.
+
+        Args:
+            images: (B,3,H,W) in [-1,1] at the schedule's resolution.
+            keep_mask: (H',W') or (B,H',W') in [0,1], 1 = keep; at the final token grid or any multiple of
+                it (e.g. the image resolution). See ``varlib.models.editing.box_keep_mask``.
+            labels: classes as in :meth:`generate`; ``num_classes`` (null) for unconditional in-/out-painting.
+        Returns:
+            (B,3,H,W) edited images in [0,1].
+        """
+        tokens = self.vae.encode_tokens(images, self.patch_nums)
+        B = images.shape[0]
+        grid = token_grid_mask(keep_mask.to(images.device), self.patch_nums[-1])
+        if grid.shape[0] not in (1, B):
+            raise ValueError(f"keep mask batch {grid.shape[0]} does not match the {B} images")
+        keep = [m.expand(B, -1, -1) for m in keep_masks_per_scale(grid, self.patch_nums)]
+        if isinstance(labels, int):
+            labels = [labels] * B
+        out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, more_smooth=more_smooth,
+                                   constraint=TokenConstraint(tokens, keep))
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
