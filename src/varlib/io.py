@@ -26,8 +26,8 @@ def _plain_config(config: Mapping) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
-def _tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def model_metadata(vae: MultiScaleVQVAE, var: VAR | None = None) -> dict[str, str]:
@@ -42,12 +42,16 @@ def model_metadata(vae: MultiScaleVQVAE, var: VAR | None = None) -> dict[str, st
 
 def save_tokenizer(vae: MultiScaleVQVAE, path: str | os.PathLike) -> None:
     """Writes a tokenizer to a ``.safetensors`` file that :func:`load` turns back into a MultiScaleVQVAE."""
-    save_file(_tensors("", vae), os.fspath(path), metadata=model_metadata(vae))
+    save_file(_tensors("", vae.state_dict()), os.fspath(path), metadata=model_metadata(vae))
 
 
-def save_var(var: VAR, path: str | os.PathLike) -> None:
-    """Writes a VAR transformer together with its tokenizer to one ``.safetensors`` file."""
-    state = {**_tensors("vae.", var.vae), **_tensors("var.", var)}
+def save_var(var: VAR, path: str | os.PathLike, var_state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Writes a VAR transformer together with its tokenizer to one ``.safetensors`` file.
+
+    ``var_state`` replaces ``var.state_dict()`` (e.g. full tensors gathered from a sharded model).
+    """
+    var_state = var.state_dict() if var_state is None else var_state
+    state = {**_tensors("vae.", var.vae.state_dict()), **_tensors("var.", var_state)}
     save_file(state, os.fspath(path), metadata=model_metadata(var.vae, var))
 
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
 from varlib.io import model_metadata, save_var
@@ -164,7 +165,8 @@ class VARModule(L.LightningModule):
         self.val_metrics.sums = sums
         if sums[2].sum() == 0:
             return
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=False)
+        # already summed over ranks, so every rank logs the same global values
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=True)
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -198,9 +200,14 @@ class VARModule(L.LightningModule):
     # -- export and checkpoints -------------------------------------------------------------------
 
     def export(self, path: str) -> None:
-        """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``."""
+        """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.
+
+        Call it on every rank: sharded (FSDP2) weights are gathered collectively, rank 0 writes the file.
+        """
         with self.ema.swap(self.var) if self.ema is not None else nullcontext():
-            save_var(self.var, path)
+            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.var.state_dict().items()}
+            if self.global_rank == 0:
+                save_var(self.var, path, state)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["varlib"] = model_metadata(self.vae, self.var)
