@@ -177,6 +177,7 @@ class MultiScaleQuantizer(nn.Module):
             f_hat.add_(self.upsampled_residual(self.embed(tokens_Bl, pn), si, pns))
         return f_hat
 
+    @torch.no_grad()
     def teacher_forcing_input(
         self, tokens: Sequence[torch.Tensor], patch_nums: Sequence[int] | None = None
     ) -> torch.Tensor:
@@ -189,6 +190,7 @@ class MultiScaleQuantizer(nn.Module):
             tokens: K LongTensors (B, pn_k^2).
         Returns:
             (B, L - 1, C) with L = sum pn_k^2; scale 0's input is the class token, built by the transformer.
+            No gradient flows back to the codebook (the tokenizer is frozen while VAR trains).
         """
         pns = self._schedule(patch_nums)
         self._check_tokens(tokens, pns)

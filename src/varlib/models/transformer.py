@@ -215,11 +215,15 @@ class VAR(nn.Module):
             x_BLC = block(x_BLC, cond, attn_mask=attn_mask)
         return self.get_logits(x_BLC, cond_BD)
 
+    def num_non_embedding_params(self) -> int:
+        """N of the scaling laws: parameters other than the class, position and level embeddings."""
+        embeddings = ("class_emb", "pos_1LC", "pos_start", "lvl_embed")
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6 * non-embedding parameters plus attention,
         12 * depth * C * (mean number of keys a query sees under the block-causal mask)."""
-        embeddings = ("class_emb", "pos_1LC", "pos_start", "lvl_embed")
-        non_embedding = sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
+        non_embedding = self.num_non_embedding_params()
         visible_keys = sum(sl.stop * (sl.stop - sl.start) for sl in scale_slices(self.patch_nums)) / self.L
         return 6 * non_embedding + 12 * self.depth * self.width * visible_keys
 

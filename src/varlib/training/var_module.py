@@ -52,6 +52,7 @@ class VARModule(L.LightningModule):
         betas, weight_decay, weight_decay_end: AdamW (official (0.9, 0.95), 0.05, constant).
         warmup_fraction, warmup_start, end_factor, flat_fraction: the 'lin0' schedule (official warm-up is
             1/50 of training, end_factor 0.01; the README trains d16/d20 with 0.1).
+        grad_clip: max global gradient norm (official 2.0; 0 disables), also on sharded (FSDP2) parameters.
         label_smoothing: cross-entropy label smoothing (official 0).
         progressive_fraction, progressive_first: progressive training grows the trained scales from
             ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
@@ -71,6 +72,7 @@ class VARModule(L.LightningModule):
         warmup_start: float = 0.005,
         end_factor: float = 0.01,
         flat_fraction: float = 0.05,
+        grad_clip: float = 2.0,
         label_smoothing: float = 0.0,
         progressive_fraction: float = 0.0,
         progressive_first: int = 4,
@@ -137,6 +139,9 @@ class VARModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer):
+        if self.hparams.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.var.parameters(), self.hparams.grad_clip)
+            self.log("train/grad_norm", grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
         total = self.trainer.estimated_stepping_batches
         wd_end = self.hparams.weight_decay if self.hparams.weight_decay_end is None else self.hparams.weight_decay_end
         for group in optimizer.param_groups:
