@@ -1,0 +1,241 @@
+"""Helpers shared by the inference command-line tools: loading models, labels, batched sampling, PNG output.
+
+Every tool is a plain ``run(cfg)`` function plus a thin ``@hydra.main`` wrapper that calls
+:func:`run_or_exit`, which turns the expected user errors (ValueError, FileNotFoundError, a missing ``???``
+config value) into one logged message and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+import varlib
+from varlib.data.base import check_int_at_least
+from varlib.evaluation import unit_float_to_uint8
+from varlib.io import FORMAT as VARLIB_FORMAT
+from varlib.models.transformer import VAR
+from varlib.models.vqvae import MultiScaleVQVAE
+
+logger = logging.getLogger(__name__)
+
+# The repository's Hydra config folder (the package is installed in editable mode from the repository).
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+# Exit status for bad input or configuration (2, as argparse uses for usage errors).
+USAGE_ERROR = 2
+
+
+def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Calls ``run(cfg)``; a ValueError, FileNotFoundError or missing mandatory config value (``???``) is
+    logged as one message and exits with status 2."""
+    try:
+        return run(cfg)
+    except (ValueError, FileNotFoundError, MissingMandatoryValue) as error:
+        logger.error("%s", error)
+        sys.exit(USAGE_ERROR)
+
+
+def instantiate_config(config: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising a target's ValueError or FileNotFoundError as itself (Hydra
+    wraps it in an InstantiationException), so that :func:`run_or_exit` reports it as a usage error."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
+            raise error.__cause__ from None
+        raise
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; any other torch device string is used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but CUDA is not available (use device=cpu or auto)")
+    return device
+
+
+def _is_varlib_file(path: Path) -> bool:
+    """True for files written by varlib (safetensors metadata or a Lightning checkpoint's 'varlib' entry)."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return (f.metadata() or {}).get("format") == VARLIB_FORMAT
+        # mmap keeps the peek cheap: only the pickled structure is read, not the tensors.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # safetensors and torch raise several types for unreadable files
+        raise ValueError(f"{path}: expected a torch checkpoint or .safetensors file, got an unreadable file "
+                         f"({type(error).__name__}: {error})") from error
+    return isinstance(checkpoint, dict) and "varlib" in checkpoint
+
+
+def _existing_file(path: str | None, what: str) -> Path:
+    if path is None:
+        raise ValueError(f"{what} is required, got null")
+    resolved = Path(str(path)).expanduser()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what}: expected a file at {resolved}, got nothing there")
+    return resolved
+
+
+def load_var_model(cfg: DictConfig, device: torch.device) -> VAR:
+    """The VAR (with its tokenizer at ``.vae``) named by ``cfg.checkpoint`` or by ``cfg.official.vae`` + ``.var``.
+
+    ``checkpoint`` is a varlib ``.safetensors`` file or Lightning checkpoint holding a VAR; ``official.vae`` and
+    ``official.var`` are the FoundationVision files (e.g. ``vae_ch160v4096z32.pth`` and ``var_d16.pth``);
+    ``official.patch_nums`` (optional) sets the tokenizer's schedule when it cannot be inferred.
+    Exactly one of the two ways must be given. Returns the model in eval mode on ``device``.
+    """
+    official = cfg.get("official") or {}
+    has_official = official.get("vae") is not None or official.get("var") is not None
+    if (cfg.get("checkpoint") is None) == (not has_official):
+        raise ValueError(
+            "expected exactly one model source: checkpoint=<varlib file> or official.vae=<vae .pth> "
+            f"official.var=<var .pth>, got checkpoint={cfg.get('checkpoint')!r}, official.vae={official.get('vae')!r}, "
+            f"official.var={official.get('var')!r}"
+        )
+    if cfg.get("checkpoint") is not None:
+        path = _existing_file(cfg.checkpoint, "checkpoint")
+        if not _is_varlib_file(path):
+            raise ValueError(f"checkpoint {path}: expected a varlib model file (varlib.save_var or a varlib "
+                             "checkpoint), got another file; official checkpoints go in official.vae and official.var")
+        model = varlib.load(path)
+        if not isinstance(model, VAR):
+            raise ValueError(f"checkpoint {path}: expected a VAR model file, got a {type(model).__name__} "
+                             "(a tokenizer only)")
+    else:
+        overrides = {} if official.get("patch_nums") is None else {"patch_nums": tuple(official.patch_nums)}
+        vae = varlib.load_official_vqvae(_existing_file(official.get("vae"), "official.vae"), **overrides)
+        model = varlib.load_official_var(_existing_file(official.get("var"), "official.var"), vae)
+    logger.info("loaded VAR depth=%d width=%d classes=%d schedule=%s", model.depth, model.width,
+                model.num_classes, model.patch_nums)
+    return model.to(device).eval()
+
+
+def load_tokenizer(
+    path: str | None, device: torch.device, patch_nums: Sequence[int] | None = None
+) -> tuple[MultiScaleVQVAE, tuple[int, ...]]:
+    """A tokenizer and its token-map schedule from a varlib file (a tokenizer file, or a VAR file's ``.vae``
+    with the VAR's schedule) or an official VQVAE ``.pth``.
+
+    ``patch_nums``, when given, is the schedule returned, and the official loader builds the tokenizer with it
+    (otherwise the official schedule is inferred from the weights: the 256px one).
+    """
+    resolved = _existing_file(path, "tokenizer")
+    if _is_varlib_file(resolved):
+        model = varlib.load(resolved)
+        vae = model.vae if isinstance(model, VAR) else model
+        schedule = model.patch_nums
+    else:
+        overrides = {} if patch_nums is None else {"patch_nums": tuple(patch_nums)}
+        vae = varlib.load_official_vqvae(resolved, **overrides)
+        schedule = vae.patch_nums
+    schedule = tuple(schedule if patch_nums is None else patch_nums)
+    if len(schedule) != len(vae.patch_nums):
+        raise ValueError(f"patch_nums must have as many scales as the tokenizer's {vae.patch_nums}, got {schedule}")
+    return vae.to(device).eval().requires_grad_(False), schedule
+
+
+def model_resolution(var: VAR) -> int:
+    """Image side in pixels for the VAR's own schedule (last patch number x tokenizer downsampling)."""
+    return var.patch_nums[-1] * var.vae.downsample
+
+
+def parse_label(value: Any, num_classes: int) -> int:
+    """One class index: an int in [0, num_classes] (``num_classes`` = the unconditional null class), or
+    None for the null class. Raises ValueError naming the accepted range."""
+    if value is None:
+        return num_classes
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= num_classes:
+        raise ValueError(
+            f"label must be an integer in [0, {num_classes}] ({num_classes} = unconditional) or null, got {value!r}"
+        )
+    return int(value)
+
+
+def parse_labels(value: Any, num_classes: int, per_class: int) -> list[int]:
+    """The labels to sample: a list (or one int) of classes in [0, num_classes], or None for ``per_class``
+    samples of every class 0..num_classes-1 in class order."""
+    if value is None:
+        check_int_at_least("per_class", per_class, 1)
+        return [c for c in range(num_classes) for _ in range(per_class)]
+    values = [value] if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else list(value)
+    if not values:
+        raise ValueError("labels must name at least one class, got an empty list")
+    return [parse_label(v, num_classes) for v in values]
+
+
+def check_sampling_options(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
+    """The ``VAR.generate`` keyword arguments from the config, validated; top_k is clipped to the vocabulary."""
+    top_k, top_p, guidance = int(cfg.top_k), float(cfg.top_p), float(cfg.cfg)
+    if top_k < 0 or not 0.0 <= top_p <= 1.0 or guidance < 0:
+        raise ValueError(f"expected top_k >= 0, top_p in [0, 1] and cfg >= 0, got {top_k}, {top_p}, {guidance}")
+    if top_k > vocab_size:
+        logger.info("top_k=%d clipped to the vocabulary size %d", top_k, vocab_size)
+        top_k = vocab_size
+    return dict(cfg=guidance, top_k=top_k, top_p=top_p, more_smooth=bool(cfg.more_smooth))
+
+
+def generate_in_batches(
+    var: VAR, labels: Sequence[int], batch_size: int, seed: int, options: dict[str, Any], desc: str = "sampling"
+) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Yields ``(images (b,3,H,W) in [0,1] on the CPU, their labels)`` for consecutive chunks of ``labels``.
+
+    Batch i is sampled with seed ``seed + i``, so a run is reproducible for a fixed batch_size (images
+    depend on how labels are grouped, because a batch shares one random stream).
+    """
+    check_int_at_least("batch_size", batch_size, 1)
+    starts = range(0, len(labels), batch_size)
+    for index, start in enumerate(tqdm(starts, desc=desc, unit="batch")):
+        chunk = list(labels[start:start + batch_size])
+        yield var.generate(chunk, seed=seed + index, **options).cpu(), chunk
+
+
+def to_pil(image_3HW: torch.Tensor) -> Image.Image:
+    """Float image (3,H,W) in [0,1] (clamped) -> RGB PIL image, rounding to 8 bits."""
+    if image_3HW.ndim != 3 or image_3HW.shape[0] != 3:
+        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image_3HW.shape)}")
+    pixels_HWC = unit_float_to_uint8(image_3HW).permute(1, 2, 0)
+    return Image.fromarray(pixels_HWC.cpu().numpy(), mode="RGB")
+
+
+def save_png(image_3HW: torch.Tensor, path: str | Path) -> Path:
+    """Writes a (3,H,W) image in [0,1] as an 8-bit PNG (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image_3HW).save(path, format="PNG")
+    return path
+
+
+def image_grid(images_BCHW: torch.Tensor, columns: int, padding: int = 2, fill: float = 1.0) -> torch.Tensor:
+    """Tiles B images (B,3,H,W) row by row into (3, rows*(H+p)+p, columns*(W+p)+p), p = padding.
+
+    rows = ceil(B / columns); empty cells and the padding have the value ``fill``.
+    """
+    if images_BCHW.ndim != 4 or images_BCHW.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch (B,3,H,W), got {tuple(images_BCHW.shape)}")
+    if columns < 1 or padding < 0:
+        raise ValueError(f"expected columns >= 1 and padding >= 0, got {columns} and {padding}")
+    count, channels, height, width = images_BCHW.shape
+    rows = math.ceil(count / columns)
+    grid = images_BCHW.new_full((channels, rows * (height + padding) + padding,
+                                 columns * (width + padding) + padding), fill)
+    for index, image in enumerate(images_BCHW):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[:, top:top + height, left:left + width] = image
+    return grid

@@ -1,0 +1,59 @@
+"""``varlib-scaling``: fits and plots the power laws of a depth sweep (the paper's Fig. 5 and 6).
+
+    varlib-train --multirun experiment=var_emoji_scaling model.var.depth=1,2,3,4,5
+    python -m varlib.cli.scaling multirun/var_emoji_scaling --out outputs/scaling
+
+Reads every ``scaling_record.json`` under the given folders, fits L = (beta X)^alpha for X = N (final values)
+and X = C (Pareto frontier of the curves) for L_avg, L_last, Err_avg and Err_last, prints alpha, beta and
+Pearson r, writes ``fits.json`` and one PNG per (axis, metric).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from varlib.evaluation.scaling import (
+    METRICS,
+    fit_compute_frontier,
+    fit_power_law,
+    load_runs,
+    plot_scaling_vs_compute,
+    plot_scaling_vs_params,
+)
+
+
+def fit_sweep(sources: Sequence[str | Path], out_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Fits every metric against N and C; returns {"N/loss_last": {alpha, beta, r}, ...} and writes plots."""
+    runs = load_runs(list(sources), skip_invalid=True)
+    if len(runs) < 2:
+        raise ValueError(f"a scaling fit needs at least 2 runs with scaling_record.json, found {len(runs)} in {list(sources)}")
+    fits = {}
+    for metric in METRICS:
+        by_params = fit_power_law([run.params for run in runs], [run.final(metric) for run in runs])
+        by_compute = fit_compute_frontier(runs, metric).fit
+        fits[f"N/{metric}"] = {"alpha": by_params.alpha, "beta": by_params.beta, "r": by_params.r}
+        fits[f"C/{metric}"] = {"alpha": by_compute.alpha, "beta": by_compute.beta, "r": by_compute.r}
+        if out_dir is not None:
+            plot_scaling_vs_params(runs, metric, Path(out_dir) / f"scaling_N_{metric}.png")
+            plot_scaling_vs_compute(runs, metric, Path(out_dir) / f"scaling_C_{metric}.png")
+    if out_dir is not None:
+        summary = {"runs": [{"name": r.name, "depth": r.depth, "params": r.params} for r in runs], "fits": fits}
+        (Path(out_dir) / "fits.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return fits
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sources", nargs="+", help="sweep folders (searched recursively) or scaling_record.json files")
+    parser.add_argument("--out", default=None, help="folder for fits.json and the plots")
+    args = parser.parse_args(argv)
+    fits = fit_sweep(args.sources, args.out)
+    for name, fit in fits.items():
+        print(f"{name:14s} alpha={fit['alpha']:+.4f} beta={fit['beta']:.4g} r={fit['r']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
