@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from varlib.data.samplers import EpochShuffleSampler
 from varlib.models.vqvae import MultiScaleVQVAE
 
 FORMAT = "varlib-token-cache/1"
@@ -120,15 +121,18 @@ def read_index(root: str | os.PathLike) -> dict:
 
 
 class TokenCacheDataModule(L.LightningDataModule):
-    """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``."""
+    """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``.
+
+    The training order depends only on ``shuffle_seed`` and the epoch, so a resumed run replays it exactly.
+    """
 
     def __init__(self, root: str, batch_size: int = 64, num_workers: int = 0, use_flip: bool = False,
-                 train_split: str = "train", val_split: str = "val"):
+                 train_split: str = "train", val_split: str = "val", shuffle_seed: int = 0):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root, self.batch_size, self.num_workers, self.use_flip = root, batch_size, num_workers, use_flip
-        self.train_split, self.val_split = train_split, val_split
+        self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
         index = read_index(root)
         self.patch_nums = tuple(index["patch_nums"])
         self.num_classes = index["num_classes"]
@@ -141,7 +145,8 @@ class TokenCacheDataModule(L.LightningDataModule):
             self.val_set = TokenDataset(self.root, self.val_split) if self.has_val else None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+        sampler = EpochShuffleSampler(len(self.train_set), self.shuffle_seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

@@ -57,6 +57,8 @@ class VARModule(L.LightningModule):
         progressive_fraction, progressive_first: progressive training grows the trained scales from
             ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
         ema_decay: keep an EMA of the transformer used for validation and export (None = off).
+        seed: the random draws of training step s (label dropout, drop-path) are seeded with
+            seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class VARModule(L.LightningModule):
         progressive_fraction: float = 0.0,
         progressive_first: int = 4,
         ema_decay: float | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if (tokenizer_path is None) == (vae is None):
@@ -92,6 +95,28 @@ class VARModule(L.LightningModule):
         self.slices = scale_slices(self.var.patch_nums)
         self.ema = ModelEMA(self.var, ema_decay) if ema_decay else None
         self.val_metrics: PerScaleAccumulator | None = None
+
+    def setup(self, stage: str) -> None:
+        """Checks the data against the model before any step, so a mismatch fails with a clear message."""
+        data = self.trainer.datamodule if self.trainer is not None else None
+        if data is None:
+            return
+        expected = {
+            "patch_nums": tuple(self.var.patch_nums),
+            "vocab_size": self.vae.vocab_size,
+            "image_size": self.var.patch_nums[-1] * self.vae.downsample,
+        }
+        for name, want in expected.items():
+            got = getattr(data, name, None)
+            if got is not None and (tuple(got) if isinstance(got, (list, tuple)) else got) != want:
+                raise ValueError(
+                    f"data {name} {got} does not match the model's {want} (schedule {self.var.patch_nums} on a "
+                    f"tokenizer with V={self.vae.vocab_size} and downsample {self.vae.downsample}); the last patch "
+                    f"number must equal the latent side"
+                )
+        num_classes = getattr(data, "num_classes", None)
+        if num_classes is not None and num_classes > self.var.num_classes:
+            raise ValueError(f"data has {num_classes} classes but the model only {self.var.num_classes}")
 
     # -- data -> (tokens, teacher-forcing input) ------------------------------------------------------
 
@@ -120,6 +145,10 @@ class VARModule(L.LightningModule):
         return self.slices[n - 1].stop
 
     # -- steps -----------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch, batch_idx):
+        step_seed = self.hparams.seed + self.global_step * self.trainer.world_size + self.global_rank
+        torch.manual_seed(step_seed)
 
     def training_step(self, batch, batch_idx):
         if batch is None:  # every sample of the batch was unreadable
@@ -218,18 +247,10 @@ class VARModule(L.LightningModule):
         checkpoint["varlib"] = model_metadata(self.vae, self.var)
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        rng = checkpoint.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def generate_images(self, labels_B: torch.Tensor, seed: int, cfg: float = 1.5, top_k: int = 900,
                         top_p: float = 0.96) -> torch.Tensor:

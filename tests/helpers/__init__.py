@@ -1,0 +1,1 @@
+"""Test-only Lightning callbacks, importable by subprocess runs that put tests/ on PYTHONPATH."""
