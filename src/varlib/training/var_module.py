@@ -6,7 +6,9 @@ tokenizer in fp32, or pre-tokenised ``(tokens (B,L) int64, labels (B,))`` from t
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
@@ -233,7 +235,7 @@ class VARModule(L.LightningModule):
 
     # -- export and checkpoints -------------------------------------------------------------------
 
-    def export(self, path: str) -> None:
+    def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.
 
         Call it on every rank: sharded (FSDP2) weights are gathered collectively, rank 0 writes the file.
@@ -241,7 +243,9 @@ class VARModule(L.LightningModule):
         with self.ema.swap(self.var) if self.ema is not None else nullcontext():
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.var.state_dict().items()}
             if self.global_rank == 0:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
                 save_var(self.var, path, state)
+        return Path(path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["varlib"] = model_metadata(self.vae, self.var)

@@ -1,5 +1,6 @@
-"""Reliability of `varlib-train`: SIGKILL mid-run, then the same command resumes and matches an
-uninterrupted run; invalid configurations fail before training."""
+"""`varlib-train` for VAR end to end in subprocesses: SIGKILL mid-run then the same command resumes and
+matches an uninterrupted run; DDP and FSDP2 with 2 CPU processes (gloo); invalid configurations fail
+before training."""
 
 import csv
 import json
@@ -95,3 +96,16 @@ def test_invalid_configuration_fails_before_training(tiny_cache, override, messa
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tiny_cache / "invalid" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+def test_two_process_training_exports_one_loadable_model(tiny_cache, trainer):
+    out = f"dist_{trainer}"
+    result = train(tiny_cache, out, f"trainer={trainer}", "trainer.devices=2", "trainer.accelerator=cpu",
+                   "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.model_checkpoint=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    var = varlib.load(tiny_cache / out / "model.safetensors")
+    assert isinstance(var, varlib.VAR) and var.depth == 2
+    metrics = json.loads((tiny_cache / out / "metrics.json").read_text())
+    assert 0 < metrics["val/loss_avg"] < 3.47 and 0 <= metrics["val/err_last"] <= 100
