@@ -3,14 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.varlib-installed
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test demo bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
 
 setup: $(STAMP)
 
-## fast test suite (slow tests included, they are bounded to minutes on CPU)
+## the whole suite; tests marked slow (subprocess training, notebooks) take a few minutes each on CPU
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

@@ -47,9 +47,10 @@ def train_stage(experiment: str, out_dir: Path, overrides: Sequence[str]) -> dic
     return train_cli.run(cfg)
 
 
-def sample_rows(var: varlib.VAR, per_class: int, seed: int, cfg: float = 1.5, top_k: int = 0,
-                top_p: float = 0.0) -> torch.Tensor:
-    """A grid (3, H', W') with one row of ``per_class`` samples for each class."""
+def sample_rows(var: varlib.VAR, per_class: int, seed: int, cfg: float = 3.0, top_k: int = 200,
+                top_p: float = 0.95) -> torch.Tensor:
+    """A grid (3, H', W') with one row of ``per_class`` samples for each class (the official demo's
+    visual settings: strong guidance and a truncated distribution)."""
     rows = [var.generate([c] * per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed + c).cpu()
             for c in range(var.num_classes)]
     return image_grid(torch.cat(rows), columns=per_class)

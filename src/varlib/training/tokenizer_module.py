@@ -1,0 +1,310 @@
+"""LightningModule that trains VAR's multi-scale VQ tokenizer: L2/L1 + VQ + LPIPS + PatchGAN (paper eq. 5).
+
+Manual optimisation with two AdamW optimisers: the autoencoder (encoder, decoder, codebook, phi) and the
+discriminator, which only steps from ``loss.disc_start_step`` on. ``trainer.max_steps`` and every ``*_step``
+setting count Lightning's ``global_step``, which grows by one per optimiser step: one per batch before the
+discriminator starts, two per batch after.
+
+Checkpoints hold the autoencoder under ``vae.`` and ``checkpoint["varlib"]``, so ``varlib.load(ckpt)`` opens them.
+With EMA on, ``vae.`` holds the EMA weights (what validation and ``export`` use) and the online weights are kept
+under ``checkpoint["ema"]["online"]`` for resuming. The fixed networks (LPIPS, the rFID extractor) are rebuilt
+from the config rather than saved. Only plain containers are saved, so checkpoints load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import ExitStack, nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from omegaconf import Container, OmegaConf
+from torch import nn
+
+from varlib.evaluation.generation_callback import images_from_batch, signed_float_to_uint8
+from varlib.evaluation.generative_metrics import GenerativeMetrics
+from varlib.evaluation.image_quality import ReconstructionMetrics
+from varlib.io import model_metadata, save_tokenizer
+from varlib.models.quantizer import QuantizerOutput
+from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.training.discriminator import PatchDiscriminator
+from varlib.training.ema import ModelEMA
+from varlib.training.gan import gan_start_factor
+from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
+from varlib.training.tokenizer_eval import CodebookUsage, image_grid
+from varlib.training.tokenizer_loss import (
+    OptimConfig,
+    TokenizerLossConfig,
+    autoencoder_loss,
+    build_config,
+    discriminator_loss,
+    lr_multiplier,
+)
+
+# Fixed networks: rebuilt from the config, left out of checkpoints (the VGG trunk alone is ~60 MB).
+FIXED_NETWORK_PREFIXES = ("perceptual.", "rfid_metric.")
+
+
+def _construct(cls: type, kwargs: Mapping[str, Any], section: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # unknown or missing keyword
+        raise ValueError(f"bad {section} config {dict(kwargs)}: {error}") from error
+
+
+class TokenizerModule(L.LightningModule):
+    """Trains a :class:`MultiScaleVQVAE` (held as ``self.vae``) with a PatchGAN and an LPIPS loss.
+
+    Args:
+        vae: MultiScaleVQVAE constructor kwargs (``model.vae``), or a built MultiScaleVQVAE.
+        loss: :class:`TokenizerLossConfig` fields (loss weights, GAN start step).
+        optim: :class:`OptimConfig` fields (lr, betas, warm-up, decay, gradient clipping).
+        perceptual: PerceptualLoss kwargs (``vgg_weights_path``, ``allow_random_backbone``). LPIPS is built when
+            ``loss.lpips_weight > 0`` or when the VGG weights exist (then validation also logs ``val/lpips``).
+        discriminator: PatchDiscriminator kwargs (``base_channels``, ``n_layers``, ``norm``); built when
+            ``loss.disc_weight > 0``.
+        ema_decay: None (off) or the decay of an EMA of the autoencoder weights.
+        ema_warmup: ramp the EMA decay up over the first updates (see ModelEMA).
+        dead_code_restart_every: None (off) or N: every N steps, re-seed codes whose per-scale EMA hit count is
+            below ``dead_code_min_hits`` at every scale with latent vectors of the current batch.
+        num_grid_images: reconstructions shown in TensorBoard after each validation (0: none).
+        rfid_extractor: optional FeatureExtractor (uint8 (B,3,H,W) -> (features, logits)), e.g.
+            ``varlib.evaluation.build_inception_extractor()``; validation then logs ``val/rfid``.
+
+    Batches are ``(images (B,3,H,W) in [-1, 1], labels)`` or bare image tensors.
+    """
+
+    def __init__(
+        self,
+        vae: Mapping[str, Any] | MultiScaleVQVAE,
+        loss: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
+        perceptual: Mapping[str, Any] | None = None,
+        discriminator: Mapping[str, Any] | None = None,
+        ema_decay: float | None = None,
+        ema_warmup: bool = True,
+        dead_code_restart_every: int | None = None,
+        dead_code_min_hits: float = 0.05,
+        num_grid_images: int = 8,
+        rfid_extractor: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.loss_config = build_config(TokenizerLossConfig, loss, "model.loss")
+        self.optim_config = build_config(OptimConfig, optim, "model.optim")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be null or in (0, 1), got {ema_decay!r}")
+        if dead_code_restart_every is not None and (
+            isinstance(dead_code_restart_every, bool) or not isinstance(dead_code_restart_every, int)
+            or dead_code_restart_every < 1
+        ):
+            raise ValueError(f"dead_code_restart_every must be null or an int >= 1, got {dead_code_restart_every!r}")
+        if dead_code_min_hits < 0:
+            raise ValueError(f"dead_code_min_hits must be >= 0, got {dead_code_min_hits!r}")
+        if num_grid_images < 0:
+            raise ValueError(f"num_grid_images must be >= 0, got {num_grid_images!r}")
+
+        self.vae = vae if isinstance(vae, MultiScaleVQVAE) else _construct(MultiScaleVQVAE, vae, "model.vae")
+        # Plain containers only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["vae", "rfid_extractor"])
+        for key, value in self.hparams.items():
+            if isinstance(value, Container):
+                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
+        self.hparams["vae"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vae.config.items()}
+
+        perceptual = dict(perceptual or {})
+        vgg_path = perceptual.get("vgg_weights_path") or default_vgg16_weights_path()
+        wants_lpips = self.loss_config.lpips_weight > 0 or Path(vgg_path).is_file()
+        self.perceptual = _construct(PerceptualLoss, perceptual, "model.perceptual") if wants_lpips else None
+        self.discriminator = None
+        if self.loss_config.disc_weight > 0:
+            kwargs = {"in_channels": self.vae.in_channels, **(discriminator or {})}
+            self.discriminator = _construct(PatchDiscriminator, kwargs, "model.discriminator")
+            if self.vae.image_size < self.discriminator.min_input_size:
+                raise ValueError(
+                    f"images of {self.vae.image_size} px are too small for a discriminator with "
+                    f"n_layers={self.discriminator.n_layers}: expected >= {self.discriminator.min_input_size} px"
+                )
+
+        pretrained_lpips = self.perceptual is not None and self.perceptual.pretrained_backbone
+        lpips_metric = partial(self.perceptual, reduction="none") if pretrained_lpips else None
+        self.val_metrics = ReconstructionMetrics(perceptual=lpips_metric, prefix="val/")
+        self.val_codebook_usage = CodebookUsage(self.vae.vocab_size)
+        self.rfid_metric = GenerativeMetrics(rfid_extractor, num_is_splits=1) if rfid_extractor is not None else None
+        self.ema = ModelEMA(self.vae, ema_decay, ema_warmup) if ema_decay is not None else None
+        self._ema_scope = ExitStack()
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Fails before training on a strategy that shards parameters or data of the wrong image size."""
+        if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ValueError(
+                f"TokenizerModule needs whole parameters on every process (EMA, code restarts, adaptive GAN "
+                f"weight), got strategy {type(self.trainer.strategy).__name__}; use trainer=ddp"
+            )
+        image_size = getattr(self.trainer.datamodule, "image_size", None)
+        if image_size is not None and image_size != self.vae.image_size:
+            raise ValueError(
+                f"data.image_size={image_size} does not match the tokenizer: expected {self.vae.image_size} = last "
+                f"patch number {self.vae.patch_nums[-1]} x downsample {self.vae.downsample} (model.vae.patch_nums, "
+                f"model.vae.ch_mult)"
+            )
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        cfg = self.optim_config
+        optimizers = [torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)]
+        if self.discriminator is not None:
+            disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr
+            optimizers.append(
+                torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            )
+        return optimizers
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        img = images_from_batch(batch)
+        step = self.global_step
+        optimizers = self.optimizers()
+        opt_ae, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        self._set_learning_rates(step, opt_ae, opt_d)
+
+        recon, quant = self.vae(img)
+        gan_factor = gan_start_factor(step, self.loss_config.disc_start_step) if opt_d is not None else 0.0
+        with self.toggled_optimizer(opt_ae):
+            parts = autoencoder_loss(
+                img, recon, quant.vq_loss, self.loss_config, self.perceptual, self.discriminator,
+                self.vae.decoder.last_layer_weight, gan_factor,
+            )
+            self._optimizer_step(opt_ae, parts["total"])
+        if self.ema is not None:
+            self.ema.update(self.vae)
+        if gan_factor > 0:
+            with self.toggled_optimizer(opt_d):
+                parts["disc"] = discriminator_loss(img, recon, self.discriminator, self.loss_config.disc_loss)
+                self._optimizer_step(opt_d, parts["disc"])
+        self._log_training(parts, quant)
+        self._restart_dead_codes(img, step)
+
+    def _optimizer_step(self, optimizer: Any, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.optim_config.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_config.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _set_learning_rates(self, step: int, opt_ae: Any, opt_d: Any | None) -> None:
+        cfg = self.optim_config
+        total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        factor = lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.decay, cfg.min_lr_ratio)
+        disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr
+        for optimizer, base_lr in ((opt_ae, cfg.lr), (opt_d, disc_lr)):
+            for group in optimizer.param_groups if optimizer is not None else []:
+                group["lr"] = base_lr * factor
+        self.log("train/lr", cfg.lr * factor)
+
+    def _log_training(self, parts: dict[str, torch.Tensor], quant: QuantizerOutput) -> None:
+        values = {f"train/{name}": value.detach() for name, value in parts.items() if name != "rec"}
+        for k, (usage, perplexity) in enumerate(zip(quant.usage, quant.perplexity)):
+            values[f"train/usage_s{k}"] = usage
+            values[f"train/perplexity_s{k}"] = perplexity
+        self.log_dict(values)
+        self.log("train/rec", parts["rec"].detach(), prog_bar=True)
+        self.log("train/codebook_usage", quant.usage[-1], prog_bar=True)
+
+    def _restart_dead_codes(self, img_B3HW: torch.Tensor, step_before: int) -> None:
+        """Every ``dead_code_restart_every`` steps; rank 0's codebook is then broadcast to keep replicas equal."""
+        every = self.hparams.dead_code_restart_every
+        if every is None or self.global_step // every == step_before // every:
+            return
+        with torch.no_grad():
+            f_BChw = self.vae.encode(img_B3HW)
+        restarted = self.vae.quantize.restart_dead_codes(f_BChw, self.hparams.dead_code_min_hits)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(self.vae.quantize.embedding.weight.data, src=0)
+        self.log("train/dead_codes_restarted", float(restarted))
+
+    # -- validation ----------------------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:
+            self._ema_scope.enter_context(self.ema.swap(self.vae))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        img = images_from_batch(batch)
+        recon_unclamped, quant = self.vae(img)
+        recon = recon_unclamped.clamp(-1, 1)
+        self.val_metrics.update(recon, img)
+        self.val_codebook_usage.update(quant.tokens[-1])
+        self.log("val/rec_loss", F.mse_loss(recon_unclamped, img), sync_dist=True, batch_size=img.shape[0])
+        if self.rfid_metric is not None:
+            self.rfid_metric.update(signed_float_to_uint8(img), real=True)
+            self.rfid_metric.update(signed_float_to_uint8(recon), real=False)
+        if batch_idx == 0 and self.hparams.num_grid_images > 0:
+            self._log_reconstruction_grid(img, recon)
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics has already summed the states over processes; sync_dist only averages equal values.
+        values = dict(self.val_metrics.compute())
+        values["val/codebook_usage"] = self.val_codebook_usage.compute()
+        self.val_metrics.reset()
+        self.val_codebook_usage.reset()
+        if self.rfid_metric is not None:
+            values["val/rfid"] = torch.tensor(self.rfid_metric.compute()["fid"], device=self.device)
+            self.rfid_metric.reset()
+        self.log_dict(values, sync_dist=True)
+        self._ema_scope.close()
+
+    def _log_reconstruction_grid(self, img: torch.Tensor, recon: torch.Tensor) -> None:
+        count = min(self.hparams.num_grid_images, img.shape[0])
+        grid = image_grid(torch.cat([img[:count], recon[:count]]), num_columns=count)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+
+    # -- checkpoints and export ----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["varlib"] = model_metadata(self.vae)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FIXED_NETWORK_PREFIXES)]:
+            del state[key]
+        if self.ema is not None:
+            ema_state = self.ema.state_dict()
+            online = {name: state[f"vae.{name}"] for name in ema_state["params"]}
+            for name, value in ema_state["params"].items():
+                state[f"vae.{name}"] = value.to(online[name].dtype)
+            checkpoint["ema"] = {key: ema_state[key] for key in ("decay", "warmup", "num_updates", "buffers")}
+            checkpoint["ema"]["online"] = online
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        state.update({k: v for k, v in self.state_dict().items() if k.startswith(FIXED_NETWORK_PREFIXES)})
+        ema_state = checkpoint.get("ema")
+        if ema_state is None:
+            return
+        shadow = {name: state[f"vae.{name}"] for name in ema_state["online"]}
+        state.update({f"vae.{name}": value for name, value in ema_state["online"].items()})
+        if self.ema is not None:
+            self.ema.load_state_dict({**ema_state, "params": shadow})
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Writes the autoencoder (EMA weights when EMA is on) as a ``.safetensors`` that ``varlib.load`` opens.
+
+        Called on every rank; global rank 0 writes.
+        """
+        path = Path(path)
+        if self.global_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self.ema.swap(self.vae) if self.ema is not None else nullcontext():
+                save_tokenizer(self.vae, path)
+        return path
