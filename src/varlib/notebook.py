@@ -31,7 +31,8 @@ TINY_RUN = ("logger=csv", "trainer.num_sanity_val_steps=0", "trainer.max_time=nu
 # A 32 px tokenizer (ch 32-32-64, 8x8 latent, 6 scales) with a small codebook.
 TINY_TOKENIZER = (
     "data.image_size=32", "data.batch_size=16",
-    "model.vae.vocab_size=256", "model.vae.ch_mult=[1,1,2]", "model.vae.using_sa=false", "model.vae.using_mid_sa=false",
+    "model.vae.vocab_size=256", "model.vae.ch_mult=[1,1,2]", "model.vae.patch_nums=[1,2,3,4,6,8]",
+    "model.vae.using_sa=false", "model.vae.using_mid_sa=false",
     "model.optim.lr=3.0e-3", "model.optim.warmup_steps=10", "model.dead_code_restart_every=20",
     "trainer.max_steps=120", "trainer.val_check_interval=120", "trainer.limit_val_batches=2",
 )
