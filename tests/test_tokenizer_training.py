@@ -79,6 +79,7 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
 # ------------------------------------------------------------------------------------------------ loss terms
 
 
+@pytest.mark.slow  # builds the LPIPS VGG16 (about 10 s)
 def test_every_loss_term_is_positive_and_reaches_its_parameters(tmp_path):
     with pytest.warns(UserWarning, match="randomly initialised LPIPS"):
         module = make_module(tmp_path, loss=dict(lpips_weight=1.0, disc_weight=0.5, disc_start_step=0))
@@ -246,6 +247,7 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+@pytest.mark.slow  # builds the LPIPS VGG16 twice (about 10 s)
 def test_checkpoint_loads_weights_only_and_opens_with_varlib_load(tmp_path):
     # Configs arriving as OmegaConf containers must still be saved as plain containers.
     loss = OmegaConf.create(dict(lpips_weight=1.0, disc_weight=0.5, disc_start_step=0))
@@ -311,7 +313,7 @@ def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
         (dict(ema_decay=1.5), r"ema_decay must be null or in \(0, 1\), got 1.5"),
         (dict(dead_code_restart_every=0), r"dead_code_restart_every must be null or an int >= 1"),
         (dict(vae={**TINY_VAE, "width": 3}), r"bad model.vae config"),
-        (dict(loss=dict(disc_weight=0.5), discriminator=dict(n_layers=4)), r"too small .* expected >= 48 px"),
+        (dict(loss=dict(lpips_weight=0.0, disc_weight=0.5), discriminator=dict(n_layers=4)), r"too small .* expected >= 48 px"),
     ],
 )
 def test_bad_config_values_fail_at_construction(tmp_path, kwargs, message):
