@@ -161,8 +161,12 @@ def test_bad_teacher_forcing_input_raises(tiny_models):
 def test_schedule_must_end_at_latent_and_widths_fit_groupnorm():
     with pytest.raises(ValueError, match="strictly increasing"):
         MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 3, 2))
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of norm_groups=32"):
         MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=16)
+    with pytest.raises(ValueError, match="multiple of norm_groups=3"):
+        MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=16, norm_groups=3)
+    narrow = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=16, patch_nums=(1, 2, 4), norm_groups=8)
+    assert {m.num_groups for m in narrow.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
     vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 4))
     with pytest.raises(ValueError, match="last patch number must equal the latent side"):
         vae.quantize.f_to_tokens(torch.zeros(1, 8, 3, 3))

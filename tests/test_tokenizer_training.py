@@ -239,6 +239,25 @@ def test_export_round_trips_through_varlib_load(tmp_path):
     assert torch.equal(loaded.decode_tokens(loaded.encode_tokens(img)), module.vae.decode_tokens(module.vae.encode_tokens(img)))
 
 
+def test_channels_last_computes_like_the_default_layout_and_exports_plain_weights(tmp_path):
+    vae = dict(TINY_VAE, norm_groups=8)
+    default, nhwc = (make_module(tmp_path, vae=vae, channels_last=flag) for flag in (False, True))
+    conv = nhwc.vae.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    img = RandomImages().train_images[:4]
+    for module in (default, nhwc):
+        recon, quant = module.vae(img)
+        (recon.square().mean() + quant.vq_loss).backward()
+    torch.testing.assert_close(nhwc.vae(img)[0], default.vae(img)[0], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(default.vae.named_parameters(), nhwc.vae.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+    make_trainer(tmp_path, max_steps=2).fit(nhwc, datamodule=RandomImages())
+    loaded = varlib.load(nhwc.export(tmp_path / "nhwc.safetensors"))
+    assert loaded.config["norm_groups"] == 8
+    _assert_same_weights(loaded, nhwc.vae)
+
+
 def _plain(value) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())

@@ -3,7 +3,7 @@
     python -m varlib.cli.demo [--out outputs/demo] [--tokenizer-override KEY=VALUE ...] [--var-override ...]
 
 Stages, each the same code path as its command:
-  1. ``varlib-train experiment=demo_tokenizer``: the multi-scale tokenizer (64 px, 9 emoji categories);
+  1. ``varlib-train experiment=demo_tokenizer``: the multi-scale tokenizer (32 px, 8x8 latent, 9 emoji categories);
   2. ``varlib-tokenize``: the train/val images into a token cache;
   3. ``varlib-train experiment=var_emoji``: a class-conditional VAR on the cache;
   4. sampling: one row of samples per category.

@@ -78,6 +78,8 @@ class TokenizerModule(L.LightningModule):
         num_grid_images: reconstructions shown in TensorBoard after each validation (0: none).
         rfid_extractor: optional FeatureExtractor (uint8 (B,3,H,W) -> (features, logits)), e.g.
             ``varlib.evaluation.build_inception_extractor()``; validation then logs ``val/rfid``.
+        channels_last: keep the autoencoder's and discriminator's conv weights channels-last (NHWC), which
+            oneDNN and cuDNN run faster; the weights' values and exported files are the same.
 
     Batches are ``(images (B,3,H,W) in [-1, 1], labels)`` or bare image tensors.
     """
@@ -95,6 +97,7 @@ class TokenizerModule(L.LightningModule):
         dead_code_min_hits: float = 0.05,
         num_grid_images: int = 8,
         rfid_extractor: nn.Module | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -133,6 +136,11 @@ class TokenizerModule(L.LightningModule):
                     f"images of {self.vae.image_size} px are too small for a discriminator with "
                     f"n_layers={self.discriminator.n_layers}: expected >= {self.discriminator.min_input_size} px"
                 )
+
+        if channels_last:
+            for network in (self.vae, self.discriminator):
+                if network is not None:
+                    network.to(memory_format=torch.channels_last)
 
         pretrained_lpips = self.perceptual is not None and self.perceptual.pretrained_backbone
         lpips_metric = partial(self.perceptual, reduction="none") if pretrained_lpips else None
