@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchmetrics import Metric
+
+from varlib.cli.common import image_grid as tile_images
 
 
 class CodebookUsage(Metric):
@@ -38,14 +38,5 @@ class CodebookUsage(Metric):
 
 def image_grid(images_NCHW: torch.Tensor, num_columns: int, padding: int = 2) -> torch.Tensor:
     """Tiles N images (N,C,H,W) in [-1, 1] row by row on a white canvas -> (C, H', W') in [0, 1]."""
-    if images_NCHW.ndim != 4 or num_columns < 1:
-        raise ValueError(f"expected images (N,C,H,W) and num_columns >= 1, got {tuple(images_NCHW.shape)}, {num_columns}")
-    N, C, H, W = images_NCHW.shape
     unit_NCHW = images_NCHW.detach().float().clamp(-1, 1).add(1).div(2)
-    num_rows = math.ceil(N / num_columns)
-    grid = unit_NCHW.new_ones(C, num_rows * (H + padding) + padding, num_columns * (W + padding) + padding)
-    for index, image in enumerate(unit_NCHW):
-        row, column = divmod(index, num_columns)
-        top, left = padding + row * (H + padding), padding + column * (W + padding)
-        grid[:, top : top + H, left : left + W] = image
-    return grid
+    return tile_images(unit_NCHW, columns=num_columns, padding=padding)
