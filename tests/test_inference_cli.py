@@ -22,7 +22,7 @@ from torch import nn
 
 import varlib
 from varlib.cli import edit, evaluate, sample, tokenize
-from varlib.cli.common import image_grid, parse_label, parse_labels, run_or_exit
+from varlib.cli.common import parse_label, parse_labels, run_or_exit
 from varlib.data import ImageTransform
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset, read_index
 from varlib.evaluation import (
@@ -34,6 +34,7 @@ from varlib.evaluation import (
     to_uint8_nhwc,
     write_adm_npz,
 )
+from varlib.images import image_grid
 from varlib.models.editing import box_keep_mask
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -1,4 +1,4 @@
-"""Helpers shared by the inference command-line tools: loading models, labels, batched sampling, PNG output.
+"""Helpers shared by the inference command-line tools: loading models, labels, batched sampling.
 
 Every tool is a plain ``run(cfg)`` function plus a thin ``@hydra.main`` wrapper that calls
 :func:`run_or_exit`, which turns the expected user errors (ValueError, FileNotFoundError, a missing ``???``
@@ -8,7 +8,6 @@ config value) into one logged message and exit status 2 instead of a traceback.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -19,13 +18,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
-from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import varlib
 from varlib.data.base import check_int_at_least
-from varlib.evaluation import unit_float_to_uint8
 from varlib.io import FORMAT as VARLIB_FORMAT
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -203,39 +200,3 @@ def generate_in_batches(
     for index, start in enumerate(tqdm(starts, desc=desc, unit="batch")):
         chunk = list(labels[start:start + batch_size])
         yield var.generate(chunk, seed=seed + index, **options).cpu(), chunk
-
-
-def to_pil(image_3HW: torch.Tensor) -> Image.Image:
-    """Float image (3,H,W) in [0,1] (clamped) -> RGB PIL image, rounding to 8 bits."""
-    if image_3HW.ndim != 3 or image_3HW.shape[0] != 3:
-        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image_3HW.shape)}")
-    pixels_HWC = unit_float_to_uint8(image_3HW).permute(1, 2, 0)
-    return Image.fromarray(pixels_HWC.cpu().numpy(), mode="RGB")
-
-
-def save_png(image_3HW: torch.Tensor, path: str | Path) -> Path:
-    """Writes a (3,H,W) image in [0,1] as an 8-bit PNG (parent folders created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(image_3HW).save(path, format="PNG")
-    return path
-
-
-def image_grid(images_BCHW: torch.Tensor, columns: int, padding: int = 2, fill: float = 1.0) -> torch.Tensor:
-    """Tiles B images (B,3,H,W) row by row into (3, rows*(H+p)+p, columns*(W+p)+p), p = padding.
-
-    rows = ceil(B / columns); empty cells and the padding have the value ``fill``.
-    """
-    if images_BCHW.ndim != 4 or images_BCHW.shape[0] == 0:
-        raise ValueError(f"expected a non-empty batch (B,3,H,W), got {tuple(images_BCHW.shape)}")
-    if columns < 1 or padding < 0:
-        raise ValueError(f"expected columns >= 1 and padding >= 0, got {columns} and {padding}")
-    count, channels, height, width = images_BCHW.shape
-    rows = math.ceil(count / columns)
-    grid = images_BCHW.new_full((channels, rows * (height + padding) + padding,
-                                 columns * (width + padding) + padding), fill)
-    for index, image in enumerate(images_BCHW):
-        top = padding + (index // columns) * (height + padding)
-        left = padding + (index % columns) * (width + padding)
-        grid[:, top:top + height, left:left + width] = image
-    return grid

@@ -29,8 +29,9 @@ from omegaconf import DictConfig
 import varlib
 from varlib.cli import tokenize as tokenize_cli
 from varlib.cli import train as train_cli
-from varlib.cli.common import CONFIG_DIR, image_grid, save_png
+from varlib.cli.common import CONFIG_DIR
 from varlib.data import EmojiDataModule
+from varlib.images import image_grid, save_png
 
 log = logging.getLogger(__name__)
 

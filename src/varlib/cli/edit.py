@@ -34,9 +34,9 @@ from varlib.cli.common import (
     parse_label,
     resolve_device,
     run_or_exit,
-    save_png,
 )
 from varlib.data import ImageTransform, decode_rgb_image
+from varlib.images import save_png
 from varlib.models.editing import box_keep_mask, token_grid_mask
 
 logger = logging.getLogger(__name__)

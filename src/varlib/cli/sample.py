@@ -19,13 +19,12 @@ from varlib.cli.common import (
     CONFIG_DIR,
     check_sampling_options,
     generate_in_batches,
-    image_grid,
     load_var_model,
     parse_labels,
     resolve_device,
     run_or_exit,
-    save_png,
 )
+from varlib.images import image_grid, save_png
 
 logger = logging.getLogger(__name__)
 MAX_GRID_COLUMNS = 8

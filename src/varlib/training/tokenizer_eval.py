@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from varlib.cli.common import image_grid as tile_images
+from varlib.images import image_grid as tile_images
 
 
 class CodebookUsage(Metric):

@@ -1,0 +1,50 @@
+"""Image helpers shared by training, the command-line tools and notebooks: tiling grids and writing PNGs.
+
+Images here are float tensors in [0, 1] with shape (3, H, W) or (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from varlib.evaluation import unit_float_to_uint8
+
+
+def to_pil(image_3HW: torch.Tensor) -> Image.Image:
+    """Float image (3,H,W) in [0,1] (clamped) -> RGB PIL image, rounding to 8 bits."""
+    if image_3HW.ndim != 3 or image_3HW.shape[0] != 3:
+        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image_3HW.shape)}")
+    pixels_HWC = unit_float_to_uint8(image_3HW).permute(1, 2, 0)
+    return Image.fromarray(pixels_HWC.cpu().numpy(), mode="RGB")
+
+
+def save_png(image_3HW: torch.Tensor, path: str | Path) -> Path:
+    """Writes a (3,H,W) image in [0,1] as an 8-bit PNG (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image_3HW).save(path, format="PNG")
+    return path
+
+
+def image_grid(images_BCHW: torch.Tensor, columns: int, padding: int = 2, fill: float = 1.0) -> torch.Tensor:
+    """Tiles B images (B,3,H,W) row by row into (3, rows*(H+p)+p, columns*(W+p)+p), p = padding.
+
+    rows = ceil(B / columns); empty cells and the padding have the value ``fill``.
+    """
+    if images_BCHW.ndim != 4 or images_BCHW.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch (B,3,H,W), got {tuple(images_BCHW.shape)}")
+    if columns < 1 or padding < 0:
+        raise ValueError(f"expected columns >= 1 and padding >= 0, got {columns} and {padding}")
+    count, channels, height, width = images_BCHW.shape
+    rows = math.ceil(count / columns)
+    grid = images_BCHW.new_full((channels, rows * (height + padding) + padding,
+                                 columns * (width + padding) + padding), fill)
+    for index, image in enumerate(images_BCHW):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[:, top:top + height, left:left + width] = image
+    return grid
