@@ -10,6 +10,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Timer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -154,6 +155,15 @@ def test_warmup_and_cosine_learning_rate():
     assert lr_multiplier(99, 4, 14, "cosine", 0.1) == pytest.approx(0.1)
 
 
+def test_cosine_decay_follows_whichever_of_steps_and_time_runs_out_first():
+    # Step 9 of 14 after 4 warm-up steps is halfway; half the time gone or less leaves that unchanged.
+    assert lr_multiplier(9, 4, 14, "cosine", 0.1, time_fraction=0.25) == pytest.approx(0.55)
+    assert lr_multiplier(9, 4, 14, "cosine", 0.1, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_multiplier(5, 4, None, "cosine", 0.0, time_fraction=0.5) == pytest.approx(0.5)
+    assert lr_multiplier(2, 4, 14, "cosine", 0.1, time_fraction=0.9) == pytest.approx(0.75)  # warm-up goes by steps
+    assert lr_multiplier(9, 4, 14, "constant", 0.1, time_fraction=0.9) == 1.0
+
+
 def test_learning_rate_follows_the_schedule_during_training(tmp_path):
     module = make_module(tmp_path, optim=dict(lr=1e-3, warmup_steps=4))
     trainer = make_trainer(tmp_path, max_steps=2)
@@ -161,6 +171,23 @@ def test_learning_rate_follows_the_schedule_during_training(tmp_path):
     # Step 1 (0-based) is the last one taken: 2/4 of the base rate.
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5e-3)
     assert trainer.callback_metrics["train/lr"].item() == pytest.approx(0.5e-3)
+
+
+def test_decay_by_time_reads_the_trainers_max_time(tmp_path):
+    module = make_module(tmp_path, optim=dict(lr=1e-3, warmup_steps=0, decay="cosine", decay_by_time=True))
+    trainer = make_trainer(tmp_path, max_steps=3, max_time={"hours": 1})
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    timer.time_elapsed = lambda stage="train": 2700.0  # three quarters of the hour gone at every step
+    trainer.fit(module, datamodule=RandomImages())
+    # The last step (2 of 3) is behind the clock: the time's share sets the rate.
+    assert trainer.global_step == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(0.75 * math.pi)))
+
+
+def test_decay_by_time_without_max_time_fails_before_training(tmp_path):
+    module = make_module(tmp_path, optim=dict(lr=1e-3, decay="cosine", decay_by_time=True))
+    with pytest.raises(ValueError, match=r"decay_by_time=true needs a time limit: set trainer.max_time"):
+        make_trainer(tmp_path, max_steps=2).fit(module, datamodule=RandomImages())
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -329,6 +356,7 @@ def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
         (dict(loss=dict(disc_loss="wgan")), r"disc_loss must be one of \['hinge', 'vanilla'\], got 'wgan'"),
         (dict(optim=dict(betas=[0.5, 1.2])), r"optim.betas must be two numbers in \[0, 1\)"),
         (dict(optim=dict(lr=0.0)), r"optim.lr must be > 0"),
+        (dict(optim=dict(decay_by_time="yes")), r"optim.decay_by_time must be true or false, got 'yes'"),
         (dict(ema_decay=1.5), r"ema_decay must be null or in \(0, 1\), got 1.5"),
         (dict(dead_code_restart_every=0), r"dead_code_restart_every must be null or an int >= 1"),
         (dict(vae={**TINY_VAE, "width": 3}), r"bad model.vae config"),

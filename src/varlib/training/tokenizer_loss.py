@@ -74,6 +74,8 @@ class OptimConfig:
 
     The learning rate rises linearly over ``warmup_steps`` and then stays (``decay: constant``) or follows a
     half cosine down to ``min_lr_ratio * lr`` at the trainer's ``max_steps`` (``decay: cosine``).
+    ``decay_by_time`` also measures the decay against the trainer's ``max_time``: its progress is the larger
+    of the step and the elapsed-time fractions, so a run that ``max_time`` stops early still ends annealed.
     ``grad_clip`` is the max gradient norm of each optimiser (None: no clipping).
     """
 
@@ -84,6 +86,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: str = "constant"
     min_lr_ratio: float = 0.0
+    decay_by_time: bool = False
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class OptimConfig:
         _check_number("optim.min_lr_ratio", self.min_lr_ratio)
         if self.min_lr_ratio > 1:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not isinstance(self.decay_by_time, bool):
+            raise ValueError(f"optim.decay_by_time must be true or false, got {self.decay_by_time!r}")
         if self.grad_clip is not None:
             _check_number("optim.grad_clip", self.grad_clip, strict=True)
 
@@ -114,16 +119,24 @@ def build_config(config_class: type[ConfigT], values: Mapping[str, Any] | None, 
     return config_class(**values)
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int | None, decay: str, min_ratio: float) -> float:
+def lr_multiplier(
+    step: int, warmup_steps: int, total_steps: int | None, decay: str, min_ratio: float,
+    time_fraction: float | None = None,
+) -> float:
     """Factor on the base learning rate at ``step`` (0-based): linear warm-up, then constant or cosine decay.
 
-    ``total_steps`` None or <= ``warmup_steps`` keeps the rate constant after warm-up.
+    The decay's progress is the share of the post-warm-up steps taken, or ``time_fraction`` (elapsed / allowed
+    training time, warm-up included) when that is larger. With neither (``total_steps`` None or <=
+    ``warmup_steps``, no ``time_fraction``) the rate stays constant after warm-up.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if decay == "constant" or total_steps is None or total_steps <= warmup_steps:
+    fractions = [] if time_fraction is None else [time_fraction]
+    if total_steps is not None and total_steps > warmup_steps:
+        fractions.append((step - warmup_steps) / (total_steps - warmup_steps))
+    if decay == "constant" or not fractions:
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    progress = min(1.0, max(fractions))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from omegaconf import Container, OmegaConf
@@ -153,7 +154,8 @@ class TokenizerModule(L.LightningModule):
     # -- setup ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Fails before training on a strategy that shards parameters or data of the wrong image size."""
+        """Fails before training on a strategy that shards parameters, data of the wrong image size, or
+        ``optim.decay_by_time`` without ``trainer.max_time``."""
         if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise ValueError(
                 f"TokenizerModule needs whole parameters on every process (EMA, code restarts, adaptive GAN "
@@ -166,6 +168,8 @@ class TokenizerModule(L.LightningModule):
                 f"patch number {self.vae.patch_nums[-1]} x downsample {self.vae.downsample} (model.vae.patch_nums, "
                 f"model.vae.ch_mult)"
             )
+        if stage == "fit" and self.optim_config.decay_by_time and self._training_timer() is None:
+            raise ValueError("model.optim.decay_by_time=true needs a time limit: set trainer.max_time")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = self.optim_config
@@ -213,12 +217,21 @@ class TokenizerModule(L.LightningModule):
     def _set_learning_rates(self, step: int, opt_ae: Any, opt_d: Any | None) -> None:
         cfg = self.optim_config
         total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        factor = lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.decay, cfg.min_lr_ratio)
+        time_fraction = None
+        if cfg.decay_by_time:
+            timer = self._training_timer()
+            elapsed = timer.time_elapsed()
+            time_fraction = elapsed / (elapsed + timer.time_remaining())
+        factor = lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.decay, cfg.min_lr_ratio, time_fraction)
         disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr
         for optimizer, base_lr in ((opt_ae, cfg.lr), (opt_d, disc_lr)):
             for group in optimizer.param_groups if optimizer is not None else []:
                 group["lr"] = base_lr * factor
         self.log("train/lr", cfg.lr * factor)
+
+    def _training_timer(self) -> Timer | None:
+        """The trainer's ``max_time`` timer, or None when the run has no time limit."""
+        return next((c for c in self.trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
 
     def _log_training(self, parts: dict[str, torch.Tensor], quant: QuantizerOutput) -> None:
         values = {f"train/{name}": value.detach() for name, value in parts.items() if name != "rec"}
