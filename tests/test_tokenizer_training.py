@@ -184,10 +184,11 @@ def test_decay_by_time_reads_the_trainers_max_time(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(0.75 * math.pi)))
 
 
-def test_decay_by_time_without_max_time_fails_before_training(tmp_path):
-    module = make_module(tmp_path, optim=dict(lr=1e-3, decay="cosine", decay_by_time=True))
-    with pytest.raises(ValueError, match=r"decay_by_time=true needs a time limit: set trainer.max_time"):
-        make_trainer(tmp_path, max_steps=2).fit(module, datamodule=RandomImages())
+def test_decay_by_time_without_max_time_follows_the_steps(tmp_path):
+    module = make_module(tmp_path, optim=dict(lr=1e-3, warmup_steps=0, decay="cosine", decay_by_time=True))
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=RandomImages())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(2 / 3 * math.pi)))
 
 
 # ------------------------------------------------------------------------------------------------ validation

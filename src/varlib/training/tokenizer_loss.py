@@ -75,7 +75,8 @@ class OptimConfig:
     The learning rate rises linearly over ``warmup_steps`` and then stays (``decay: constant``) or follows a
     half cosine down to ``min_lr_ratio * lr`` at the trainer's ``max_steps`` (``decay: cosine``).
     ``decay_by_time`` also measures the decay against the trainer's ``max_time``: its progress is the larger
-    of the step and the elapsed-time fractions, so a run that ``max_time`` stops early still ends annealed.
+    of the step and the elapsed-time fractions, so a run that ``max_time`` stops early still ends annealed
+    (without ``max_time`` the steps alone count).
     ``grad_clip`` is the max gradient norm of each optimiser (None: no clipping).
     """
 

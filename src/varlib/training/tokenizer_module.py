@@ -154,8 +154,7 @@ class TokenizerModule(L.LightningModule):
     # -- setup ---------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Fails before training on a strategy that shards parameters, data of the wrong image size, or
-        ``optim.decay_by_time`` without ``trainer.max_time``."""
+        """Fails before training on a strategy that shards parameters or data of the wrong image size."""
         if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             raise ValueError(
                 f"TokenizerModule needs whole parameters on every process (EMA, code restarts, adaptive GAN "
@@ -168,8 +167,6 @@ class TokenizerModule(L.LightningModule):
                 f"patch number {self.vae.patch_nums[-1]} x downsample {self.vae.downsample} (model.vae.patch_nums, "
                 f"model.vae.ch_mult)"
             )
-        if stage == "fit" and self.optim_config.decay_by_time and self._training_timer() is None:
-            raise ValueError("model.optim.decay_by_time=true needs a time limit: set trainer.max_time")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = self.optim_config
@@ -217,9 +214,9 @@ class TokenizerModule(L.LightningModule):
     def _set_learning_rates(self, step: int, opt_ae: Any, opt_d: Any | None) -> None:
         cfg = self.optim_config
         total_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        timer = self._training_timer() if cfg.decay_by_time else None
         time_fraction = None
-        if cfg.decay_by_time:
-            timer = self._training_timer()
+        if timer is not None:
             elapsed = timer.time_elapsed()
             time_fraction = elapsed / (elapsed + timer.time_remaining())
         factor = lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.decay, cfg.min_lr_ratio, time_fraction)
