@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
+from varlib.cli.scaling import fit_sweep
 from varlib.evaluation import (
     SCALING_RECORD_FILENAME,
     ScalingRecord,
@@ -36,6 +38,20 @@ def test_fit_recovers_exact_power_law_decreasing_and_increasing():
 
     rising = fit_power_law(x, power_law(x, 0.5, 4.0))
     assert (rising.alpha, rising.beta, rising.r) == pytest.approx((0.5, 4.0, 1.0), rel=1e-9)
+
+
+def test_nearly_flat_fit_keeps_beta_in_log_space_and_stays_usable():
+    # log10 y = alpha (log10 beta + log10 x) with alpha -1e-4 and y ~ 4.6: log10 beta ~ -6600, far below 1e-308.
+    x = np.geomspace(1e5, 1e7, 5)
+    alpha, log10_beta = -1e-4, -6600.0
+    y = 10.0 ** (alpha * (log10_beta + np.log10(x)))
+    fit = fit_power_law(x, y)
+    assert fit.log10_beta == pytest.approx(log10_beta, rel=1e-9)
+    assert fit.beta == 0.0
+    np.testing.assert_allclose(fit.predict(x), y, rtol=1e-9)
+    assert fit.describe("N") == "$(1.00\\cdot10^{-6600}\\,N)^{-0.0001}$, r=-1.000"
+    rising = fit_power_law(x, 10.0 ** (1e-4 * (6600.0 + np.log10(x))))
+    assert rising.beta == math.inf and rising.log10_beta == pytest.approx(6600.0, rel=1e-9)
 
 
 def test_fit_on_noisy_data_has_correlation_below_one():
@@ -169,3 +185,17 @@ def test_plots_write_png_with_fit_in_legend(tmp_path):
     for name in ("vs_params.png", "plots/vs_compute.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_fit_sweep_writes_strict_json_fits_and_plots(tmp_path):
+    for depth in (2, 4, 6, 8):
+        write_scaling_record(tmp_path / "sweep" / f"d{depth}" / SCALING_RECORD_FILENAME,
+                             make_record(f"d{depth}", depth, 1e6 * depth**3, 1 + 1 / depth))
+    fits = fit_sweep([tmp_path / "sweep"], tmp_path / "out")
+    stored = json.loads((tmp_path / "out" / "fits.json").read_text(), parse_constant=pytest.fail)
+    assert len(fits) == 8 and all(stored["fits"][name] == pytest.approx(fit) for name, fit in fits.items())
+    runs = load_runs(tmp_path / "sweep")
+    direct = fit_power_law([run.params for run in runs], [run.final("loss_last") for run in runs])
+    assert fits["N/loss_last"] == pytest.approx(
+        {"alpha": direct.alpha, "beta": direct.beta, "log10_beta": direct.log10_beta, "r": direct.r})
+    assert len(list((tmp_path / "out").glob("scaling_*.png"))) == 8

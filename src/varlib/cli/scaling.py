@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,8 @@ from varlib.evaluation.scaling import (
 
 
 def fit_sweep(sources: Sequence[str | Path], out_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Fits every metric against N and C; returns {"N/loss_last": {alpha, beta, r}, ...} and writes plots."""
+    """Fits every metric against N and C; returns {"N/loss_last": {alpha, beta, log10_beta, r}, ...} and writes
+    plots. beta is None when a nearly flat trend puts it outside the float range; log10_beta is always given."""
     runs = load_runs(list(sources), skip_invalid=True)
     if len(runs) < 2:
         raise ValueError(f"a scaling fit needs at least 2 runs with scaling_record.json, found {len(runs)} in {list(sources)}")
@@ -34,8 +36,9 @@ def fit_sweep(sources: Sequence[str | Path], out_dir: str | Path | None = None) 
     for metric in METRICS:
         by_params = fit_power_law([run.params for run in runs], [run.final(metric) for run in runs])
         by_compute = fit_compute_frontier(runs, metric).fit
-        fits[f"N/{metric}"] = {"alpha": by_params.alpha, "beta": by_params.beta, "r": by_params.r}
-        fits[f"C/{metric}"] = {"alpha": by_compute.alpha, "beta": by_compute.beta, "r": by_compute.r}
+        for variable, fit in (("N", by_params), ("C", by_compute)):
+            beta = fit.beta if 0.0 < fit.beta < math.inf else None
+            fits[f"{variable}/{metric}"] = {"alpha": fit.alpha, "beta": beta, "log10_beta": fit.log10_beta, "r": fit.r}
         if out_dir is not None:
             plot_scaling_vs_params(runs, metric, Path(out_dir) / f"scaling_N_{metric}.png")
             plot_scaling_vs_compute(runs, metric, Path(out_dir) / f"scaling_C_{metric}.png")
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fits = fit_sweep(args.sources, args.out)
     for name, fit in fits.items():
-        print(f"{name:14s} alpha={fit['alpha']:+.4f} beta={fit['beta']:.4g} r={fit['r']:+.4f}")
+        print(f"{name:14s} alpha={fit['alpha']:+.4f} beta=10^{fit['log10_beta']:.2f} r={fit['r']:+.4f}")
 
 
 if __name__ == "__main__":

@@ -54,22 +54,33 @@ def _positive_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """L = (beta * X)^alpha, fitted in log-log space; r is the Pearson correlation of log X and log L."""
+    """L = (beta * X)^alpha, fitted in log-log space; r is the Pearson correlation of log X and log L.
+
+    beta is stored as ``log10_beta``: for a slope near 0 (a flat trend) beta = 10^(intercept / alpha) leaves
+    the float range, while predictions and the legend stay finite.
+    """
 
     alpha: float
-    beta: float
+    log10_beta: float
     r: float
     num_points: int
 
+    @property
+    def beta(self) -> float:
+        """10^log10_beta; inf or 0.0 when that is outside the float range."""
+        return math.inf if self.log10_beta > 308 else 10.0**self.log10_beta
+
     def predict(self, x: float | Sequence[float] | np.ndarray) -> np.ndarray:
         """(beta * x)^alpha for x > 0, same shape as x."""
-        return np.power(self.beta * np.asarray(x, dtype=np.float64), self.alpha)
+        return np.power(10.0, self.alpha * (self.log10_beta + np.log10(np.asarray(x, dtype=np.float64))))
 
     def describe(self, variable: str = "X") -> str:
         """A mathtext legend string, e.g. ``$(2.30\\cdot10^{-5}\\,N)^{-0.0713}$, r=-0.998``."""
-        mantissa, exponent = f"{self.beta:.2e}".split("e")
-        beta = f"{mantissa}\\cdot10^{{{int(exponent)}}}"
-        return f"$({beta}\\,{variable})^{{{self.alpha:.4f}}}$, r={self.r:.3f}"
+        exponent = math.floor(self.log10_beta)
+        mantissa = f"{10.0 ** (self.log10_beta - exponent):.2f}"
+        if mantissa == "10.00":
+            mantissa, exponent = "1.00", exponent + 1
+        return f"$({mantissa}\\cdot10^{{{exponent}}}\\,{variable})^{{{self.alpha:.4f}}}$, r={self.r:.3f}"
 
 
 def fit_power_law(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> PowerLawFit:
@@ -90,7 +101,8 @@ def fit_power_law(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarr
         raise ValueError("the fitted slope is 0: y does not vary with x, so it is not a power law (beta x)^alpha")
     log_intercept = log_y.mean() - alpha * log_x.mean()
     r = float(centered_x @ centered_y / math.sqrt((centered_x @ centered_x) * (centered_y @ centered_y)))
-    return PowerLawFit(alpha=alpha, beta=float(np.exp(log_intercept / alpha)), r=r, num_points=int(x.size))
+    log10_beta = float(log_intercept / alpha / math.log(10.0))
+    return PowerLawFit(alpha=alpha, log10_beta=log10_beta, r=r, num_points=int(x.size))
 
 
 def pareto_frontier(compute: Sequence[float] | np.ndarray, loss: Sequence[float] | np.ndarray) -> np.ndarray:
