@@ -68,7 +68,10 @@ class PowerLawFit:
     @property
     def beta(self) -> float:
         """10^log10_beta; inf or 0.0 when that is outside the float range."""
-        return math.inf if self.log10_beta > 308 else 10.0**self.log10_beta
+        try:
+            return 10.0**self.log10_beta
+        except OverflowError:
+            return math.inf
 
     def predict(self, x: float | Sequence[float] | np.ndarray) -> np.ndarray:
         """(beta * x)^alpha for x > 0, same shape as x."""
