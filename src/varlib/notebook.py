@@ -28,7 +28,7 @@ PROJECT_DIR_VARIABLE = "VARLIB_PROJECT_DIR"
 
 # Overrides shared by every tiny run: CSV metrics (no TensorBoard events), no sanity pass, no wall-clock limit.
 TINY_RUN = ("logger=csv", "trainer.num_sanity_val_steps=0", "trainer.max_time=null")
-# A 32 px tokenizer (ch 32-32-64, 8x8 latent, 6 scales) with a small codebook.
+# A 32 px tokenizer (the quickstart's ch 24-24-48 CNN, 8x8 latent, 6 scales) with a small codebook.
 TINY_TOKENIZER = (
     "data.image_size=32", "data.batch_size=16",
     "model.vae.vocab_size=256", "model.vae.ch_mult=[1,1,2]", "model.vae.patch_nums=[1,2,3,4,6,8]",
