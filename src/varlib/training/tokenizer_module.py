@@ -218,7 +218,8 @@ class TokenizerModule(L.LightningModule):
         time_fraction = None
         if timer is not None:
             elapsed = timer.time_elapsed()
-            time_fraction = elapsed / (elapsed + timer.time_remaining())
+            # Rank 0's clock for every process: DDP replicas must step with one learning rate to stay equal.
+            time_fraction = self.trainer.strategy.broadcast(elapsed / (elapsed + timer.time_remaining()), src=0)
         factor = lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.decay, cfg.min_lr_ratio, time_fraction)
         disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr
         for optimizer, base_lr in ((opt_ae, cfg.lr), (opt_d, disc_lr)):
