@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.varlib-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -13,6 +13,10 @@ setup: $(STAMP)
 ## the whole suite; tests marked slow (subprocess training, notebooks) take a few minutes each on CPU
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m varlib.cli.demo
