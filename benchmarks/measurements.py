@@ -21,6 +21,7 @@ VAR's block-causal mask: a token of scale k attends to every token of scales 0..
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import statistics
@@ -118,7 +119,13 @@ def _peak_rss_bytes() -> int:
 
 
 def _reset_peak_rss() -> bool:
-    """Resets the process's peak RSS (Linux: VmHWM, via /proc/self/clear_refs); False where impossible."""
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``), so that memory an earlier measurement
+    freed is not silently reused, then resets the peak RSS (Linux: VmHWM, via /proc/self/clear_refs).
+    False where the peak cannot be reset."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
@@ -229,7 +236,7 @@ def measure_sampling(
     return [{"sampling_images_per_s": labels_B.shape[0] / s, "sampling_latency_s": s} for s in medians]
 
 
-def _training_step(contender: Contender, labels_B: torch.Tensor, x_BLCv: torch.Tensor, targets_BL: torch.Tensor,
+def training_step(contender: Contender, labels_B: torch.Tensor, x_BLCv: torch.Tensor, targets_BL: torch.Tensor,
                    run: RunSettings) -> Callable[[], None]:
     """forward + cross-entropy + backward + AdamW step (with its own optimizer) as a closure."""
     params = [p for p in contender.transformer.parameters() if p.requires_grad]
@@ -263,7 +270,7 @@ def measure_training(
     steps = []
     for contender in contenders:
         contender.transformer.train()
-        steps.append(_training_step(contender, labels_B, x_BLCv, targets_BL, run))
+        steps.append(training_step(contender, labels_B, x_BLCv, targets_BL, run))
     memory = []
     for step in steps:
         with PeakMemory(run.device) as peak:

@@ -284,6 +284,7 @@ class VAR(nn.Module):
         seed: int | None = None,
         more_smooth: bool = False,
         batch_size: int | None = None,
+        compile: bool | str = False,
     ) -> torch.Tensor:
         """Class-conditional sampling (KV cache, guidance ramp, top-k/top-p).
 
@@ -293,11 +294,12 @@ class VAR(nn.Module):
             cfg: guidance strength at the last scale; scale k uses t = cfg * k/(K-1).
             top_k, top_p: 0 disables either filter. seed: seeds a private ``torch.Generator``.
             more_smooth: Gumbel-softmax smoothing of the code embeddings (visual quality, not for FID).
+            compile: compile each scale's transformer step (see :func:`varlib.models.sampling.sample_token_maps`).
         Returns:
             (B,3,H,W) images in [0,1].
         """
         out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
-                                   more_smooth=more_smooth, batch_size=batch_size)
+                                   more_smooth=more_smooth, batch_size=batch_size, compile=compile)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
