@@ -21,6 +21,7 @@ VAR's block-causal mask: a token of scale k attends to every token of scales 0..
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import statistics
@@ -117,12 +118,45 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def _reset_peak_rss() -> bool:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``), so that memory an earlier measurement
+    freed is not silently reused, then resets the peak RSS (Linux: VmHWM, via /proc/self/clear_refs).
+    False where the peak cannot be reset."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_rss_bytes() -> int | None:
+    """The peak RSS since the last reset (Linux VmHWM), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def exact_peak_memory(device: torch.device) -> bool:
+    """Whether :class:`PeakMemory` measures each block's own peak on ``device`` (CUDA; CPU on Linux)."""
+    return device.type == "cuda" or (_reset_peak_rss() and _hwm_rss_bytes() is not None)
+
+
 class PeakMemory:
     """Measures how far memory rose above its level at entry, while the ``with`` block ran.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes at entry (exact). CPU: the process
-    peak RSS minus the RSS at entry, known only when the block set a new process peak (else None), and a
-    lower bound since the allocator may reuse memory it has not returned to the OS. ``increase_bytes`` is
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes at entry (exact). CPU on Linux: the
+    peak RSS is reset at entry (``/proc/self/clear_refs``), so the peak RSS at exit minus the RSS at entry
+    is this block's own rise, whatever ran before (``exact`` is True). Elsewhere on CPU: the process peak
+    minus the RSS at entry, known only when the block set a new process peak (else None). Either CPU figure
+    is a lower bound when the allocator reuses memory it has not returned to the OS. ``increase_bytes`` is
     set on exit.
     """
 
@@ -136,6 +170,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            self.exact = exact_peak_memory(self.device)
             self._base = _current_rss_bytes()
             self._peak_before = _peak_rss_bytes()
         return self
@@ -144,6 +179,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             synchronize(self.device)
             self.increase_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self.exact and self._base is not None:
+            self.increase_bytes = _hwm_rss_bytes() - self._base
         else:
             peak = _peak_rss_bytes()
             new_peak = self._base is not None and peak > self._peak_before
@@ -199,7 +236,7 @@ def measure_sampling(
     return [{"sampling_images_per_s": labels_B.shape[0] / s, "sampling_latency_s": s} for s in medians]
 
 
-def _training_step(contender: Contender, labels_B: torch.Tensor, x_BLCv: torch.Tensor, targets_BL: torch.Tensor,
+def training_step(contender: Contender, labels_B: torch.Tensor, x_BLCv: torch.Tensor, targets_BL: torch.Tensor,
                    run: RunSettings) -> Callable[[], None]:
     """forward + cross-entropy + backward + AdamW step (with its own optimizer) as a closure."""
     params = [p for p in contender.transformer.parameters() if p.requires_grad]
@@ -233,7 +270,7 @@ def measure_training(
     steps = []
     for contender in contenders:
         contender.transformer.train()
-        steps.append(_training_step(contender, labels_B, x_BLCv, targets_BL, run))
+        steps.append(training_step(contender, labels_B, x_BLCv, targets_BL, run))
     memory = []
     for step in steps:
         with PeakMemory(run.device) as peak:

@@ -42,6 +42,7 @@ from measurements import (
     Contender,
     RunSettings,
     default_peak_tflops,
+    exact_peak_memory,
     measure_sampling,
     measure_tokenizer,
     measure_training,
@@ -57,6 +58,7 @@ from official_runner import (
     official_contender,
 )
 from varlib import VAR, MultiScaleVQVAE, load_official_var, load_official_vqvae
+from varlib.models.attention import ATTN_IMPLS
 from varlib.models.schedules import PRESETS, sequence_length, validate_patch_nums
 
 MEASUREMENTS = ("sampling", "train", "tokenizer")
@@ -86,6 +88,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="bf16 runs under autocast (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--depth", type=int, default=16, help="VAR depth (width 64*depth); ignored with --var-ckpt")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--attn-impl", choices=ATTN_IMPLS, default="auto",
+                        help="varlib's teacher-forced attention (auto: flex on CUDA, prefix on CPU; dense = reference)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="varlib recomputes each block in the backward (the official code cannot)")
     parser.add_argument("--batch", type=int, default=8, help="images per sampling / tokenizer batch")
     parser.add_argument("--train-batch", type=int, default=32, help="sequences per training step")
     parser.add_argument("--resolution", type=int, choices=(256, 512), default=256, help="patch schedule preset")
@@ -154,6 +160,7 @@ def build_models(args: argparse.Namespace) -> tuple[MultiScaleVQVAE, VAR]:
             var = load_official_var(args.var_ckpt, vae)
         else:
             var = VAR(vae, depth=args.depth, num_classes=args.num_classes)
+    var.attn_impl, var.activation_checkpointing = args.attn_impl, args.activation_checkpointing
     if var.patch_nums != vae.patch_nums:
         raise ValueError(f"the VAR checkpoint's schedule {var.patch_nums} is not the tokenizer's {vae.patch_nums}; "
                          f"pass the matching --resolution or --patch-nums")
@@ -211,11 +218,11 @@ def run_measurements(
 def ratios(ours: dict[str, float | None], theirs: dict[str, float | None], device: torch.device) -> dict[str, float]:
     """varlib / official for every figure both have (> 1: varlib's figure is larger).
 
-    Memory is compared on CUDA only: on CPU the peak-RSS increases of two runs in one process depend on
-    which ran first.
+    Memory is compared only where each run's own peak is measured (CUDA, CPU on Linux): otherwise the
+    peak-RSS increases of two runs in one process depend on which ran first.
     """
     comparable = [k for k in ours if ours[k] is not None and theirs.get(k) not in (None, 0)]
-    return {k: ours[k] / theirs[k] for k in comparable if device.type == "cuda" or k != "train_peak_mem_mib"}
+    return {k: ours[k] / theirs[k] for k in comparable if exact_peak_memory(device) or k != "train_peak_mem_mib"}
 
 
 def _show(key: str, value: float | None) -> str:
@@ -232,6 +239,7 @@ def format_report(result: dict) -> str:
         f"VAR depth {s['depth']} (C={s['width']}, {s['params'] / 1e6:.1f}M params), {s['resolution']}px, "
         f"L={s['L']}, L_eff={s['L_eff']:.1f}, tokenizer ch={s['vae_ch']}; batch {s['batch']}, train batch "
         f"{s['train_batch']}; median of {s['steps']} after {s['warmup']} warm-up",
+        f"varlib attention {s['attn_impl']}, activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}",
     ]
     official, rat = result.get("official"), result.get("ratios", {})
     header = f"{'figure':<22}{'varlib':>12}" + (f"{'official':>12}{'varlib/off.':>13}" if official else "")
@@ -269,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "resolution": vae.image_size, "patch_nums": list(var.patch_nums), "L": sequence_length(var.patch_nums),
         "L_eff": visible_keys_per_query(var.patch_nums), "vae_ch": vae.config["ch"], "batch": args.batch,
         "train_batch": args.train_batch, "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops,
-        "sampler": SAMPLER,
+        "sampler": SAMPLER, "attn_impl": args.attn_impl, "activation_checkpointing": args.activation_checkpointing,
     }}
 
     contenders = [varlib_contender(vae, var)]

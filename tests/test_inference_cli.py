@@ -22,7 +22,7 @@ from torch import nn
 
 import varlib
 from varlib.cli import edit, evaluate, sample, tokenize
-from varlib.cli.common import parse_label, parse_labels, run_or_exit
+from varlib.cli.common import inference_precision, parse_label, parse_labels, resolve_precision, run_or_exit
 from varlib.data import ImageTransform
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset, read_index
 from varlib.evaluation import (
@@ -483,3 +483,36 @@ def test_tokenize_config_errors_exit_2(tiny, tmp_path, caplog):
         assert message in caplog.text, caplog.text
     assert sorted(os.listdir(tmp_path)) == ["existing"]
     assert os.listdir(existing) == ["index.json"]
+
+
+def test_inference_precision_autocasts_bf16_with_tf32_and_restores():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("auto", cuda) == "bf16"
+    before = torch.get_float32_matmul_precision()
+    with inference_precision("bf16", cpu) as resolved:
+        assert resolved == "bf16" and torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.get_float32_matmul_precision() == "high"
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu") and torch.get_float32_matmul_precision() == before
+    with inference_precision("auto", cpu) as resolved:
+        assert resolved == "fp32" and not torch.is_autocast_enabled("cpu")
+
+
+def test_precision_option_of_the_inference_tools(tiny, tmp_path, caplog):
+    var, path = tiny
+    overrides = [f"checkpoint={path}", "labels=[0,1]", "seed=5", "top_k=20", "device=cpu"]
+    bf16 = sample.run(compose_config("sample", overrides + ["precision=bf16", f"out_dir={tmp_path / 'bf16'}"]))
+    images = np.stack([read_png(p) for p in bf16.image_paths])
+    assert images.shape == (2, SIDE, SIDE, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the option is exactly bf16 autocast
+        expected = to_uint8_nhwc(var.generate([0, 1], cfg=1.5, top_k=20, top_p=0.96, seed=5).float())
+    np.testing.assert_array_equal(images, expected)
+    for tool, name in ((sample, "sample"), (tokenize, "tokenize")):
+        caplog.clear()
+        source = f"checkpoint={path}" if name == "sample" else f"tokenizer={path}"
+        with pytest.raises(SystemExit) as exit_info:
+            run_or_exit(tool.run, compose_config(name, [source, "device=cpu", "precision=fp16",
+                                                        f"out_dir={tmp_path / 'bad'}"]))
+        assert exit_info.value.code == 2
+        assert "precision must be one of ('auto', 'fp32', 'bf16'), got 'fp16'" in caplog.text
+    assert not (tmp_path / "bad").exists()

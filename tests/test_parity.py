@@ -1,5 +1,6 @@
 """Parity with the official implementation on the tiny bundles (tolerances from the bundles' README)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,10 +68,11 @@ def test_logits_and_loss(tiny_models):
         torch.testing.assert_close(ce_BL[:, sl[0]:sl[1]].mean(), torch.tensor(ref["per_scale_ce"][k]), rtol=1e-5, atol=0)
 
 
-def _sample(var, run, constraint=None):
+def _sample(var, run, constraint=None, compile=False):
     kw = run["kwargs"]
     return var.generate_tokens(torch.tensor(kw["label_B"]), cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"],
-                               seed=kw["g_seed"], more_smooth=kw["more_smooth"], constraint=constraint)
+                               seed=kw["g_seed"], more_smooth=kw["more_smooth"], constraint=constraint,
+                               compile=compile)
 
 
 def test_greedy_samples_with_and_without_guidance(tiny_models):
@@ -84,10 +86,12 @@ def test_greedy_samples_with_and_without_guidance(tiny_models):
         torch.testing.assert_close(as_stored(b, img), run["img_01"], atol=1e-4, rtol=0)
 
 
-def test_seeded_top_k_top_p_sample_is_token_exact(tiny_models):
+@pytest.mark.parametrize("compile", [False, "eager"])
+def test_seeded_top_k_top_p_sample_is_token_exact(tiny_models, compile):
+    """Also with every scale's step traced by torch.compile as one graph (fullgraph: no break allowed)."""
     _, var, b = tiny_models
     run = b["sampling"]["sample_seed0_cfg1p5_k50_p0p9"]
-    assert_tokens_equal(_sample(var, run).tokens, run["idx_Bl"])
+    assert_tokens_equal(_sample(var, run, compile=compile).tokens, run["idx_Bl"])
 
 
 def test_guided_logits_of_first_scales(tiny_models):

@@ -99,11 +99,12 @@ def test_invalid_configuration_fails_before_training(tiny_cache, override, messa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
-def test_two_process_training_exports_one_loadable_model(tiny_cache, trainer):
-    out = f"dist_{trainer}"
+@pytest.mark.parametrize("trainer,checkpointing", [("ddp", False), ("fsdp2", False), ("ddp", True), ("fsdp2", True)])
+def test_two_process_training_exports_one_loadable_model(tiny_cache, trainer, checkpointing):
+    out = f"dist_{trainer}_{checkpointing}"
     result = train(tiny_cache, out, f"trainer={trainer}", "trainer.devices=2", "trainer.accelerator=cpu",
-                   "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.model_checkpoint=null")
+                   "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.model_checkpoint=null",
+                   f"model.activation_checkpointing={checkpointing}")
     assert result.returncode == 0, result.stderr[-3000:]
     var = varlib.load(tiny_cache / out / "model.safetensors")
     assert isinstance(var, varlib.VAR) and var.depth == 2

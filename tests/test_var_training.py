@@ -140,6 +140,14 @@ def test_token_cache_round_trip_and_training(tmp_path):
     fit(module, cache, tmp_path, steps=3, limit_val_batches=1)
 
 
+def test_module_passes_runtime_options_to_the_transformer():
+    module = VARModule(var={**TINY_VAR, "attn_impl": "dense"}, vae=tiny_vae(), activation_checkpointing=True)
+    assert module.var.activation_checkpointing and module.var.attn_impl == "dense"
+    assert "attn_impl" not in module.var.config  # runtime settings are not saved with the weights
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        VARModule(var={**TINY_VAR, "attn_impl": "sparse"}, vae=tiny_vae())
+
+
 def test_bad_configuration_fails_early(tmp_path):
     with pytest.raises(ValueError, match="depth must be >= 1"):
         VARModule(var={**TINY_VAR, "depth": 0}, vae=tiny_vae())

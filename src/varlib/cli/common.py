@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 # Exit status for bad input or configuration (2, as argparse uses for usage errors).
 USAGE_ERROR = 2
+#: The ``precision`` settings of the inference tools.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -64,6 +67,33 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} was requested but CUDA is not available (use device=cpu or auto)")
     return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA, fp32 elsewhere; 'fp32' and 'bf16' as given."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+@contextmanager
+def inference_precision(name: str, device: torch.device) -> Iterator[str]:
+    """Runs the block in the resolved precision (yielded): fp32 as is; bf16 under bf16 autocast with TF32
+    for the matrix multiplies autocast leaves in fp32 (restored afterwards). The tokenizer's nearest-code
+    search always runs in fp32."""
+    resolved = resolve_precision(name, device)
+    if resolved == "fp32":
+        yield resolved
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield resolved
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _is_varlib_file(path: Path) -> bool:
@@ -188,15 +218,20 @@ def check_sampling_options(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
 
 
 def generate_in_batches(
-    var: VAR, labels: Sequence[int], batch_size: int, seed: int, options: dict[str, Any], desc: str = "sampling"
+    var: VAR, labels: Sequence[int], batch_size: int, seed: int, options: dict[str, Any], desc: str = "sampling",
+    precision: str = "fp32",
 ) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """Yields ``(images (b,3,H,W) in [0,1] on the CPU, their labels)`` for consecutive chunks of ``labels``.
 
     Batch i is sampled with seed ``seed + i``, so a run is reproducible for a fixed batch_size (images
-    depend on how labels are grouped, because a batch shares one random stream).
+    depend on how labels are grouped, because a batch shares one random stream). Only the sampling runs
+    in ``precision`` (see :func:`inference_precision`), not what the caller does with the images.
     """
     check_int_at_least("batch_size", batch_size, 1)
+    device = var.class_emb.weight.device
     starts = range(0, len(labels), batch_size)
     for index, start in enumerate(tqdm(starts, desc=desc, unit="batch")):
         chunk = list(labels[start:start + batch_size])
-        yield var.generate(chunk, seed=seed + index, **options).cpu(), chunk
+        with inference_precision(precision, device):
+            images = var.generate(chunk, seed=seed + index, **options).float().cpu()
+        yield images, chunk

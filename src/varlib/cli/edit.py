@@ -29,10 +29,12 @@ from PIL import Image
 from varlib.cli.common import (
     CONFIG_DIR,
     check_sampling_options,
+    inference_precision,
     load_var_model,
     model_resolution,
     parse_label,
     resolve_device,
+    resolve_precision,
     run_or_exit,
 )
 from varlib.data import ImageTransform, decode_rgb_image
@@ -107,6 +109,7 @@ def run(cfg: DictConfig) -> EditResult:
     image = read_image(cfg.image, "image")
     mask = None if cfg.mask is None else read_image(cfg.mask, "mask")
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     var = load_var_model(cfg, device)
     label = parse_label(cfg.label, var.num_classes)
     options = check_sampling_options(cfg, var.vocab_size)
@@ -126,8 +129,9 @@ def run(cfg: DictConfig) -> EditResult:
         )
 
     image_13HW = transform(image).unsqueeze(0).to(device)
-    edited_13HW = var.edit(image_13HW, keep_HW.to(device), [label], seed=cfg.seed, **options)
-    path = save_png(edited_13HW[0].cpu(), cfg.out)
+    with inference_precision(cfg.precision, device):
+        edited_13HW = var.edit(image_13HW, keep_HW.to(device), [label], seed=cfg.seed, **options)
+    path = save_png(edited_13HW[0].float().cpu(), cfg.out)
     logger.info("wrote %s (%d of %d tokens regenerated)", path, int(regenerated.sum()), side * side)
     return EditResult(path=path, keep_mask=keep_HW)
 

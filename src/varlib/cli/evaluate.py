@@ -38,6 +38,7 @@ from varlib.cli.common import (
     model_resolution,
     parse_labels,
     resolve_device,
+    resolve_precision,
     run_or_exit,
 )
 from varlib.data.base import check_int_at_least
@@ -169,6 +170,7 @@ def check_counts(num_fake: int, num_is_splits: int, pr_k: int) -> None:
 def run(cfg: DictConfig) -> EvaluationResult:
     """Generates, writes the shuffled ``.npz`` and ``metrics_json``, and returns both (see module docstring)."""
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     var = load_var_model(cfg, device)
     num_classes = var.num_classes if cfg.num_classes is None else cfg.num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= var.num_classes:
@@ -186,7 +188,8 @@ def run(cfg: DictConfig) -> EvaluationResult:
         check_counts(len(labels), cfg.num_is_splits, cfg.pr_k)
         fakes = FeatureCollector(extractor, device)
     with AdmNpzWriter(cfg.npz, len(labels), resolution, resolution, seed=cfg.seed) as writer:
-        for images_BCHW, _ in generate_in_batches(var, labels, cfg.batch_size, cfg.seed, options, desc="generating"):
+        for images_BCHW, _ in generate_in_batches(var, labels, cfg.batch_size, cfg.seed, options, desc="generating",
+                                                  precision=cfg.precision):
             images_uint8_BCHW = unit_float_to_uint8(images_BCHW)
             writer.add(images_uint8_BCHW)
             if fakes is not None:

@@ -22,6 +22,7 @@ from varlib.cli.common import (
     load_var_model,
     parse_labels,
     resolve_device,
+    resolve_precision,
     run_or_exit,
 )
 from varlib.images import image_grid, save_png
@@ -42,6 +43,7 @@ class SampleResult:
 def run(cfg: DictConfig) -> SampleResult:
     """Samples the configured labels batch by batch and writes the PNGs (see the module docstring)."""
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     var = load_var_model(cfg, device)
     labels = parse_labels(cfg.labels, var.num_classes, cfg.per_class)
     options = check_sampling_options(cfg, var.vocab_size)
@@ -49,7 +51,8 @@ def run(cfg: DictConfig) -> SampleResult:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     images, paths = [], []
-    for images_BCHW, batch_labels in generate_in_batches(var, labels, cfg.batch_size, cfg.seed, options):
+    for images_BCHW, batch_labels in generate_in_batches(var, labels, cfg.batch_size, cfg.seed, options,
+                                                          precision=cfg.precision):
         for image, label in zip(images_BCHW, batch_labels):
             paths.append(save_png(image, out_dir / f"{len(paths):05d}_class{label}.png"))
         images.append(images_BCHW)

@@ -17,7 +17,15 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from varlib.cli.common import CONFIG_DIR, instantiate_config, load_tokenizer, resolve_device, run_or_exit
+from varlib.cli.common import (
+    CONFIG_DIR,
+    inference_precision,
+    instantiate_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_precision,
+    run_or_exit,
+)
 from varlib.data import ImageDataModule, ImageTransform, WebDatasetDataModule
 from varlib.data.base import check_int_at_least
 from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
@@ -75,6 +83,7 @@ def run(cfg: DictConfig) -> TokenizeResult:
         raise ValueError(f"splits must be distinct names among {list(SPLITS)}, got {splits}")
     check_int_at_least("shard_size", cfg.shard_size, 1)
     device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     requested = None if cfg.patch_nums is None else validate_patch_nums(list(cfg.patch_nums))
     vae, patch_nums = load_tokenizer(cfg.tokenizer, device, requested)
     resolution = patch_nums[-1] * vae.downsample
@@ -93,8 +102,9 @@ def run(cfg: DictConfig) -> TokenizeResult:
     counts = {}
     for split in splits:
         loader = deterministic_loader(datamodule, split, resolution)
-        counts[split] = tokenize_to_cache(vae, loader, cfg.out_dir, split, datamodule.num_classes, patch_nums,
-                                          with_flip=cfg.with_flip, shard_size=cfg.shard_size)
+        with inference_precision(cfg.precision, device):
+            counts[split] = tokenize_to_cache(vae, loader, cfg.out_dir, split, datamodule.num_classes, patch_nums,
+                                              with_flip=cfg.with_flip, shard_size=cfg.shard_size)
         logger.info("%s: %d images tokenised", split, counts[split])
     if datamodule.skipped:
         logger.warning("%d unreadable images were skipped", datamodule.skipped)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varlib.models.attention import BlockCausalAttention
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample with probability ``p`` in training."""
@@ -76,10 +78,10 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(
-        self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, x_BLC: torch.Tensor, attention: BlockCausalAttention | None = None, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
-        """(B,L,C) -> (B,L,C). ``attn_mask`` is an additive or boolean (L,L)-broadcastable mask; with a
-        ``kv_cache`` the queries attend to every cached key (no mask: all cached tokens are coarser scales)."""
+        """(B,L,C) -> (B,L,C). ``attention`` is the teacher-forced block-causal attention; without it the
+        queries attend to every key (with a ``kv_cache``: every cached key, all of coarser scales)."""
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -89,9 +91,11 @@ class SelfAttention(nn.Module):
             k = F.normalize(k, dim=-1)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        if attention is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        else:
+            out = attention(q, k, v, self.scale, dropout_p)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -144,7 +148,11 @@ class AdaLNSelfAttn(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
 
     def forward(
-        self, x_BLC: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self,
+        x_BLC: torch.Tensor,
+        cond: torch.Tensor,
+        attention: BlockCausalAttention | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x (B,L,C); cond is the class embedding (B,D), or with shared AdaLN the mapped (B,1,6,C)."""
         if self.shared_aln:
@@ -153,7 +161,7 @@ class AdaLNSelfAttn(nn.Module):
             mods = self.ada_lin(cond).view(-1, 1, 6, self.width).unbind(2)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
         h = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_mask=attn_mask, kv_cache=kv_cache).mul_(gamma1))
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attention=attention, kv_cache=kv_cache).mul_(gamma1))
         h = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
         return x_BLC + self.drop_path(self.ffn(h).mul(gamma2))
 

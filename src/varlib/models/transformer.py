@@ -10,7 +10,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
+from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
 from varlib.models.sampling import SampleOutput, TokenConstraint, sample_token_maps
@@ -30,7 +32,8 @@ class VAR(nn.Module):
 
     The class embedding is both the start token (scale 0's input) and the AdaLN condition; class
     ``num_classes`` is the null class used for classifier-free guidance and label dropout. Training uses a
-    block-causal mask (a token sees every token of its own and coarser scales); inference uses a KV cache.
+    block-causal mask (a token sees every token of its own and coarser scales), computed by one of the exact
+    implementations of :mod:`varlib.models.attention`; inference uses a KV cache.
 
     The tokenizer is held by reference, not as a submodule, so the state dict matches the official one;
     device and dtype moves (``.to``, ``.cuda``) are applied to it as well.
@@ -42,6 +45,11 @@ class VAR(nn.Module):
         patch_nums: the token-map schedule (default: the tokenizer's).
         shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px model).
         cond_drop_rate: label dropout probability in training mode (never applied in eval mode).
+        attn_impl: teacher-forced attention, ``auto`` (the fastest exact one for the device: FlexAttention on
+            CUDA, per-scale key prefixes elsewhere), ``dense`` (the masked reference), ``prefix`` or ``flex``;
+            see :mod:`varlib.models.attention`. A runtime setting, not saved with the weights.
+        activation_checkpointing: recompute each block's activations in the backward pass instead of
+            storing them (training with gradients only); also a runtime setting.
         init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
     """
 
@@ -66,6 +74,8 @@ class VAR(nn.Module):
         init_adaln_gamma: float = 1e-5,
         init_head: float = 0.02,
         init_std: float = -1.0,
+        attn_impl: str = "auto",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         shape = depth_scaled_shape(depth)
@@ -115,6 +125,8 @@ class VAR(nn.Module):
         mask = torch.zeros(self.L, self.L).masked_fill_(~visible, float("-inf"))
         self.register_buffer("attn_bias_for_masking", mask.view(1, 1, self.L, self.L))
         self.init_weights(init_adaln, init_adaln_gamma, init_head, init_std)
+        self.attn_impl = attn_impl
+        self.activation_checkpointing = activation_checkpointing
 
     # -- the tokenizer is shared, not owned ------------------------------------------------------------
 
@@ -125,7 +137,32 @@ class VAR(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.vae._apply(fn, recurse)
+        self._attention_plans = {}  # they hold views of the moved mask buffers
         return self
+
+    # -- attention ---------------------------------------------------------------------------------
+
+    @property
+    def attn_impl(self) -> str:
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        resolve_attn_impl(impl, torch.device("cpu"))  # validates the name
+        self._attn_impl = impl
+        self._attention_plans: dict[tuple, BlockCausalAttention] = {}
+
+    def block_causal_attention(self, length: int) -> BlockCausalAttention:
+        """The attention of a teacher-forced forward over the first ``length`` tokens (built once per
+        length, device and implementation, e.g. FlexAttention's block mask)."""
+        device = self.attn_bias_for_masking.device
+        attn_dropout = self.training and any(block.attn.attn_drop > 0 for block in self.blocks)
+        impl = resolve_attn_impl(self._attn_impl, device, attn_dropout)
+        key = (length, impl, device)
+        if key not in self._attention_plans:
+            self._attention_plans[key] = BlockCausalAttention(
+                self.patch_nums, self.attn_bias_for_masking, self.lvl_1L[0], length, impl)
+        return self._attention_plans[key]
 
     # -- initialisation ------------------------------------------------------------------------------
 
@@ -209,10 +246,14 @@ class VAR(nn.Module):
             sos_B1C = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)
             x_BLC = torch.cat((sos_B1C, self.word_embed(x_BLCv.float())), dim=1)
             x_BLC = x_BLC + self.level_position_embedding()[:, :length]
-        attn_mask = self.attn_bias_for_masking[:, :, :length, :length]
+        attention = self.block_causal_attention(length)
         cond = self.adaln_condition(cond_BD)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BLC = block(x_BLC, cond, attn_mask=attn_mask)
+            if recompute:  # per block, so that it composes with FSDP2's per-block sharding
+                x_BLC = checkpoint(block, x_BLC, cond, attention, use_reentrant=False)
+            else:
+                x_BLC = block(x_BLC, cond, attention)
         return self.get_logits(x_BLC, cond_BD)
 
     def num_non_embedding_params(self) -> int:
@@ -243,6 +284,7 @@ class VAR(nn.Module):
         seed: int | None = None,
         more_smooth: bool = False,
         batch_size: int | None = None,
+        compile: bool | str = False,
     ) -> torch.Tensor:
         """Class-conditional sampling (KV cache, guidance ramp, top-k/top-p).
 
@@ -252,11 +294,12 @@ class VAR(nn.Module):
             cfg: guidance strength at the last scale; scale k uses t = cfg * k/(K-1).
             top_k, top_p: 0 disables either filter. seed: seeds a private ``torch.Generator``.
             more_smooth: Gumbel-softmax smoothing of the code embeddings (visual quality, not for FID).
+            compile: compile each scale's transformer step (see :func:`varlib.models.sampling.sample_token_maps`).
         Returns:
             (B,3,H,W) images in [0,1].
         """
         out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
-                                   more_smooth=more_smooth, batch_size=batch_size)
+                                   more_smooth=more_smooth, batch_size=batch_size, compile=compile)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()

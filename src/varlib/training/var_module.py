@@ -59,6 +59,8 @@ class VARModule(L.LightningModule):
         progressive_fraction, progressive_first: progressive training grows the trained scales from
             ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
         ema_decay: keep an EMA of the transformer used for validation and export (None = off).
+        activation_checkpointing: recompute each block's activations in the backward pass (less memory,
+            about one more forward of compute); per block, so it composes with DDP and FSDP2's per-block sharding.
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
             seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
     """
@@ -81,6 +83,7 @@ class VARModule(L.LightningModule):
         progressive_fraction: float = 0.0,
         progressive_first: int = 4,
         ema_decay: float | None = None,
+        activation_checkpointing: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -93,7 +96,7 @@ class VARModule(L.LightningModule):
             )
         self.save_hyperparameters(ignore=["vae"])
         self.vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
-        self.var = VAR(self.vae, **dict(var))
+        self.var = VAR(self.vae, **dict(var), activation_checkpointing=activation_checkpointing)
         self.slices = scale_slices(self.var.patch_nums)
         self.ema = ModelEMA(self.var, ema_decay) if ema_decay else None
         self.val_metrics: PerScaleAccumulator | None = None
