@@ -73,7 +73,8 @@ def test_cli_multirun_sweeps_two_learning_rates(tmp_path):
 
 @pytest.mark.slow
 def test_cli_ddp_with_two_cpu_processes_exports_once(tmp_path):
-    result = train(tmp_path, *QUICK, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+    result = train(tmp_path, *QUICK, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                   "trainer.strategy.find_unused_parameters=true")
     assert result.returncode == 0, result.stderr[-3000:]
     output_dir = tmp_path / "outputs" / "tokenizer_emoji"
     check_finished_run(output_dir, steps=2)

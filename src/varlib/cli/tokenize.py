@@ -17,7 +17,14 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from varlib.cli.common import CONFIG_DIR, instantiate_config, load_tokenizer, resolve_device, run_or_exit
+from varlib.cli.common import (
+    CONFIG_DIR,
+    datamodule_config,
+    instantiate_config,
+    load_tokenizer,
+    resolve_device,
+    run_or_exit,
+)
 from varlib.data import ImageDataModule, ImageTransform, WebDatasetDataModule
 from varlib.data.base import check_int_at_least
 from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
@@ -83,7 +90,7 @@ def run(cfg: DictConfig) -> TokenizeResult:
                          f"got {cfg.data.get('_target_')}")
     if cfg.data.image_size != resolution:
         logger.info("data.image_size=%s replaced by the tokenizer's resolution %d", cfg.data.image_size, resolution)
-    datamodule = instantiate_config(cfg.data, image_size=resolution)
+    datamodule = instantiate_config(datamodule_config(cfg.data), image_size=resolution)
     if not isinstance(datamodule, ImageDataModule):
         raise ValueError(f"data must build a varlib ImageDataModule, got {type(datamodule).__name__}")
     if datamodule.hflip:
