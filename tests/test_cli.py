@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import varlib
-from varlib.cli.train import resume_checkpoint
 
 # Two training steps of the emoji quickstart on small batches, validating one batch.
 QUICK = [
@@ -96,10 +95,3 @@ def test_cli_bad_config_fails_before_training(tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "outputs" / "tokenizer_emoji" / "checkpoints").exists()
-
-
-def test_resume_checkpoint_is_last_ckpt_only_when_resuming_and_present(tmp_path):
-    assert resume_checkpoint(tmp_path, resume=True) is None
-    (tmp_path / "last.ckpt").write_bytes(b"")
-    assert resume_checkpoint(tmp_path, resume=True) == tmp_path / "last.ckpt"
-    assert resume_checkpoint(tmp_path, resume=False) is None

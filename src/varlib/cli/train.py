@@ -25,7 +25,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint import FileSystemReader
 
 from varlib.cli.common import datamodule_config
@@ -117,6 +117,12 @@ def per_device_batch_size(global_batch_size: int, devices: int, num_nodes: int, 
             f"accumulate_grad_batches = {devices} x {num_nodes} x {accumulate_grad_batches} = {share}"
         )
     return global_batch_size // share
+
+
+# ${num_processes:${trainer.devices},${trainer.num_nodes},${trainer.accelerator}} in configs: the world size
+OmegaConf.register_new_resolver(
+    "num_processes", lambda devices, num_nodes, accelerator: device_count(devices, accelerator) * int(num_nodes),
+    replace=True)
 
 
 def apply_global_batch_size(cfg: DictConfig) -> None:

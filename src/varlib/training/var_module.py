@@ -193,7 +193,7 @@ class VARModule(L.LightningModule):
         if batch is None:
             return
         labels, targets_BL, x_BLCv = self.tokens_and_input(batch)
-        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
+        with self.ema_weights():
             logits = self.var(labels, x_BLCv)
         self.val_metrics.update(logits, targets_BL)
 
@@ -246,6 +246,14 @@ class VARModule(L.LightningModule):
 
     # -- whole weights: sampling, export and checkpoints ------------------------------------------------
 
+    def ema_weights(self):
+        """Context in which the transformer holds the EMA weights (nothing changes without EMA)."""
+        if self.ema is None:
+            return nullcontext()
+        if getattr(self, "_sharded", False):
+            self.var.reshard()  # FSDP2 keeps the root gathered after a forward without backward (validation)
+        return self.ema.swap(self.var)
+
     @contextmanager
     def full_weights(self) -> Iterator[VAR]:
         """The transformer with whole weights (the EMA's when enabled), in eval mode.
@@ -253,7 +261,7 @@ class VARModule(L.LightningModule):
         Unsharded, this is ``self.var`` itself; under FSDP2 it is a plain copy holding the gathered weights, so
         that any submodule can be called alone (sampling does). Collective when sharded: enter it on every rank.
         """
-        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
+        with self.ema_weights():
             if not getattr(self, "_sharded", False):
                 was_training = self.var.training
                 try:
@@ -261,6 +269,7 @@ class VARModule(L.LightningModule):
                 finally:
                     self.var.train(was_training)
                 return
+            self.var.reshard()
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.var.state_dict().items()}
         plain = VAR(self.vae, **dict(self.hparams.var)).to(self.device)
         plain.load_state_dict(state)
