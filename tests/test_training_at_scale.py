@@ -49,7 +49,7 @@ def test_two_node_experiment_sets_48_images_per_gpu_and_an_indivisible_batch_fai
     cfg = compose_train("experiment=var_d16_imagenet256_2x8")
     apply_global_batch_size(cfg)
     assert (cfg.data.batch_size, cfg.trainer.devices, cfg.trainer.num_nodes) == (48, 8, 2)
-    cfg = compose_train("experiment=var_d16_imagenet256_2x8", "+trainer.accumulate_grad_batches=2")
+    cfg = compose_train("experiment=var_d16_imagenet256_2x8", "trainer.accumulate_grad_batches=2")
     apply_global_batch_size(cfg)
     assert cfg.data.batch_size == 24
     cfg = compose_train("experiment=var_d16_imagenet256_2x8", "data.global_batch_size=100")
@@ -70,10 +70,11 @@ def test_fsdp_config_is_fsdp2_over_every_process():
 def test_ddp_config_neither_searches_unused_parameters_nor_broadcasts_buffers():
     strategy = compose_train("experiment=var_d16_imagenet256").trainer.strategy
     assert strategy.find_unused_parameters is False and strategy.broadcast_buffers is False
-    assert compose_train("experiment=tokenizer_imagenet256").trainer.strategy.find_unused_parameters is True
+    tokenizer_strategy = compose_train("experiment=tokenizer_imagenet256").trainer.strategy
+    assert tokenizer_strategy.find_unused_parameters is True and tokenizer_strategy.broadcast_buffers is True
 
 
-def test_tokenizer_refuses_ddp_without_unused_parameter_search(tmp_path):
+def test_tokenizer_refuses_ddp_without_unused_parameter_search_or_buffer_broadcasts(tmp_path):
     module = TokenizerModule(
         vae=dict(vocab_size=16, z_channels=4, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, patch_nums=[1, 2, 4]),
         loss=dict(lpips_weight=0.0, disc_weight=0.1), discriminator=dict(base_channels=8, n_layers=1),
@@ -81,6 +82,10 @@ def test_tokenizer_refuses_ddp_without_unused_parameter_search(tmp_path):
     assert module.discriminator is not None
     module.trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=False), datamodule=None)
     with pytest.raises(ValueError, match="find_unused_parameters=true"):
+        module.setup("fit")
+    module.trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True, broadcast_buffers=False),
+                                     datamodule=None)
+    with pytest.raises(ValueError, match="broadcast_buffers=true"):
         module.setup("fit")
 
 

@@ -132,7 +132,7 @@ def apply_global_batch_size(cfg: DictConfig) -> None:
         return
     cfg.data.batch_size = per_device_batch_size(
         int(global_batch_size), device_count(cfg.trainer.devices, cfg.trainer.accelerator),
-        int(cfg.trainer.num_nodes), int(cfg.trainer.get("accumulate_grad_batches") or 1))
+        int(cfg.trainer.num_nodes), int(cfg.trainer.accumulate_grad_batches))
     log.info("global batch %d: data.batch_size=%d per device", global_batch_size, cfg.data.batch_size)
 
 
