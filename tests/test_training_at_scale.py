@@ -2,9 +2,13 @@
 the checkpoint a re-run resumes from (complete, incomplete, corrupt)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -19,6 +23,7 @@ from varlib.cli.train import (
     per_device_batch_size,
     resume_checkpoint,
 )
+from varlib.evaluation import load_reference
 from varlib.training.tokenizer_module import TokenizerModule
 
 
@@ -155,3 +160,20 @@ def test_corrupt_last_checkpoint_without_a_complete_one_is_an_error_naming_it(tm
         resume_checkpoint(tmp_path, resume=True)
     assert f"the last checkpoint {tmp_path / 'last.ckpt'} is incomplete or corrupt" in str(error.value)
     assert "resume=false" in str(error.value)
+
+
+@pytest.mark.slow
+def test_reference_command_writes_statistics_and_an_image_sample(tmp_path):
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(tests_dir)]))}
+    command = [sys.executable, "-m", "varlib.cli.reference", "data=emoji", "data.batch_size=8", "max_batches=3",
+               "keep_images=5", f"out={tmp_path / 'ref.npz'}", "device=cpu",
+               "~inception", "+inception._target_=helpers.extractors.TinyExtractor",
+               f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = load_reference(tmp_path / "ref.npz")
+    assert reference.mu.shape == (8,) and reference.sigma.shape == (8, 8)
+    assert np.allclose(reference.sigma, reference.sigma.T) and np.linalg.eigvalsh(reference.sigma).min() > -1e-9
+    assert reference.images_NHWC.shape == (5, 64, 64, 3) and reference.images_NHWC.dtype == np.uint8
+    assert "8-d statistics, 5 images kept" in result.stdout + result.stderr
