@@ -180,7 +180,8 @@ def test_in_loop_fid_is_identical_on_one_and_two_processes_under_ddp_and_fsdp(ti
            "+callbacks.generation_metrics.extractor._target_=helpers.extractors.TinyExtractor",
            f"callbacks.generation_metrics.reference={tiny_reference}",
            "callbacks.generation_metrics.num_per_class=4", "callbacks.generation_metrics.batch_size=5",
-           "callbacks.generation_metrics.num_is_splits=2", "callbacks.model_checkpoint=null", "trainer.max_steps=0")
+           "callbacks.generation_metrics.num_is_splits=2", "callbacks.model_checkpoint=null", "trainer.max_steps=0",
+           "cpu_threads=1")  # Lightning gives each of 2 CPU processes 1 thread: the same float rounding everywhere
     metrics = {}
     for name, extra in {"one": (), "ddp": ("trainer=ddp", *TWO_CPU_PROCESSES),
                         "fsdp": ("trainer=fsdp", *TWO_CPU_PROCESSES)}.items():
