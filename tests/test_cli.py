@@ -7,14 +7,12 @@ output directories (outputs/<task_name>, multirun/<task_name>/<n>) land there.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import varlib
 
@@ -30,10 +28,9 @@ QUICK = [
 ]
 
 
-def train(cwd: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "varlib.cli.train", *overrides]
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def check_finished_run(output_dir: Path, steps: int) -> dict[str, float]:
@@ -74,36 +71,15 @@ def test_cli_multirun_sweeps_two_learning_rates(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_ddp_with_gan_killed_then_same_command_resumes_and_matches_uninterrupted_run(tmp_path):
-    """2 CPU processes, the discriminator on from step 2; one epoch = 2 batches (checkpoints at epoch ends)."""
-    ddp_gan = [*QUICK, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-               "trainer.strategy.find_unused_parameters=true", "trainer.strategy.broadcast_buffers=true",
-               "model.loss.disc_weight=0.5", "model.loss.disc_start_step=2", "model.discriminator.base_channels=8",
-               "model.discriminator.n_layers=1", "trainer.max_steps=10", "+trainer.limit_train_batches=2",
-               "model.ema_decay=0.9"]
-    reference = train(tmp_path / "reference", *ddp_gan)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    reference_dir = tmp_path / "reference" / "outputs" / "tokenizer_emoji"
-    check_finished_run(reference_dir, steps=10)
-    logs = list(reference_dir.glob("*.log"))
+def test_cli_ddp_with_two_cpu_processes_exports_once(tmp_path):
+    result = train(tmp_path, *QUICK, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                   "trainer.strategy.broadcast_buffers=true")  # the quantizer's code-usage buffers
+    assert result.returncode == 0, result.stderr[-3000:]
+    output_dir = tmp_path / "outputs" / "tokenizer_emoji"
+    check_finished_run(output_dir, steps=2)
+    logs = list(output_dir.glob("*.log"))
     assert len(logs) == 2  # one Hydra job log per process
     assert sum(log.read_text().count("exported ") for log in logs) == 1
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).parent)]))}
-    kill = ["+callbacks.kill._target_=helpers.callbacks.KillAtStep", "+callbacks.kill.step=6"]
-    killed = train(tmp_path / "resumed", *ddp_gan, *kill, env=env)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed_dir = tmp_path / "resumed" / "outputs" / "tokenizer_emoji"
-    last = resumed_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 6  # 2 autoencoder steps, then 2 per batch
-    resumed = train(tmp_path / "resumed", *ddp_gan)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {last}" in resumed.stderr + resumed.stdout
-    check_finished_run(resumed_dir, steps=10)
-    want, got = load_file(reference_dir / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
-    assert want.keys() == got.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize(

@@ -162,13 +162,17 @@ def test_fsdp_trains_like_ddp_with_global_gradient_clipping_and_whole_export(tin
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_cache):
-    """Reference statistics of 16 random 64 px images under the tiny test extractor, all images kept."""
+    """Reference statistics under the tiny test extractor of 24 images decoded from random tokens by the tiny
+    tokenizer (what an untrained VAR makes, so precision and recall are not trivially 0), all images kept."""
     from helpers.extractors import TinyExtractor
 
-    from varlib.evaluation import write_reference
+    from varlib.evaluation import signed_float_to_uint8, write_reference
 
-    images = torch.randint(0, 256, (16, 3, 64, 64), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
-    write_reference(tiny_cache / "reference.npz", TinyExtractor(), images.split(6), keep_images=16)
+    vae = varlib.load(tiny_cache / "tok.safetensors")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        images = vae.decode_tokens([torch.randint(0, 32, (24, pn * pn), generator=generator) for pn in (1, 2, 3, 4)])
+    write_reference(tiny_cache / "reference.npz", TinyExtractor(), signed_float_to_uint8(images).split(6), keep_images=24)
     return tiny_cache / "reference.npz"
 
 
@@ -192,3 +196,4 @@ def test_in_loop_fid_is_identical_on_one_and_two_processes_under_ddp_and_fsdp(ti
         assert metrics["ddp"][key] == pytest.approx(metrics["one"][key], rel=1e-6, abs=1e-9), key
         assert metrics["fsdp"][key] == pytest.approx(metrics["one"][key], rel=1e-6, abs=1e-9), key
     assert metrics["one"]["val/fid"] > 0 and metrics["one"]["val/is"] >= 1.0
+    assert 0 < metrics["one"]["val/precision"] <= 1 and 0 < metrics["one"]["val/recall"] <= 1
