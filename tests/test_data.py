@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from varlib.cli.common import datamodule_config
 from varlib.data import (
     EmojiDataModule,
     ImageDecodeError,
@@ -475,7 +476,9 @@ def test_webdataset_resampled_epoch_length(shard_dir: Path) -> None:
     [("emoji", EmojiDataModule), ("imagefolder", ImageFolderDataModule), ("webdataset", WebDatasetDataModule)],
 )
 def test_configs_list_every_constructor_argument(name: str, cls: type) -> None:
-    config = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    loaded = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    assert loaded.global_batch_size is None  # varlib-train's key, turned into batch_size per device
+    config = datamodule_config(loaded)
     target = config.pop("_target_")
     assert target == f"varlib.data.{cls.__name__}"
     parameters = inspect.signature(cls.__init__).parameters

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 import zipfile
+from contextlib import contextmanager
 
 import lightning
 import numpy as np
@@ -14,6 +15,8 @@ import scipy.linalg
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from helpers.extractors import TinyExtractor
 
 from varlib.evaluation import (
     INCEPTION_WEIGHTS_FILENAME,
@@ -28,28 +31,13 @@ from varlib.evaluation import (
     inception_score,
     knn_radii,
     load_adm_npz,
+    load_reference,
     precision_recall,
     psnr,
     shuffle_permutation,
     write_adm_npz,
+    write_reference,
 )
-
-
-class TinyExtractor(nn.Module):
-    """A FeatureExtractor: uint8 (B,3,H,W) -> (features (B,8), logits (B,5))."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.norm = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 5)
-        torch.random.set_rng_state(generator_state)
-
-    def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features_BD = self.norm(self.conv(images_BCHW.float() / 127.5 - 1)).relu().mean(dim=(2, 3))
-        return features_BD, self.head(features_BD)
 
 
 def random_uint8_images(num: int, seed: int, size: int = 16) -> torch.Tensor:
@@ -284,10 +272,13 @@ class TinyGenerator(lightning.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def generate_images(self, labels_B: torch.Tensor, seed: int) -> torch.Tensor:
-        self.seeds.append(seed)
-        generator = torch.Generator().manual_seed(seed)
-        return torch.rand(labels_B.shape[0], 3, 16, 16, generator=generator)
+    @contextmanager
+    def image_generator(self):
+        def generate(labels_B: torch.Tensor, seed: int) -> torch.Tensor:
+            self.seeds.append(seed)
+            return torch.rand(labels_B.shape[0], 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+        yield generate
 
 
 class TinyDataModule(lightning.LightningDataModule):
@@ -304,29 +295,81 @@ class TinyDataModule(lightning.LightningDataModule):
         return DataLoader(TensorDataset(self.images, self.labels), batch_size=8)
 
 
-def make_trainer(callback: GenerationMetricsCallback, max_epochs: int) -> lightning.Trainer:
+def make_trainer(callback: GenerationMetricsCallback, max_epochs: int, logger=False) -> lightning.Trainer:
     return lightning.Trainer(
         max_epochs=max_epochs, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         accelerator="cpu", devices=1, callbacks=[callback],
     )
 
 
-def test_generation_metrics_callback_logs_metrics_with_injected_extractor():
-    callback = GenerationMetricsCallback(TinyExtractor, num_classes=4, num_per_class=5, batch_size=6, seed=100)
-    trainer = make_trainer(callback, max_epochs=1)
+@pytest.fixture
+def reference_file(tmp_path):
+    """Reference statistics of 40 random 16 px images (all of them kept) under the tiny extractor."""
+    images = random_uint8_images(40, seed=9)
+    write_reference(tmp_path / "reference.npz", TinyExtractor(), images.split(7), keep_images=40)
+    return tmp_path / "reference.npz"
+
+
+def test_reference_statistics_equal_one_shot_statistics_and_keep_a_uniform_sample(tmp_path):
+    images = random_uint8_images(50, seed=3)
+    written = write_reference(tmp_path / "ref.npz", TinyExtractor(), images.split(8), keep_images=20, seed=1)
+    mu, sigma = feature_statistics(TinyExtractor().eval()(images)[0].detach())
+    loaded = load_reference(tmp_path / "ref.npz")
+    np.testing.assert_allclose(loaded.mu, mu, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(loaded.sigma, sigma, rtol=0, atol=1e-10)
+    assert loaded.images_NHWC.shape == (20, 16, 16, 3) and np.array_equal(loaded.images_NHWC, written.images_NHWC)
+    all_rows = {image.tobytes() for image in images.permute(0, 2, 3, 1).numpy()}
+    kept_rows = {image.tobytes() for image in loaded.images_NHWC}
+    assert len(kept_rows) == 20 and kept_rows <= all_rows
+    first_twenty = {image.tobytes() for image in images[:20].permute(0, 2, 3, 1).numpy()}
+    assert kept_rows != first_twenty  # a sample of all 50, not the first ones
+
+
+def test_reference_file_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        load_reference(tmp_path / "absent.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="bad.npz.*unreadable"):
+        load_reference(tmp_path / "bad.npz")
+    np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="missing \\['mu', 'sigma'\\]"):
+        load_reference(tmp_path / "images_only.npz")
+
+
+def test_generation_metrics_callback_logs_metrics_and_grid_against_reference_file(reference_file, tmp_path):
+    callback = GenerationMetricsCallback(TinyExtractor, str(reference_file), num_classes=4, num_per_class=5,
+                                         batch_size=6, seed=100, num_is_splits=2, grid_images=4)
+    logger = lightning.pytorch.loggers.TensorBoardLogger(tmp_path / "tb", name="", version=0)
+    trainer = make_trainer(callback, max_epochs=1, logger=logger)
     module = TinyGenerator()
     trainer.fit(module, datamodule=TinyDataModule())
-    for key in ("val/fid", "val/is", "val/precision", "val/recall"):
-        assert key in trainer.callback_metrics and math.isfinite(float(trainer.callback_metrics[key]))
     assert module.seeds == [100, 101, 102, 103]  # 20 labels in batches of 6
-    assert float(trainer.callback_metrics["val/fid"]) > 0
-    assert 0.0 <= float(trainer.callback_metrics["val/precision"]) <= 1.0
+    fake = torch.cat([torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(100 + i))
+                      for i, n in enumerate((6, 6, 6, 2))])
+    fake_features, fake_logits = TinyExtractor().eval()((fake * 255).round().to(torch.uint8))
+    reference = load_reference(reference_file)
+    want_fid = frechet_distance(reference.mu, reference.sigma, *feature_statistics(fake_features.detach()))
+    want_is = inception_score(fake_logits.detach()[torch.randperm(20, generator=torch.Generator().manual_seed(0))], 2)[0]
+    real_features = TinyExtractor().eval()(torch.from_numpy(reference.images_NHWC).permute(0, 3, 1, 2))[0]
+    want_precision, want_recall = precision_recall(real_features.detach(), fake_features.detach(), 3)
+    logged = trainer.callback_metrics
+    assert float(logged["val/fid"]) == pytest.approx(want_fid, rel=1e-5) and want_fid > 0
+    assert float(logged["val/is"]) == pytest.approx(want_is, rel=1e-5)
+    assert float(logged["val/precision"]) == pytest.approx(want_precision)
+    assert float(logged["val/recall"]) == pytest.approx(want_recall)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0})
+    events.Reload()
+    grid = events.Images("val/generated")[0]
+    assert (grid.height, grid.width) == (2 + 2 * 18, 2 + 2 * 18)  # 4 images of 16 px, 2 columns, padding 2
 
 
-def test_generation_metrics_callback_warns_once_and_training_goes_on_without_weights(tmp_path):
+def test_generation_metrics_callback_warns_once_and_training_goes_on_without_weights(tmp_path, reference_file):
     missing = tmp_path / INCEPTION_WEIGHTS_FILENAME
-    callback = GenerationMetricsCallback(lambda: build_inception_extractor(missing), num_classes=4, num_per_class=5)
+    callback = GenerationMetricsCallback(lambda: build_inception_extractor(missing), str(reference_file),
+                                         num_classes=4, num_per_class=5)
     trainer = make_trainer(callback, max_epochs=2)
     module = TinyGenerator()
     with warnings.catch_warnings(record=True) as caught:
@@ -338,9 +381,15 @@ def test_generation_metrics_callback_warns_once_and_training_goes_on_without_wei
     assert module.seeds == []
 
 
+def test_generation_metrics_callback_warns_about_an_absent_reference(tmp_path):
+    callback = GenerationMetricsCallback(TinyExtractor, str(tmp_path / "absent.npz"), num_classes=4, num_per_class=5)
+    with pytest.warns(UserWarning, match="absent.npz"):
+        make_trainer(callback, max_epochs=1).fit(TinyGenerator(), datamodule=TinyDataModule())
+
+
 def test_generation_metrics_callback_rejects_too_few_images():
     with pytest.raises(ValueError, match="too few"):
-        GenerationMetricsCallback(TinyExtractor(), num_classes=2, num_per_class=2)
+        GenerationMetricsCallback(TinyExtractor(), "reference.npz", num_classes=2, num_per_class=2)
 
 
 # ---------------------------------------------------------------- ADM .npz

@@ -1,6 +1,6 @@
 """`varlib-train` for VAR end to end in subprocesses: SIGKILL mid-run then the same command resumes and
-matches an uninterrupted run; DDP and FSDP2 with 2 CPU processes (gloo); invalid configurations fail
-before training."""
+matches an uninterrupted run, on one process and on DDP and FSDP2 with 2 CPU processes (gloo) with EMA;
+in-loop FID/IS equal on 1 and 2 processes; invalid configurations fail before training."""
 
 import csv
 import json
@@ -44,7 +44,8 @@ def train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
         "trainer.num_sanity_val_steps=0", "logger=csv", "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null", "trainer.log_every_n_steps=1", *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    # tests/ for the helper callbacks and extractor, after whatever PYTHONPATH selects the varlib under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT / "tests")]))}
     return subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -54,33 +55,65 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {int(row["step"]): float(row["train/loss"]) for row in rows if row.get("train/loss")}
 
 
-@pytest.mark.slow
-def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_cache):
-    reference = train(tiny_cache, "reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+TWO_CPU_PROCESSES = ("trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true")
+RESUME_CASES = {
+    "one_process": (),
+    "ddp_ema": ("trainer=ddp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9"),
+    "fsdp_ema": ("trainer=fsdp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9"),
+}
 
-    killed = train(tiny_cache, "resumed", "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
-                   "+callbacks.kill.step=8")
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    ckpt = torch.load(tiny_cache / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 8
-    assert not (tiny_cache / "resumed" / "model.safetensors").exists()
 
-    resumed = train(tiny_cache, "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout + resumed.stderr  # not a fresh (equally deterministic) run
-    # Same batches (seeded by epoch), label-dropout/drop-path masks (seeded by step) and optimizer state.
-    want_losses, got_losses = step_losses(tiny_cache / "reference"), step_losses(tiny_cache / "resumed")
-    assert sorted(got_losses) == [8, 9, 10, 11]
-    for step, loss in got_losses.items():
-        assert loss == pytest.approx(want_losses[step], abs=1e-6), step
-    want = load_file(tiny_cache / "reference" / "model.safetensors")
-    got = load_file(tiny_cache / "resumed" / "model.safetensors")
+def assert_same_export(want_dir: Path, got_dir: Path) -> None:
+    want, got = load_file(want_dir / "model.safetensors"), load_file(got_dir / "model.safetensors")
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
-    reference_metrics = json.loads((tiny_cache / "reference" / "metrics.json").read_text())
-    resumed_metrics = json.loads((tiny_cache / "resumed" / "metrics.json").read_text())
+
+
+def shorten_a_shard(checkpoint: Path) -> str:
+    """Cuts the last checkpoint as a kill during its save would: a file truncated, or a folder's shard."""
+    target = checkpoint if checkpoint.is_file() else sorted(checkpoint.glob("*.distcp"))[0]
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    return target.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_cache, case):
+    extra = RESUME_CASES[case]
+    reference = train(tiny_cache, f"reference_{case}", *extra)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    resumed_dir = tiny_cache / f"resumed_{case}"
+    killed = train(tiny_cache, resumed_dir.name, *extra, "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
+                   "+callbacks.kill.step=8")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = resumed_dir / "checkpoints" / "last.ckpt"
+    sharded = case.startswith("fsdp")
+    assert last.is_dir() == sharded  # FSDP2 writes a distributed checkpoint: a folder with one shard per rank
+    meta = torch.load(last / "meta.pt" if sharded else last, weights_only=True)
+    assert meta["global_step"] == 8
+    assert not (resumed_dir / "model.safetensors").exists()
+    if case != "one_process":  # a kill during the save of last.ckpt: resume from the step checkpoint beside it
+        damaged = shorten_a_shard(last)
+        (step_checkpoint,) = last.parent.glob("epoch=*-step=8.ckpt")
+
+    resumed = train(tiny_cache, resumed_dir.name, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    if case == "one_process":
+        assert f"resuming from {last}" in output  # not a fresh (equally deterministic) run
+    else:
+        assert f"the last checkpoint {last} is incomplete or corrupt" in output and damaged in output
+        assert f"resuming from {step_checkpoint}" in output
+    # Same batches (seeded by epoch), label-dropout/drop-path masks (seeded by step), optimizer state and EMA.
+    want_losses, got_losses = step_losses(tiny_cache / f"reference_{case}"), step_losses(resumed_dir)
+    assert sorted(got_losses) == [8, 9, 10, 11]
+    for step, loss in got_losses.items():
+        assert loss == pytest.approx(want_losses[step], abs=1e-6), step
+    assert_same_export(tiny_cache / f"reference_{case}", resumed_dir)
+    reference_metrics = json.loads((tiny_cache / f"reference_{case}" / "metrics.json").read_text())
+    resumed_metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert resumed_metrics["val/loss_avg"] == pytest.approx(reference_metrics["val/loss_avg"], abs=1e-6)
     assert reference_metrics["val/loss_avg"] < 3.0  # it learned (log 32 = 3.47 at init)
 
@@ -98,15 +131,70 @@ def test_invalid_configuration_fails_before_training(tiny_cache, override, messa
     assert not (tiny_cache / "invalid" / "checkpoints").exists()
 
 
+def logged_column(run_dir: Path, column: str) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(row["step"]): float(row[column]) for row in rows if row.get(column)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer,checkpointing", [("ddp", False), ("fsdp2", False), ("ddp", True), ("fsdp2", True)])
-def test_two_process_training_exports_one_loadable_model(tiny_cache, trainer, checkpointing):
-    out = f"dist_{trainer}_{checkpointing}"
-    result = train(tiny_cache, out, f"trainer={trainer}", "trainer.devices=2", "trainer.accelerator=cpu",
-                   "trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.model_checkpoint=null",
-                   f"model.activation_checkpointing={checkpointing}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    var = varlib.load(tiny_cache / out / "model.safetensors")
+def test_fsdp_trains_like_ddp_with_global_gradient_clipping_and_whole_export(tiny_cache):
+    """Same data split, same seeds: FSDP2 (sharded weights, EMA and clipping, blocks recomputed by activation
+    checkpointing) must follow DDP step by step."""
+    for trainer, checkpointing in (("ddp", False), ("fsdp", True)):
+        result = train(tiny_cache, f"same_{trainer}", f"trainer={trainer}", *TWO_CPU_PROCESSES, "model.ema_decay=0.5",
+                       "model.grad_clip=0.05", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                       "callbacks.model_checkpoint=null", f"model.activation_checkpointing={checkpointing}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp_norms = logged_column(tiny_cache / "same_ddp", "train/grad_norm")
+    fsdp_norms = logged_column(tiny_cache / "same_fsdp", "train/grad_norm")
+    assert sorted(ddp_norms) == sorted(fsdp_norms) == [0, 1, 2, 3]
+    for step, norm in ddp_norms.items():  # the norm over all shards, not one rank's shard
+        assert norm > 0.05 and fsdp_norms[step] == pytest.approx(norm, rel=1e-4), step
+    ddp_losses, fsdp_losses = step_losses(tiny_cache / "same_ddp"), step_losses(tiny_cache / "same_fsdp")
+    for step, loss in ddp_losses.items():
+        assert fsdp_losses[step] == pytest.approx(loss, abs=1e-5), step
+    want, got = load_file(tiny_cache / "same_ddp" / "model.safetensors"), load_file(tiny_cache / "same_fsdp" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=key)
+    var = varlib.load(tiny_cache / "same_fsdp" / "model.safetensors")
     assert isinstance(var, varlib.VAR) and var.depth == 2
-    metrics = json.loads((tiny_cache / out / "metrics.json").read_text())
-    assert 0 < metrics["val/loss_avg"] < 3.47 and 0 <= metrics["val/err_last"] <= 100
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_cache):
+    """Reference statistics under the tiny test extractor of 24 images decoded from random tokens by the tiny
+    tokenizer (what an untrained VAR makes, so precision and recall are not trivially 0), all images kept."""
+    from helpers.extractors import TinyExtractor
+
+    from varlib.evaluation import signed_float_to_uint8, write_reference
+
+    vae = varlib.load(tiny_cache / "tok.safetensors")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        images = vae.decode_tokens([torch.randint(0, 32, (24, pn * pn), generator=generator) for pn in (1, 2, 3, 4)])
+    write_reference(tiny_cache / "reference.npz", TinyExtractor(), signed_float_to_uint8(images).split(6), keep_images=24)
+    return tiny_cache / "reference.npz"
+
+
+@pytest.mark.slow
+def test_in_loop_fid_is_identical_on_one_and_two_processes_under_ddp_and_fsdp(tiny_cache, tiny_reference):
+    """The initial (seeded) weights are scored after max_steps=0: 3 classes x 4 images in batches of 5, so the
+    two ranks make 2 and 1 batches; the gathered features, hence FID/IS/precision/recall, must not change."""
+    fid = ("callbacks=fid", "~callbacks.generation_metrics.extractor",
+           "+callbacks.generation_metrics.extractor._target_=helpers.extractors.TinyExtractor",
+           f"callbacks.generation_metrics.reference={tiny_reference}",
+           "callbacks.generation_metrics.num_per_class=4", "callbacks.generation_metrics.batch_size=5",
+           "callbacks.generation_metrics.num_is_splits=2", "callbacks.model_checkpoint=null", "trainer.max_steps=0",
+           "cpu_threads=1")  # Lightning gives each of 2 CPU processes 1 thread: the same float rounding everywhere
+    metrics = {}
+    for name, extra in {"one": (), "ddp": ("trainer=ddp", *TWO_CPU_PROCESSES),
+                        "fsdp": ("trainer=fsdp", *TWO_CPU_PROCESSES)}.items():
+        result = train(tiny_cache, f"fid_{name}", *fid, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics[name] = json.loads((tiny_cache / f"fid_{name}" / "metrics.json").read_text())
+    for key in ("val/fid", "val/is", "val/precision", "val/recall"):
+        assert metrics["ddp"][key] == pytest.approx(metrics["one"][key], rel=1e-6, abs=1e-9), key
+        assert metrics["fsdp"][key] == pytest.approx(metrics["one"][key], rel=1e-6, abs=1e-9), key
+    assert metrics["one"]["val/fid"] > 0 and metrics["one"]["val/is"] >= 1.0
+    assert 0 < metrics["one"]["val/precision"] <= 1 and 0 < metrics["one"]["val/recall"] <= 1

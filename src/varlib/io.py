@@ -45,13 +45,9 @@ def save_tokenizer(vae: MultiScaleVQVAE, path: str | os.PathLike) -> None:
     save_file(_tensors("", vae.state_dict()), os.fspath(path), metadata=model_metadata(vae))
 
 
-def save_var(var: VAR, path: str | os.PathLike, var_state: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Writes a VAR transformer together with its tokenizer to one ``.safetensors`` file.
-
-    ``var_state`` replaces ``var.state_dict()`` (e.g. full tensors gathered from a sharded model).
-    """
-    var_state = var.state_dict() if var_state is None else var_state
-    state = {**_tensors("vae.", var.vae.state_dict()), **_tensors("var.", var_state)}
+def save_var(var: VAR, path: str | os.PathLike) -> None:
+    """Writes a VAR transformer together with its tokenizer to one ``.safetensors`` file."""
+    state = {**_tensors("vae.", var.vae.state_dict()), **_tensors("var.", var.state_dict())}
     save_file(state, os.fspath(path), metadata=model_metadata(var.vae, var))
 
 

@@ -1,1 +1,1 @@
-"""Test-only Lightning callbacks, importable by subprocess runs that put tests/ on PYTHONPATH."""
+"""Test-only callbacks and a tiny feature extractor, importable by subprocess runs that put tests/ on PYTHONPATH."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -57,6 +57,12 @@ def instantiate_config(config: DictConfig, **kwargs: Any) -> Any:
         if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
             raise error.__cause__ from None
         raise
+
+
+def datamodule_config(data: DictConfig) -> DictConfig:
+    """A data config without ``global_batch_size``, the training-only key that ``varlib-train`` turns into
+    ``batch_size`` per device: what the DataModule's constructor accepts."""
+    return OmegaConf.masked_copy(data, [key for key in data if key != "global_batch_size"])
 
 
 def resolve_device(name: str) -> torch.device:

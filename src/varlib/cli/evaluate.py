@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from varlib.cli.common import (
     CONFIG_DIR,
     check_sampling_options,
+    datamodule_config,
     generate_in_batches,
     instantiate_config,
     load_var_model,
@@ -122,7 +123,7 @@ def open_reference(cfg: DictConfig, resolution: int) -> np.ndarray | LightningDa
                            "is only comparable at equal resolutions", *images_NHWC.shape[1:3], resolution, resolution)
         return images_NHWC
     if cfg.get("reference_data") is not None:
-        datamodule = instantiate_config(cfg.reference_data, image_size=resolution)
+        datamodule = instantiate_config(datamodule_config(cfg.reference_data), image_size=resolution)
         datamodule.setup("validate")
         return datamodule
     return None

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from varlib.cli.common import (
     CONFIG_DIR,
+    datamodule_config,
     inference_precision,
     instantiate_config,
     load_tokenizer,
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> TokenizeResult:
                          f"got {cfg.data.get('_target_')}")
     if cfg.data.image_size != resolution:
         logger.info("data.image_size=%s replaced by the tokenizer's resolution %d", cfg.data.image_size, resolution)
-    datamodule = instantiate_config(cfg.data, image_size=resolution)
+    datamodule = instantiate_config(datamodule_config(cfg.data), image_size=resolution)
     if not isinstance(datamodule, ImageDataModule):
         raise ValueError(f"data must build a varlib ImageDataModule, got {type(datamodule).__name__}")
     if datamodule.hflip:

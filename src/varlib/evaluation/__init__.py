@@ -10,6 +10,7 @@ from varlib.evaluation.adm_npz import (
 )
 from varlib.evaluation.generation_callback import (
     GenerationMetricsCallback,
+    gather_in_batch_order,
     images_from_batch,
     signed_float_to_uint8,
     unit_float_to_uint8,
@@ -31,6 +32,7 @@ from varlib.evaluation.inception import (
     build_inception_extractor,
     find_inception_weights,
 )
+from varlib.evaluation.reference import ReferenceStatistics, load_reference, write_reference
 from varlib.evaluation.scaling import (
     SCALING_RECORD_FILENAME,
     FrontierFit,
@@ -56,6 +58,7 @@ __all__ = [
     "InceptionV3Features",
     "MeanPerceptualDistance",
     "PowerLawFit",
+    "ReferenceStatistics",
     "ReconstructionMetrics",
     "SCALING_RECORD_FILENAME",
     "ScalingRecord",
@@ -67,10 +70,12 @@ __all__ = [
     "fit_compute_frontier",
     "fit_power_law",
     "frechet_distance",
+    "gather_in_batch_order",
     "images_from_batch",
     "inception_score",
     "knn_radii",
     "load_adm_npz",
+    "load_reference",
     "load_runs",
     "pareto_frontier",
     "plot_scaling_vs_compute",
@@ -83,5 +88,6 @@ __all__ = [
     "training_flops",
     "unit_float_to_uint8",
     "write_adm_npz",
+    "write_reference",
     "write_scaling_record",
 ]

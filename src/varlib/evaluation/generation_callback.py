@@ -2,31 +2,36 @@
 
 Contract with the LightningModule (the only thing this callback needs from the model)::
 
-    def generate_images(self, labels_B: torch.LongTensor, seed: int) -> torch.Tensor:
-        '''Class-conditional samples for ``labels_B`` (B,), as floats in [0, 1] of shape (B, 3, H, W).
+    def image_generator(self) -> ContextManager[Callable[[torch.LongTensor, int], torch.Tensor]]:
+        '''Entered on every rank at once (a sharded model gathers its weights here); gives
+        ``generate(labels_B, seed)`` -> class-conditional samples (B, 3, H, W), floats in [0, 1].
         The same (labels, seed) must give the same images.'''
 
-Real images come from ``trainer.datamodule.val_dataloader()``, whose batches are ``(images, labels, ...)``
-tuples/lists, dicts with an ``"image"`` or ``"images"`` key, or bare image tensors; images are floats in
-[-1, 1] of shape (B, 3, H, W).
+The real side is a reference file (``varlib.evaluation.reference``: feature mean/covariance over a real image
+set and, optionally, a sample of those images for precision/recall), made once with ``varlib-reference``, so
+training on any data (token cache, shards, folders) is scored against the same statistics.
 
-If the feature extractor cannot be built (e.g. the Inception weights are absent), if the module has no
-``generate_images`` or the trainer no datamodule, the callback warns once and does nothing more: it never stops
-training. With several processes, each one generates and extracts its share of the batches and torchmetrics
-gathers the features before ``compute``.
+The images are cut into fixed batches (batch i: labels ``i*batch_size...``, seed ``seed + i``); rank r makes
+batches i with i % world_size == r, and the features are gathered back in batch order, so every rank computes
+the same values, and they equal those of one process. If the feature extractor or the reference cannot be
+loaded (e.g. the Inception weights are absent), or the module has no ``image_generator``, the callback warns once
+and does nothing more: it never stops training.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
 
-from varlib.evaluation.generative_metrics import GenerativeMetrics
+from varlib.evaluation.generative_metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+from varlib.evaluation.reference import ReferenceStatistics, load_reference
 
 
 def unit_float_to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,24 @@ def images_from_batch(batch: object) -> torch.Tensor:
     raise ValueError(f"expected a batch (images, labels, ...), a dict or a tensor, got {type(batch).__name__}")
 
 
+def gather_in_batch_order(trainer: lightning.Trainer, local: dict[int, torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
+    """Rows (n_i, K) of every batch i, made by rank i % world_size, concatenated in batch order on every rank.
+
+    Ranks may hold different numbers of batches (or none): the batches are padded to one shape to gather.
+    Collective: call it on every rank. Returns a CPU tensor (sum n_i, K).
+    """
+    world = trainer.world_size
+    if world == 1:
+        return torch.cat([local[i].cpu() for i in range(len(sizes))])
+    device = trainer.strategy.root_device
+    width = max((t.shape[1] for t in local.values()), default=0)
+    width = int(trainer.strategy.all_gather(torch.tensor(width, device=device)).max())
+    buffer = torch.zeros(math.ceil(len(sizes) / world), max(sizes), width, device=device)
+    for index, rows in local.items():
+        buffer[index // world, : rows.shape[0]] = rows.float()
+    gathered = trainer.strategy.all_gather(buffer).cpu()  # (world, batches per rank, max size, K)
+    return torch.cat([gathered[i % world, i // world, :size] for i, size in enumerate(sizes)])
+
 def _check_float_images(images_BCHW: torch.Tensor, what: str) -> None:
     if not images_BCHW.is_floating_point() or images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
         raise ValueError(
@@ -61,31 +84,38 @@ def _check_float_images(images_BCHW: torch.Tensor, what: str) -> None:
 
 
 class GenerationMetricsCallback(lightning.Callback):
-    """Every ``every_n_epochs`` validation epochs, log ``val/fid``, ``val/is``, ``val/precision``, ``val/recall``.
+    """Every ``every_n_epochs`` validation epochs, log ``val/fid``, ``val/is``, ``val/precision``, ``val/recall``
+    (the last two when the reference holds images) and a grid of the first generated batch (TensorBoard).
 
     Args:
-        extractor: a ``FeatureExtractor`` module, or a zero-argument factory returning one (called once, at the
-            first evaluation, e.g. ``varlib.evaluation.build_inception_extractor``).
+        extractor: a ``FeatureExtractor`` module (uint8 (B,3,H,W) -> (features (B,D), logits (B,K))), or a
+            zero-argument factory returning one (called once, at the first evaluation, e.g.
+            ``varlib.evaluation.build_inception_extractor``).
+        reference: the reference statistics ``.npz`` (``varlib.evaluation.reference``, ADM reference batch).
         num_classes: labels 0..num_classes-1 are generated.
         num_per_class: images generated per class (the total must be >= ``num_is_splits`` and > ``pr_k``).
         every_n_epochs: evaluate after validation epochs where (epoch + 1) is a multiple of this.
-        batch_size: labels per ``generate_images`` call; batch i uses seed ``seed + i``.
+        batch_size: labels per ``generate`` call; batch i uses seed ``seed + i``.
         seed: base seed of generation.
-        max_real_images: real images taken from the validation loader (default: as many as generated).
-        num_is_splits, pr_k: passed to ``GenerativeMetrics``.
+        num_is_splits, pr_k: Inception Score chunks and precision/recall neighbourhood (ADM: 10, 3).
+        is_shuffle_seed: generated logits are permuted with this seed before the IS split (class-sorted order
+            would deflate IS).
+        grid_images: how many images of the first batch the logged grid shows (0: no grid).
     """
 
     def __init__(
         self,
         extractor: nn.Module | Callable[[], nn.Module],
+        reference: str,
         num_classes: int,
         num_per_class: int = 10,
         every_n_epochs: int = 1,
         batch_size: int = 32,
         seed: int = 0,
-        max_real_images: int | None = None,
         num_is_splits: int = 10,
         pr_k: int = 3,
+        is_shuffle_seed: int = 0,
+        grid_images: int = 16,
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("num_per_class", num_per_class),
@@ -99,84 +129,103 @@ class GenerationMetricsCallback(lightning.Callback):
                 f"max(num_is_splits={num_is_splits}, pr_k + 1={pr_k + 1}, 2)"
             )
         self.extractor = extractor
+        self.reference = reference
         self.num_classes = num_classes
         self.num_per_class = num_per_class
         self.every_n_epochs = every_n_epochs
         self.batch_size = batch_size
         self.seed = seed
-        self.max_real_images = num_generated if max_real_images is None else max_real_images
         self.num_is_splits = num_is_splits
         self.pr_k = pr_k
-        self.metric: GenerativeMetrics | None = None
+        self.is_shuffle_seed = is_shuffle_seed
+        self.grid_images = grid_images
+        self.statistics: ReferenceStatistics | None = None
+        self.reference_features: torch.Tensor | None = None
         self.disabled_reason: str | None = None
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"GenerationMetricsCallback is disabled: {reason}")
 
-    def _build_metric(self) -> GenerativeMetrics | None:
-        if self.metric is None and self.disabled_reason is None:
+    def _prepare(self, pl_module: lightning.LightningModule) -> bool:
+        """Builds the extractor and loads the reference once; False (after one warning) when that fails."""
+        if self.disabled_reason is None and not callable(getattr(pl_module, "image_generator", None)):
+            self._disable(f"{type(pl_module).__name__} has no image_generator() method")
+        if self.statistics is None and self.disabled_reason is None:
             try:
-                extractor = self.extractor if isinstance(self.extractor, nn.Module) else self.extractor()
-                self.metric = GenerativeMetrics(extractor, num_is_splits=self.num_is_splits, pr_k=self.pr_k)
+                if not isinstance(self.extractor, nn.Module):
+                    self.extractor = self.extractor()
+                self.statistics = load_reference(self.reference)
             except Exception as error:  # any failure to build must not stop training
-                self._disable(f"the feature extractor could not be built ({type(error).__name__}: {error})")
-        return self.metric
+                self._disable(f"the feature extractor or the reference could not be loaded "
+                              f"({type(error).__name__}: {error})")
+        if self.disabled_reason is not None:
+            return False
+        self.extractor.to(pl_module.device).eval()
+        return True
+
+    @torch.no_grad()
+    def _features(self, images_uint8_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.extractor(images_uint8_BCHW)
+        batch = images_uint8_BCHW.shape[0]
+        if (not isinstance(output, (tuple, list)) or len(output) != 2
+                or any(t.ndim != 2 or t.shape[0] != batch for t in output)):
+            raise ValueError(f"the extractor must return (features (B,D), logits (B,K)) for B={batch}")
+        return output[0].float(), output[1].float()
 
     def on_validation_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        if self.disabled_reason is None and not callable(getattr(pl_module, "generate_images", None)):
-            self._disable(f"{type(pl_module).__name__} has no generate_images(labels_B, seed) method")
-        if self.disabled_reason is None and getattr(trainer, "datamodule", None) is None:
-            self._disable("the trainer has no datamodule to take real validation images from")
-        metric = self._build_metric()
-        if metric is None:
+        if not self._prepare(pl_module):
             return
-        metric.to(pl_module.device)
-        metric.reset()
         try:
-            self._add_real_images(trainer, metric, pl_module.device)
-            self._add_generated_images(trainer, pl_module, metric)
-            results = metric.compute()
+            results = self.evaluate(trainer, pl_module)
         except ValueError as error:
             rank_zero_warn(f"GenerationMetricsCallback skipped epoch {trainer.current_epoch}: {error}")
             return
-        finally:
-            metric.reset()
-        pl_module.log("val/fid", results["fid"])
-        pl_module.log("val/is", results["is_mean"])
-        pl_module.log("val/precision", results["precision"])
-        pl_module.log("val/recall", results["recall"])
+        for name, value in results.items():  # identical on every rank: no reduction needed
+            pl_module.log(f"val/{name}", value)
 
-    def _add_real_images(self, trainer: lightning.Trainer, metric: GenerativeMetrics, device: torch.device) -> None:
-        num_taken = 0
-        for batch_index, batch in enumerate(trainer.datamodule.val_dataloader()):
-            if num_taken >= self.max_real_images:
-                break
-            images_BCHW = images_from_batch(batch)[: self.max_real_images - num_taken]
-            num_taken += images_BCHW.shape[0]
-            if batch_index % trainer.world_size != trainer.global_rank:
-                continue
-            _check_float_images(images_BCHW, "validation batch")
-            metric.update(signed_float_to_uint8(images_BCHW.to(device)), real=True)
-
-    @torch.no_grad()
-    def _add_generated_images(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, metric: GenerativeMetrics
-    ) -> None:
+    def evaluate(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> dict[str, float]:
+        """Generates this rank's batches, gathers all features in batch order and scores them (collective)."""
+        rank, world = trainer.global_rank, trainer.world_size
+        if self.statistics.images_NHWC is not None and self.reference_features is None:
+            reference_batches = torch.from_numpy(self.statistics.images_NHWC).permute(0, 3, 1, 2).split(self.batch_size)
+            local = {i: self._features(b.to(pl_module.device))[0]
+                     for i, b in enumerate(reference_batches) if i % world == rank}
+            self.reference_features = gather_in_batch_order(trainer, local, [b.shape[0] for b in reference_batches])
         labels_N = torch.arange(self.num_classes).repeat_interleave(self.num_per_class)
         label_batches = labels_N.split(self.batch_size)
-        progress = tqdm(
-            label_batches, desc="generating for FID/IS", leave=False, disable=not trainer.is_global_zero
-        )
-        for batch_index, labels_B in enumerate(progress):
-            if batch_index % trainer.world_size != trainer.global_rank:
-                continue
-            images_BCHW = pl_module.generate_images(labels_B.to(pl_module.device), seed=self.seed + batch_index)
-            _check_float_images(images_BCHW, "generate_images output")
-            if images_BCHW.shape[0] != labels_B.shape[0]:
-                raise ValueError(
-                    f"generate_images returned {images_BCHW.shape[0]} images for {labels_B.shape[0]} labels"
-                )
-            metric.update(unit_float_to_uint8(images_BCHW), real=False)
+        features, logits = {}, {}
+        with pl_module.image_generator() as generate:
+            mine = [i for i in range(len(label_batches)) if i % world == rank]
+            for index in tqdm(mine, desc="generating for FID/IS", leave=False, disable=rank != 0):
+                images_BCHW = generate(label_batches[index].to(pl_module.device), self.seed + index)
+                if (not images_BCHW.is_floating_point() or images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3
+                        or images_BCHW.shape[0] != label_batches[index].shape[0]):
+                    raise ValueError(f"generate must return float images ({label_batches[index].shape[0]},3,H,W), "
+                                     f"got {images_BCHW.dtype} {tuple(images_BCHW.shape)}")
+                features[index], logits[index] = self._features(unit_float_to_uint8(images_BCHW))
+                if index == 0 and self.grid_images > 0:
+                    self._log_grid(trainer, images_BCHW[: self.grid_images])
+        sizes = [b.shape[0] for b in label_batches]
+        fake_ND, fake_logits_NK = gather_in_batch_order(trainer, features, sizes), gather_in_batch_order(trainer, logits, sizes)
+        if fake_ND.shape[1] != self.statistics.mu.shape[0]:
+            raise ValueError(f"the extractor gives {fake_ND.shape[1]}-d features but the reference {self.reference} "
+                             f"holds {self.statistics.mu.shape[0]}-d statistics")
+        permutation = torch.randperm(fake_logits_NK.shape[0], generator=torch.Generator().manual_seed(self.is_shuffle_seed))
+        results = {
+            "fid": frechet_distance(self.statistics.mu, self.statistics.sigma, *feature_statistics(fake_ND)),
+            "is": inception_score(fake_logits_NK[permutation], self.num_is_splits)[0],
+        }
+        if self.reference_features is not None:
+            results["precision"], results["recall"] = precision_recall(self.reference_features, fake_ND, self.pr_k)
+        return results
+
+    def _log_grid(self, trainer: lightning.Trainer, images_BCHW: torch.Tensor) -> None:
+        from varlib.images import image_grid  # varlib.images imports this package
+
+        grid = image_grid(images_BCHW.float().clamp(0, 1).cpu(), columns=math.ceil(math.sqrt(images_BCHW.shape[0])))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/generated", grid, trainer.global_step)

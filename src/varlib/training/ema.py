@@ -20,7 +20,8 @@ class ModelEMA:
 
     Pass the bare module everywhere: under DistributedDataParallel use ``ddp_model.module`` (the wrapper's
     ``module.`` name prefix is reported as a mismatch). All ranks hold the same weights after a step, so each
-    rank updates its own EMA and no communication is needed.
+    rank updates its own EMA and no communication is needed. Built from a sharded (FSDP2) module, the averages
+    are DTensors sharded like its parameters, so each rank averages its own shard.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from omegaconf import Container, OmegaConf
 from torch import nn
 
@@ -160,6 +160,18 @@ class TokenizerModule(L.LightningModule):
                 f"TokenizerModule needs whole parameters on every process (EMA, code restarts, adaptive GAN "
                 f"weight), got strategy {type(self.trainer.strategy).__name__}; use trainer=ddp"
             )
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", {})  # Lightning keeps DDP's options here
+            if self.discriminator is not None and not ddp_kwargs.get("find_unused_parameters", False):
+                raise ValueError(
+                    "the tokenizer's autoencoder and discriminator steps each leave the other's parameters without "
+                    "gradients: DDP needs trainer.strategy.find_unused_parameters=true, got false"
+                )
+            if not ddp_kwargs.get("broadcast_buffers", True):
+                raise ValueError(
+                    "the quantizer's code-usage statistics are buffers that every rank must share: DDP needs "
+                    "trainer.strategy.broadcast_buffers=true, got false"
+                )
         image_size = getattr(self.trainer.datamodule, "image_size", None)
         if image_size is not None and image_size != self.vae.image_size:
             raise ValueError(

@@ -7,13 +7,15 @@ tokenizer in fp32, or pre-tokenised ``(tokens (B,L) int64, labels (B,))`` from t
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
 import torch
-from torch.distributed.fsdp import fully_shard
+import torch.distributed.checkpoint as dcp
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
@@ -58,7 +60,8 @@ class VARModule(L.LightningModule):
         label_smoothing: cross-entropy label smoothing (official 0).
         progressive_fraction, progressive_first: progressive training grows the trained scales from
             ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
-        ema_decay: keep an EMA of the transformer used for validation and export (None = off).
+        ema_decay: keep an EMA of the transformer used for validation, sampling and export (None = off). Under
+            FSDP2 its tensors are sharded like the parameters (DTensors) and gathered on export.
         activation_checkpointing: recompute each block's activations in the backward pass (less memory,
             about one more forward of compute); per block, so it composes with DDP and FSDP2's per-block sharding.
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
@@ -193,7 +196,7 @@ class VARModule(L.LightningModule):
         if batch is None:
             return
         labels, targets_BL, x_BLCv = self.tokens_and_input(batch)
-        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
+        with self.ema_weights():
             logits = self.var(labels, x_BLCv)
         self.val_metrics.update(logits, targets_BL)
 
@@ -227,41 +230,97 @@ class VARModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_model(self):
-        """FSDP2: shard every block and then the root when run under ``ModelParallelStrategy``."""
+        """FSDP2 under ``ModelParallelStrategy``: shard every block, then the root, and the EMA like them.
+
+        With bf16 precision on CUDA the gathered weights are cast to bf16 and gradients reduced in fp32; the
+        sharded master weights, the optimiser state and the EMA stay fp32.
+        """
         if self.device_mesh is None or getattr(self, "_sharded", False):
             return
         mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
+        bf16 = str(self.trainer.precision).startswith("bf16") and self.device.type == "cuda"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in self.var.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.var, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(self.var, mesh=mesh, mp_policy=policy)
+        if self.ema is not None:  # rebuilt from the (still initial) sharded parameters: its tensors are DTensors
+            self.ema = ModelEMA(self.var, self.ema.decay)
         self._sharded = True
 
-    # -- export and checkpoints -------------------------------------------------------------------
+    # -- whole weights: sampling, export and checkpoints ------------------------------------------------
+
+    def ema_weights(self):
+        """Context in which the transformer holds the EMA weights (nothing changes without EMA)."""
+        if self.ema is None:
+            return nullcontext()
+        if getattr(self, "_sharded", False):
+            self.var.reshard()  # FSDP2 keeps the root gathered after a forward without backward (validation)
+        return self.ema.swap(self.var)
+
+    @contextmanager
+    def full_weights(self) -> Iterator[VAR]:
+        """The transformer with whole weights (the EMA's when enabled), in eval mode.
+
+        Unsharded, this is ``self.var`` itself; under FSDP2 it is a plain copy holding the gathered weights, so
+        that any submodule can be called alone (sampling does). Collective when sharded: enter it on every rank.
+        """
+        with self.ema_weights():
+            if not getattr(self, "_sharded", False):
+                was_training = self.var.training
+                try:
+                    yield self.var.eval()
+                finally:
+                    self.var.train(was_training)
+                return
+            self.var.reshard()
+            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.var.state_dict().items()}
+        plain = VAR(self.vae, **dict(self.hparams.var)).to(self.device)
+        plain.load_state_dict(state)
+        yield plain.eval()
+
+    @contextmanager
+    def image_generator(self, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96
+                        ) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
+        """Context giving ``generate(labels_B, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights (the
+        hook that the FID/IS callback uses). Collective on entry under FSDP2; ``generate`` calls are local."""
+        with self.full_weights() as var:
+            yield lambda labels_B, seed: var.generate(
+                labels_B, cfg=cfg, top_k=min(top_k, var.vocab_size), top_p=top_p, seed=seed)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.
 
         Call it on every rank: sharded (FSDP2) weights are gathered collectively, rank 0 writes the file.
         """
-        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
-            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.var.state_dict().items()}
+        with self.full_weights() as var:
             if self.global_rank == 0:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                save_var(self.var, path, state)
+                save_var(var, path)
         return Path(path)
 
+    def _ema_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"ema.params.{k}": v for k, v in self.ema.shadow_params.items()},
+                **{f"ema.buffers.{k}": v for k, v in self.ema.shadow_buffers.items()}}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The EMA tensors join the model's state dict (so a distributed checkpoint stores each rank's shard);
+        its counters go in the metadata."""
         checkpoint["varlib"] = model_metadata(self.vae, self.var)
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+            checkpoint["state_dict"].update(self._ema_tensors())
+            checkpoint["ema"] = {k: v for k, v in self.ema.state_dict().items() if k not in ("params", "buffers")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
-
-    def generate_images(self, labels_B: torch.Tensor, seed: int, cfg: float = 1.5, top_k: int = 900,
-                        top_p: float = 0.96) -> torch.Tensor:
-        """(B,3,H,W) samples in [0,1] (the hook that the FID/IS callback calls)."""
-        with self.ema.swap(self.var) if self.ema is not None else nullcontext():
-            return self.var.generate(labels_B, cfg=cfg, top_k=min(top_k, self.var.vocab_size), top_p=top_p, seed=seed)
-
+        state_dict = checkpoint.get("state_dict")
+        ema_keys = [k for k in (state_dict or {}) if k.startswith("ema.")]
+        ema_tensors = {k: state_dict.pop(k) for k in ema_keys}  # never reaches the strict model load
+        if self.ema is None or "ema" not in checkpoint:
+            return
+        if state_dict is None:  # distributed checkpoint: the strategy loaded the model; read the EMA shards in place
+            ema_tensors = self._ema_tensors()
+            dcp.load({"state_dict": ema_tensors}, checkpoint_id=self.trainer.ckpt_path)
+        self.ema.load_state_dict({
+            **checkpoint["ema"],
+            "params": {k.removeprefix("ema.params."): v for k, v in ema_tensors.items() if k.startswith("ema.params.")},
+            "buffers": {k.removeprefix("ema.buffers."): v for k, v in ema_tensors.items() if k.startswith("ema.buffers.")},
+        })

@@ -1,0 +1,21 @@
+"""A tiny random feature extractor standing in for Inception in tests (also in subprocess runs)."""
+
+import torch
+from torch import nn
+
+
+class TinyExtractor(nn.Module):
+    """A FeatureExtractor: uint8 (B,3,H,W) -> (features (B,8), logits (B,5)); the same weights every time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+        torch.random.set_rng_state(generator_state)
+
+    def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features_BD = self.norm(self.conv(images_BCHW.float() / 127.5 - 1)).relu().mean(dim=(2, 3))
+        return features_BD, self.head(features_BD)
