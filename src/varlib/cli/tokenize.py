@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from varlib.cli.common import CONFIG_DIR, instantiate_config, load_tokenizer, resolve_device, run_or_exit
+from varlib.cli.common import CONFIG_PATH, instantiate_config, load_tokenizer, resolve_device, run_or_exit
 from varlib.data import ImageDataModule, ImageTransform, WebDatasetDataModule
 from varlib.data.base import check_int_at_least
 from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
@@ -101,7 +101,7 @@ def run(cfg: DictConfig) -> TokenizeResult:
     return TokenizeResult(out_dir=Path(cfg.out_dir), counts=counts)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="tokenize", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="tokenize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 

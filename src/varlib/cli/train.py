@@ -24,9 +24,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from varlib.cli.common import CONFIG_PATH
+
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -86,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
     return run(cfg)
 
