@@ -21,7 +21,8 @@ from varlib.io import model_metadata, save_var
 from varlib.models.schedules import scale_slices
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.official import load_official_vqvae
+from varlib.models.sampling import SamplingConfig
+from varlib.official import OFFICIAL_SAMPLING, load_official_vqvae
 from varlib.training.ema import ModelEMA
 from varlib.training.schedules import (
     cosine_weight_decay,
@@ -59,6 +60,8 @@ class VARModule(L.LightningModule):
         progressive_fraction, progressive_first: progressive training grows the trained scales from
             ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
         ema_decay: keep an EMA of the transformer used for validation and export (None = off).
+        sampling: the recommended ``generate`` settings (cfg, top_k, top_p) that validation samples use and
+            the exported model file carries (default: the official FID settings 1.5, 900, 0.96).
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
             seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
     """
@@ -81,6 +84,7 @@ class VARModule(L.LightningModule):
         progressive_fraction: float = 0.0,
         progressive_first: int = 4,
         ema_decay: float | None = None,
+        sampling: Mapping[str, float] | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -94,6 +98,7 @@ class VARModule(L.LightningModule):
         self.save_hyperparameters(ignore=["vae"])
         self.vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
         self.var = VAR(self.vae, **dict(var))
+        self.var.sampling = OFFICIAL_SAMPLING if sampling is None else SamplingConfig.from_dict(sampling)
         self.slices = scale_slices(self.var.patch_nums)
         self.ema = ModelEMA(self.var, ema_decay) if ema_decay else None
         self.val_metrics: PerScaleAccumulator | None = None
@@ -256,9 +261,10 @@ class VARModule(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 
-    def generate_images(self, labels_B: torch.Tensor, seed: int, cfg: float = 1.5, top_k: int = 900,
-                        top_p: float = 0.96) -> torch.Tensor:
-        """(B,3,H,W) samples in [0,1] (the hook that the FID/IS callback calls)."""
+    def generate_images(self, labels_B: torch.Tensor, seed: int, cfg: float | None = None, top_k: int | None = None,
+                        top_p: float | None = None) -> torch.Tensor:
+        """(B,3,H,W) samples in [0,1] (the hook that the FID/IS callback calls); settings left out come from
+        ``self.var.sampling``."""
         with self.ema.swap(self.var) if self.ema is not None else nullcontext():
-            return self.var.generate(labels_B, cfg=cfg, top_k=min(top_k, self.var.vocab_size), top_p=top_p, seed=seed)
+            return self.var.generate(labels_B, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
 
