@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import varlib
-from varlib.data.token_cache import TokenCacheDataModule, tokenize_to_cache
+from varlib.data.token_cache import TokenCacheDataModule
+from varlib.data.tokenizing import tokenize_to_cache
 from varlib.evaluation.per_scale import per_scale_metrics
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.schedules import (
@@ -120,8 +121,7 @@ def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
 def test_token_cache_round_trip_and_training(tmp_path):
     vae = tiny_vae()
     data = ImageData(n=12, batch_size=4)
-    n = tokenize_to_cache(vae, data.train_dataloader(), tmp_path / "cache", "train", num_classes=3, with_flip=True,
-                          shard_size=5)
+    n = tokenize_to_cache(vae, data.train_dataloader(), tmp_path / "cache", "train", num_classes=3, with_flip=True)
     tokenize_to_cache(vae, data.val_dataloader(), tmp_path / "cache", "val", num_classes=3)
     assert n == 12
     cache = TokenCacheDataModule(str(tmp_path / "cache"), batch_size=4, use_flip=True)
@@ -131,7 +131,7 @@ def test_token_cache_round_trip_and_training(tmp_path):
     want = torch.cat(vae.encode_tokens(data.images[5:6]), dim=1)[0]
     assert torch.equal(tokens, want) and label == data.labels[5]
     flip_want = torch.cat(vae.encode_tokens(data.images[5:6].flip(-1)), dim=1)[0]
-    assert any(torch.equal(cache.train_set.flipped[i].long(), flip_want) for i in range(12))
+    assert any(torch.equal(cache.train_set.row(i, flipped=True).long(), flip_want) for i in range(12))
     module = VARModule(var=TINY_VAR, vae=vae)
     from_tokens = module.tokens_and_input((tokens[None], label[None]))
     from_image = module.tokens_and_input((data.images[5:6], data.labels[5:6]))
