@@ -44,9 +44,10 @@ def shard_name(split: str, unit: int) -> str:
     return f"{split}-{unit:05d}.safetensors"
 
 
-def read_shard_metadata(path: Path) -> dict[str, str]:
+def read_shard_metadata(path: Path) -> dict:
+    """The run settings, unit and skip count a shard was written with."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return f.metadata() or {}
+        return json.loads((f.metadata() or {}).get("varlib", "{}"))
 
 
 def units_of_range(count: int, shard_size: int, make_loader: Callable[[range], DataLoader],
@@ -99,7 +100,8 @@ def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: 
              "labels": torch.cat(parts["labels"]) if parts["labels"] else torch.zeros(0, dtype=torch.long)}
     if with_flip:
         shard["tokens_flip"] = torch.cat(parts["tokens_flip"]) if parts["tokens_flip"] else empty
-    metadata = {**{k: json.dumps(v) for k, v in signature.items()}, "unit": str(unit.index), "skipped": str(skipped)}
+    # one metadata entry: safetensors writes several in no fixed order, and a resumed run must write the same bytes
+    metadata = {"varlib": json.dumps({**signature, "unit": unit.index, "skipped": skipped}, sort_keys=True)}
     partial = path.with_name(path.name + ".partial")
     save_file(shard, str(partial), metadata=metadata)
     os.replace(partial, path)
@@ -138,7 +140,7 @@ def tokenize_split(
         if not path.is_file():
             todo.append(unit)
             continue
-        found = {k: json.loads(v) for k, v in read_shard_metadata(path).items() if k in signature}
+        found = {k: v for k, v in read_shard_metadata(path).items() if k in signature}
         if found != signature:
             raise ValueError(f"{path} was written by another tokenisation run ({found}); this run writes "
                              f"{signature}: choose another out_dir")
@@ -168,13 +170,13 @@ def write_index_when_complete(out: Path, split: str, num_units: int) -> bool:
     if not all(p.is_file() for p in paths):
         return False
     metadata = [read_shard_metadata(p) for p in paths]
-    first = {k: json.loads(v) for k, v in metadata[0].items()}
+    first = metadata[0]
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"splits": {}}
     index.update(format=FORMAT, patch_nums=first["patch_nums"], vocab_size=first["vocab_size"],
                  num_classes=first["num_classes"])
     index["splits"][split] = [p.name for p in paths]
-    index.setdefault("skipped", {})[split] = sum(int(m["skipped"]) for m in metadata)
+    index.setdefault("skipped", {})[split] = sum(m["skipped"] for m in metadata)
     partial = out / f"index.json.{os.getpid()}.partial"
     partial.write_text(json.dumps(index, indent=1))
     os.replace(partial, index_path)
