@@ -13,10 +13,12 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
+from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
 from varlib.models.schedules import scale_slices
 from varlib.models.transformer import VAR
@@ -60,6 +62,9 @@ class VARModule(L.LightningModule):
         progressive_fraction, progressive_first: progressive training grows the trained scales from
             ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
         ema_decay: keep an EMA of the transformer used for validation and export (None = off).
+        grid_classes, grid_per_class: after each validation, a grid of ``grid_per_class`` samples (rows) of
+            classes 0..grid_classes-1 (columns), drawn with ``sampling`` and a fixed seed, goes to TensorBoard
+            (``val/samples``); 0 classes, or no TensorBoard logger, skips it.
         sampling: the recommended ``generate`` settings (cfg, top_k, top_p) that validation samples use and
             the exported model file carries (default: the official FID settings 1.5, 900, 0.96).
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
@@ -85,11 +90,15 @@ class VARModule(L.LightningModule):
         progressive_first: int = 4,
         ema_decay: float | None = None,
         sampling: Mapping[str, float] | None = None,
+        grid_classes: int = 8,
+        grid_per_class: int = 1,
         seed: int = 0,
     ):
         super().__init__()
         if (tokenizer_path is None) == (vae is None):
             raise ValueError("give exactly one of tokenizer_path or vae")
+        if grid_classes < 0 or grid_per_class < 1:
+            raise ValueError(f"expected grid_classes >= 0 and grid_per_class >= 1, got {grid_classes}, {grid_per_class}")
         if base_lr <= 0 or not 0 <= label_smoothing < 1 or not 0 <= warmup_fraction < 1:
             raise ValueError(
                 f"expected base_lr > 0, label_smoothing in [0, 1), warmup_fraction in [0, 1); "
@@ -200,6 +209,7 @@ class VARModule(L.LightningModule):
         self.val_metrics.update(logits, targets_BL)
 
     def on_validation_epoch_end(self):
+        self._log_sample_grid()
         sums = self.val_metrics.sums.to(self.device)
         if self.trainer.world_size > 1:
             sums = self.all_gather(sums).sum(0)
@@ -208,6 +218,20 @@ class VARModule(L.LightningModule):
             return
         # already summed over ranks, so every rank logs the same global values
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=True)
+
+    def _log_sample_grid(self) -> None:
+        """Class-conditional samples to TensorBoard. Every rank samples (a sharded model's forward is
+        collective), rank 0 logs; a fixed seed makes grids of successive validations comparable."""
+        writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        classes = min(self.hparams.grid_classes, self.var.num_classes)
+        if not writers or classes == 0 or self.trainer.sanity_checking:
+            return
+        labels_B = torch.arange(classes, device=self.device).repeat(self.hparams.grid_per_class)
+        images_BCHW = self.generate_images(labels_B, seed=self.hparams.seed)
+        if self.global_rank == 0:
+            grid = image_grid(images_BCHW.float().cpu(), columns=classes)
+            for writer in writers:
+                writer.add_image("val/samples", grid, self.global_step)
 
     # -- optimisation ----------------------------------------------------------------------------
 
