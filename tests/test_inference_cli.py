@@ -440,6 +440,26 @@ def test_tokenize_image_folder_writes_a_deterministic_readable_cache(tiny, image
         torch.testing.assert_close(all_rows(dataset, flipped=True), flipped)
 
 
+def test_tokenize_processes_share_the_shards_through_rank_and_world_size(tiny, image_folder, tmp_path, monkeypatch):
+    _, path = tiny
+    out_dir = tmp_path / "cache"
+    overrides = [f"tokenizer={path}", "data=imagefolder", f"data.root={image_folder}", "data.num_workers=0",
+                 "splits=[train]", "shard_size=2", "device=cpu", f"out_dir={out_dir}"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    second = tokenize.run(compose_config("tokenize", overrides))
+    # 7 files in shards of 2 (a/0 a/1 | a/2 a/9_corrupt | b/0 b/1 | b/2): rank 1 takes shards 1 and 3
+    assert second.counts == {"train": 2} and second.skipped == {"train": 1}
+    assert sorted(p.name for p in out_dir.iterdir()) == ["train-00001.safetensors", "train-00003.safetensors"]
+    monkeypatch.setenv("RANK", "0")
+    first = tokenize.run(compose_config("tokenize", overrides))
+    assert first.counts == {"train": 4} and first.skipped == {"train": 0}
+    assert read_index(out_dir)["skipped"] == {"train": 1} and len(TokenDataset(out_dir, "train")) == 6
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
+        tokenize.run(compose_config("tokenize", overrides))
+
+
 def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
     bundle = torch.load(DATA / "official_tiny4.pt", weights_only=True)
     torch.save(bundle["vqvae_state_dict"], tmp_path / "vae.pth")

@@ -44,7 +44,9 @@ def train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
         "trainer.num_sanity_val_steps=0", "logger=csv", "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null", "trainer.log_every_n_steps=1", *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    # keep the caller's PYTHONPATH (a worktree's src/) ahead of the tests folder, which holds the kill callback
+    paths = [os.environ.get("PYTHONPATH"), str(ROOT / "tests")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     return subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=600)
 
