@@ -399,6 +399,11 @@ def test_evaluate_rejects_too_few_images_for_the_inception_score(tiny, extractor
 # -- varlib-tokenize ----------------------------------------------------------------------------------
 
 
+def all_rows(dataset: TokenDataset, flipped: bool = False) -> torch.Tensor:
+    """Every stored token row (N, L) of a cache split, in order."""
+    return torch.stack([dataset.row(i, flipped=flipped) for i in range(len(dataset))])
+
+
 def sorted_split_images(root: Path, split: str) -> list[tuple[Image.Image, int]]:
     """The decodable images of a class-folder split in ImageFolderDataModule order, with labels."""
     items = []
@@ -422,15 +427,37 @@ def test_tokenize_image_folder_writes_a_deterministic_readable_cache(tiny, image
     cache.setup("fit")
     assert (cache.num_classes, cache.vocab_size, cache.patch_nums) == (2, 32, (1, 2, 4, 8, 16))
     index = json.loads((out_dir / "index.json").read_text())
-    assert len(index["splits"]["train"]) == 2  # batches of 3 + 3 (the corrupt file is dropped), shard_size 2
+    assert len(index["splits"]["train"]) == 4  # 7 files (one corrupt) in shards of 2
+    assert index["skipped"] == {"train": 1, "val": 0} and result.skipped == {"train": 1, "val": 0}
     transform = ImageTransform(SIDE, train=False)
     for split, dataset in (("train", cache.train_set), ("val", cache.val_set)):
         items = sorted_split_images(image_folder, split)
         images = torch.stack([transform(image) for image, _ in items])
         np.testing.assert_array_equal(dataset.labels.numpy(), [label for _, label in items])
-        torch.testing.assert_close(dataset.tokens.long(), torch.cat(var.vae.encode_tokens(images), dim=1))
+        torch.testing.assert_close(all_rows(dataset).long(), torch.cat(var.vae.encode_tokens(images), dim=1))
         flipped = torch.cat([load_file(str(out_dir / name))["tokens_flip"] for name in index["splits"][split]])
         torch.testing.assert_close(flipped.long(), torch.cat(var.vae.encode_tokens(images.flip(-1)), dim=1))
+        torch.testing.assert_close(all_rows(dataset, flipped=True), flipped)
+
+
+def test_tokenize_processes_share_the_shards_through_rank_and_world_size(tiny, image_folder, tmp_path, monkeypatch):
+    _, path = tiny
+    out_dir = tmp_path / "cache"
+    overrides = [f"tokenizer={path}", "data=imagefolder", f"data.root={image_folder}", "data.num_workers=0",
+                 "splits=[train]", "shard_size=2", "device=cpu", f"out_dir={out_dir}"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    second = tokenize.run(compose_config("tokenize", overrides))
+    # 7 files in shards of 2 (a/0 a/1 | a/2 a/9_corrupt | b/0 b/1 | b/2): rank 1 takes shards 1 and 3
+    assert second.counts == {"train": 2} and second.skipped == {"train": 1}
+    assert sorted(p.name for p in out_dir.iterdir()) == ["train-00001.safetensors", "train-00003.safetensors"]
+    monkeypatch.setenv("RANK", "0")
+    first = tokenize.run(compose_config("tokenize", overrides))
+    assert first.counts == {"train": 4} and first.skipped == {"train": 0}
+    assert read_index(out_dir)["skipped"] == {"train": 1} and len(TokenDataset(out_dir, "train")) == 6
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
+        tokenize.run(compose_config("tokenize", overrides))
 
 
 def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
@@ -444,7 +471,7 @@ def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
     vae = varlib.load_official_vqvae(tmp_path / "vae.pth", patch_nums=(1, 2, 3, 4))
     transform = ImageTransform(64, train=False)  # the official tokenizer downsamples by 16: 4 x 16 px
     images = torch.stack([transform(image) for image, _ in sorted_split_images(image_folder, "val")])
-    tokens = TokenDataset(str(tmp_path / "cache"), "val").tokens
+    tokens = all_rows(TokenDataset(str(tmp_path / "cache"), "val"))
     torch.testing.assert_close(tokens.long(), torch.cat(vae.encode_tokens(images), dim=1))
 
 
@@ -460,7 +487,7 @@ def test_tokenize_defaults_to_the_emoji_data(tiny, tmp_path):
     assert result.counts == {"val": len(emoji.val_set)}
     cache = TokenDataset(str(tmp_path), "val")
     images = torch.stack([emoji.val_set[i][0] for i in range(len(emoji.val_set))])
-    torch.testing.assert_close(cache.tokens.long(), torch.cat(var.vae.encode_tokens(images), dim=1))
+    torch.testing.assert_close(all_rows(cache).long(), torch.cat(var.vae.encode_tokens(images), dim=1))
     assert read_index(tmp_path)["num_classes"] == emoji.num_classes
 
 

@@ -1,9 +1,14 @@
 """varlib's own model files round-trip through varlib.load."""
 
+import json
+import sys
+import types
+
 import pytest
 import torch
 
 import varlib
+from varlib.models.sampling import SamplingConfig
 
 
 def test_tokenizer_and_var_files_round_trip(tiny_models, tmp_path):
@@ -26,3 +31,95 @@ def test_load_rejects_foreign_files(tiny_models, tmp_path):
         varlib.load(tmp_path / "official.pth")
     with pytest.raises(FileNotFoundError):
         varlib.load(tmp_path / "absent.safetensors")
+
+
+def test_save_pretrained_round_trip_gives_equal_outputs(tiny_models, tmp_path, monkeypatch):
+    vae, var, b = tiny_models
+    monkeypatch.setattr(var, "sampling", SamplingConfig(cfg=2.5, top_k=7, top_p=0.9))
+    folder = var.save_pretrained(tmp_path / "var")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["kind"] == "var" and config["var_config"]["depth"] == var.depth
+    assert config["sampling"] == {"cfg": 2.5, "top_k": 7, "top_p": 0.9}
+    assert config["vae_config"]["vocab_size"] == vae.vocab_size
+
+    loaded = varlib.VAR.from_pretrained(folder)
+    assert isinstance(loaded, varlib.VAR) and not loaded.training and loaded.config == var.config
+    assert loaded.sampling == var.sampling
+    for name, tensor in var.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    images = var.generate([1, 2], seed=3)
+    assert torch.equal(loaded.generate([1, 2], seed=3), images)
+    labels = torch.tensor([0, 3])
+    x_BLCv = torch.randn(2, var.L - 1, var.code_channels, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(labels, x_BLCv), var(labels, x_BLCv))
+    # the same file also opens with varlib.load, settings included
+    assert varlib.load(folder / "model.safetensors").sampling == var.sampling
+
+    tokenizer = varlib.MultiScaleVQVAE.from_pretrained(vae.save_pretrained(tmp_path / "tok"))
+    assert torch.equal(tokenizer.decode_tokens(b["vq"]["idx_Bl"]), vae.decode_tokens(b["vq"]["idx_Bl"]))
+    with pytest.raises(ValueError, match="holds a MultiScaleVQVAE, expected a VAR"):
+        varlib.VAR.from_pretrained(tmp_path / "tok")
+
+
+def test_generate_uses_the_models_sampling_settings_and_explicit_arguments_win(tiny_models, tmp_path, monkeypatch):
+    _, var, _ = tiny_models
+    monkeypatch.setattr(var, "sampling", SamplingConfig(cfg=3.0, top_k=1, top_p=0.0))
+    loaded = varlib.VAR.from_pretrained(var.save_pretrained(tmp_path / "var"))
+    default = loaded.generate([1, 2, 3], seed=0)
+    assert torch.equal(default, loaded.generate([1, 2, 3], seed=0, cfg=3.0, top_k=1, top_p=0.0))
+    # top_k=1 is greedy: the seed no longer matters, unlike with the filter switched off explicitly
+    assert torch.equal(default, loaded.generate([1, 2, 3], seed=1))
+    unfiltered = loaded.generate([1, 2, 3], seed=0, top_k=0)
+    assert not torch.equal(unfiltered, default)
+    assert torch.equal(unfiltered, var.generate([1, 2, 3], seed=0, cfg=3.0, top_k=0, top_p=0.0))
+
+
+def test_config_json_edits_change_the_recommended_settings(tiny_models, tmp_path):
+    _, var, _ = tiny_models
+    folder = var.save_pretrained(tmp_path / "var")
+    config = json.loads((folder / "config.json").read_text())
+    config["sampling"]["top_k"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    assert varlib.VAR.from_pretrained(folder).sampling.top_k == 5
+    config["sampling"]["temperature"] = 2.0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown keys \\['temperature'\\]"):
+        varlib.VAR.from_pretrained(folder)
+    with pytest.raises(ValueError, match="top_p in \\[0, 1\\]"):
+        SamplingConfig(top_p=1.5)
+
+
+def test_from_pretrained_names_what_is_missing(tiny_models, tmp_path, monkeypatch):
+    _, var, _ = tiny_models
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="expected config.json"):
+        varlib.VAR.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
+        varlib.VAR.from_pretrained(tmp_path / "absent" / "deeper" / "folder")
+    varlib.save_var(var, tmp_path / "var.safetensors")
+    with pytest.raises(ValueError, match="varlib.load opens files"):
+        varlib.VAR.from_pretrained(tmp_path / "var.safetensors")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ImportError, match="needs the huggingface_hub package"):
+        varlib.VAR.from_pretrained("someone/var-d16")
+
+
+def test_from_pretrained_downloads_repo_ids_through_huggingface_hub(tiny_models, tmp_path, monkeypatch):
+    _, var, _ = tiny_models
+    folder = var.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        if repo_id == "someone/offline":
+            raise ConnectionError("no network")
+        return str(folder)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    loaded = varlib.VAR.from_pretrained("someone/var-d2", revision="v1")
+    assert calls == [("someone/var-d2", "v1", ("config.json", "model.safetensors"))]
+    assert torch.equal(loaded.generate([0], seed=0), var.generate([0], seed=0))
+    with pytest.raises(OSError, match="needs network access.*local folder works offline"):
+        varlib.VAR.from_pretrained("someone/offline")

@@ -34,6 +34,15 @@ def test_project_dir_is_the_repository_unless_the_variable_is_set(tmp_path, monk
     assert project_dir() == tmp_path
 
 
+def test_project_dir_of_an_installed_package_is_the_current_directory(tmp_path, monkeypatch):
+    import varlib
+
+    monkeypatch.delenv(PROJECT_DIR_VARIABLE, raising=False)
+    monkeypatch.setattr(varlib, "__file__", str(tmp_path / "lib" / "site-packages" / "varlib" / "__init__.py"))
+    monkeypatch.chdir(tmp_path)
+    assert project_dir() == tmp_path
+
+
 def test_prepare_models_uses_the_demo_files_without_training(tmp_path, monkeypatch):
     monkeypatch.setenv(PROJECT_DIR_VARIABLE, str(tmp_path))
     demo = ModelFiles(tmp_path / "outputs" / "demo", "demo")

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import varlib
-from varlib.training.tokenizer_eval import CodebookUsage, image_grid
+from varlib.training.tokenizer_eval import CodebookUsage
 from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss, lr_multiplier
 from varlib.training.tokenizer_module import TokenizerModule
 
@@ -218,14 +218,6 @@ def test_codebook_usage_metric_counts_each_code_once():
     assert usage.compute().item() == pytest.approx(3 / 8)
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         usage.update(torch.tensor([8]))
-
-
-def test_image_grid_places_images_row_by_row():
-    images = torch.stack([torch.full((3, 4, 5), v) for v in (-1.0, 0.0, 1.0)])
-    grid = image_grid(images, num_columns=2, padding=1)
-    assert grid.shape == (3, 2 * 5 + 1, 2 * 6 + 1)
-    assert grid[:, 1:5, 1:6].eq(0.0).all() and grid[:, 1:5, 7:12].eq(0.5).all()
-    assert grid[:, 6:10, 1:6].eq(1.0).all() and grid[:, 6:10, 7:12].eq(1.0).all()  # third image, then white
 
 
 # ------------------------------------------------------------------------------------------------ codebook restarts

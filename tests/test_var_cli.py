@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import varlib
-from varlib.data.token_cache import tokenize_to_cache
+from varlib.data.tokenizing import tokenize_to_cache
 from varlib.models.vqvae import MultiScaleVQVAE
 
 ROOT = Path(__file__).resolve().parents[1]

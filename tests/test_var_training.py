@@ -8,8 +8,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import varlib
-from varlib.data.token_cache import TokenCacheDataModule, tokenize_to_cache
+from varlib.data.token_cache import TokenCacheDataModule
+from varlib.data.tokenizing import tokenize_to_cache
 from varlib.evaluation.per_scale import per_scale_metrics
+from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.schedules import (
     cosine_weight_decay,
@@ -120,8 +122,7 @@ def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
 def test_token_cache_round_trip_and_training(tmp_path):
     vae = tiny_vae()
     data = ImageData(n=12, batch_size=4)
-    n = tokenize_to_cache(vae, data.train_dataloader(), tmp_path / "cache", "train", num_classes=3, with_flip=True,
-                          shard_size=5)
+    n = tokenize_to_cache(vae, data.train_dataloader(), tmp_path / "cache", "train", num_classes=3, with_flip=True)
     tokenize_to_cache(vae, data.val_dataloader(), tmp_path / "cache", "val", num_classes=3)
     assert n == 12
     cache = TokenCacheDataModule(str(tmp_path / "cache"), batch_size=4, use_flip=True)
@@ -131,7 +132,7 @@ def test_token_cache_round_trip_and_training(tmp_path):
     want = torch.cat(vae.encode_tokens(data.images[5:6]), dim=1)[0]
     assert torch.equal(tokens, want) and label == data.labels[5]
     flip_want = torch.cat(vae.encode_tokens(data.images[5:6].flip(-1)), dim=1)[0]
-    assert any(torch.equal(cache.train_set.flipped[i].long(), flip_want) for i in range(12))
+    assert any(torch.equal(cache.train_set.row(i, flipped=True).long(), flip_want) for i in range(12))
     module = VARModule(var=TINY_VAR, vae=vae)
     from_tokens = module.tokens_and_input((tokens[None], label[None]))
     from_image = module.tokens_and_input((data.images[5:6], data.labels[5:6]))
@@ -157,3 +158,29 @@ def test_bad_configuration_fails_early(tmp_path):
         VARModule(var=TINY_VAR, vae=tiny_vae(), base_lr=0)
     with pytest.raises(FileNotFoundError):
         VARModule(var=TINY_VAR, tokenizer_path=str(tmp_path / "absent.safetensors"))
+
+
+def test_validation_logs_a_class_conditional_sample_grid_and_exports_the_sampling_settings(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), grid_classes=5, grid_per_class=2,
+                       sampling={"cfg": 2.0, "top_k": 4, "top_p": 0.9})
+    assert module.var.sampling == SamplingConfig(cfg=2.0, top_k=4, top_p=0.9)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        val_check_interval=1, logger=TensorBoardLogger(tmp_path, name="tb", version=""))
+    trainer.fit(module, datamodule=ImageData(n=4, batch_size=2))
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    grids = events.Images("val/samples")
+    assert [g.step for g in grids] == [1, 2]  # one per validation, none in the sanity check
+    # the 3 classes of the model (fewer than grid_classes) in columns, 2 rows; 64 px images, 2 px padding
+    assert (grids[-1].width, grids[-1].height) == (3 * 66 + 2, 2 * 66 + 2)
+    generated = module.generate_images(torch.arange(3), seed=0)
+    assert torch.equal(generated, module.var.generate(torch.arange(3), seed=0, cfg=2.0, top_k=4, top_p=0.9))
+
+    module.export(tmp_path / "var.safetensors")
+    assert varlib.load(tmp_path / "var.safetensors").sampling == module.var.sampling
+    with pytest.raises(ValueError, match="grid_classes >= 0"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), grid_classes=-1)

@@ -1,5 +1,7 @@
 """varlib: Visual Autoregressive modeling (next-scale prediction) in plain PyTorch, Lightning and Hydra."""
 
+__version__ = "0.1.0"
+
 from varlib.io import load, save_tokenizer, save_var
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE

@@ -1,25 +1,39 @@
 """varlib's own model files: safetensors weights plus the constructor config in the file's metadata.
 
 A tokenizer file holds ``MultiScaleVQVAE`` weights; a VAR file holds the transformer under ``var.`` and its
-tokenizer under ``vae.``, so one file is enough to sample. :func:`load` also opens Lightning checkpoints
-written by varlib's training modules (read with ``torch.load(weights_only=True)``).
+tokenizer under ``vae.``, so one file is enough to sample, and the VAR's recommended sampling settings
+(``VAR.sampling``). :func:`load` also opens Lightning checkpoints written by varlib's training modules (read
+with ``torch.load(weights_only=True)``).
+
+:func:`save_pretrained` / :func:`from_pretrained` share models as the Hugging Face Hub does: a folder with
+``model.safetensors`` (the file above) and ``config.json`` (the same configs, readable); ``from_pretrained``
+also takes a Hub repo id, downloaded with the optional ``huggingface_hub`` package.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import asdict
+from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.official import load_strict
 
 FORMAT = "varlib/1"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# metadata entries that hold JSON objects (safetensors metadata values are strings)
+JSON_ENTRIES = ("vae_config", "var_config", "sampling")
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _plain_config(config: Mapping) -> dict:
@@ -37,6 +51,7 @@ def model_metadata(vae: MultiScaleVQVAE, var: VAR | None = None) -> dict[str, st
             "vae_config": json.dumps(_plain_config(vae.config))}
     if var is not None:
         meta["var_config"] = json.dumps(_plain_config(var.config))
+        meta["sampling"] = json.dumps(asdict(var.sampling))
     return meta
 
 
@@ -69,6 +84,38 @@ def _split(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, state dict) of a varlib ``.safetensors`` file or Lightning checkpoint (tensors on the CPU)."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("kind") == "tokenizer":
+            state = {"vae." + k: v for k, v in state.items()}
+        return meta, state
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt.get("varlib", {}) if isinstance(ckpt, Mapping) else {}
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, Mapping) else {}
+    return meta, state
+
+
+def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> MultiScaleVQVAE | VAR:
+    """The model that ``meta`` describes (the metadata of :func:`model_metadata`), with weights from ``state``
+    (tokenizer weights under ``vae.``, transformer weights under ``var.``), in eval mode on the CPU."""
+    if meta.get("format") != FORMAT or meta.get("kind") not in ("tokenizer", "var"):
+        raise ValueError(
+            f"{source} is not a varlib model file (expected metadata format={FORMAT!r} and kind 'tokenizer' or 'var'); "
+            "official checkpoints load with load_official_vqvae / load_official_var"
+        )
+    vae = build_tokenizer(json.loads(meta["vae_config"]), _split(state, "vae.")).eval()
+    if meta["kind"] == "tokenizer":
+        return vae
+    var = build_var(json.loads(meta["var_config"]), vae.requires_grad_(False), _split(state, "var."))
+    if "sampling" in meta:  # files written before sampling settings existed keep VAR's defaults
+        var.sampling = SamplingConfig.from_dict(json.loads(meta["sampling"]))
+    return var.eval()
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE | VAR:
     """Opens a varlib model file (safetensors) or a varlib Lightning checkpoint, in eval mode.
 
@@ -78,23 +125,69 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiSc
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model file at {path}")
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+    meta, state = _read(path)
+    return _build(meta, state, path).to(device)
+
+
+def save_pretrained(model: MultiScaleVQVAE | VAR, directory: str | os.PathLike,
+                    var_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Writes ``directory/model.safetensors`` (as :func:`save_var` / :func:`save_tokenizer`) and
+    ``directory/config.json`` (format, kind, the constructor configs and, for a VAR, its sampling settings).
+
+    The folder is what :func:`from_pretrained` reads and what a Hugging Face Hub model repo holds.
+    ``var_state`` replaces the transformer's state dict as in :func:`save_var`. Returns the folder.
+    """
+    if not isinstance(model, (VAR, MultiScaleVQVAE)):
+        raise ValueError(f"expected a VAR or a MultiScaleVQVAE, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, VAR):
+        save_var(model, directory / WEIGHTS_NAME, var_state)
+        meta = model_metadata(model.vae, model)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        meta = ckpt.get("varlib", {}) if isinstance(ckpt, Mapping) else {}
-        state = ckpt.get("state_dict", {}) if isinstance(ckpt, Mapping) else {}
-    if meta.get("format") != FORMAT or meta.get("kind") not in ("tokenizer", "var"):
-        raise ValueError(
-            f"{path} is not a varlib model file (expected metadata format={FORMAT!r} and kind 'tokenizer' or 'var'); "
-            "official checkpoints load with load_official_vqvae / load_official_var"
-        )
-    vae_config = json.loads(meta["vae_config"])
-    if meta["kind"] == "tokenizer":
-        vae_state = state if path.endswith(".safetensors") else _split(state, "vae.")
-        return build_tokenizer(vae_config, vae_state).to(device).eval()
-    vae = build_tokenizer(vae_config, _split(state, "vae.")).eval().requires_grad_(False)
-    var = build_var(json.loads(meta["var_config"]), vae, _split(state, "var."))
-    return var.to(device).eval()
+        save_tokenizer(model, directory / WEIGHTS_NAME)
+        meta = model_metadata(model)
+    config = {k: json.loads(v) if k in JSON_ENTRIES else v for k, v in meta.items()}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+                    revision: str | None = None) -> MultiScaleVQVAE | VAR:
+    """A model from a :func:`save_pretrained` folder or a Hugging Face Hub repo id (``"user/model"``).
+
+    A local folder works offline. ``config.json`` decides the architecture and the sampling settings (edit
+    it to change the recommended ones); ``model.safetensors`` gives the weights. A repo id is downloaded with
+    ``huggingface_hub`` (``pip install 'varlib[hub]'``) at ``revision`` and needs the network (or the Hub
+    cache); both absences raise an error that says so.
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        folder = _download(os.fspath(name_or_path), revision)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a varlib pretrained folder: expected {path.name} "
+                                    f"(written by varlib.save_pretrained), got nothing there")
+    config = json.loads(config_path.read_text())
+    meta = {k: json.dumps(v) if k in JSON_ENTRIES else v for k, v in config.items()}
+    _, state = _read(os.fspath(weights_path))
+    return _build(meta, state, os.fspath(folder)).to(device)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of a Hub repo's config.json and model.safetensors."""
+    if os.path.isfile(repo_id):
+        raise ValueError(f"{repo_id} is a file; from_pretrained takes a folder or a Hub repo id (varlib.load opens files)")
+    if not HUB_REPO_ID.fullmatch(repo_id):
+        raise FileNotFoundError(f"no pretrained folder at {repo_id} (and it is not a Hub repo id 'user/model')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{repo_id!r} is not a local folder; downloading it as a Hub repo id needs the "
+                          "huggingface_hub package (pip install 'varlib[hub]') and network access") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as error:  # huggingface_hub raises many types (offline, not found, gated, HTTP errors)
+        raise OSError(f"could not download {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: {error}); "
+                      "a repo id needs network access or a filled Hub cache, a local folder works offline") from error

@@ -9,7 +9,8 @@ reused, so the notebooks share that run whichever of them comes first. Pictures 
 blobs: it shows the mechanics, not the quality.
 
 ``<project>`` is ``$VARLIB_PROJECT_DIR`` when set (the notebook tests point it at a temporary folder), else the
-repository root, where ``make demo`` and ``varlib-train --multirun`` write.
+repository root when varlib runs from a source checkout (where ``make demo`` and ``varlib-train --multirun``
+write), else the current directory (an installed wheel).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 import varlib
-from varlib.cli.common import CONFIG_DIR
 from varlib.cli.demo import train_stage
 
 PROJECT_DIR_VARIABLE = "VARLIB_PROJECT_DIR"
@@ -79,8 +79,12 @@ class ModelFiles:
 
 
 def project_dir() -> Path:
-    """``$VARLIB_PROJECT_DIR`` when set, else the repository root (the folder holding ``conf/``)."""
-    return Path(os.environ.get(PROJECT_DIR_VARIABLE) or Path(CONFIG_DIR).parent)
+    """``$VARLIB_PROJECT_DIR`` when set, else the source checkout's root (the folder holding ``pyproject.toml``
+    and the ``conf/`` that ``varlib.conf`` links to), else the current directory."""
+    if os.environ.get(PROJECT_DIR_VARIABLE):
+        return Path(os.environ[PROJECT_DIR_VARIABLE])
+    checkout = Path(varlib.__file__).resolve().parents[2]
+    return checkout if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir() else Path.cwd()
 
 
 def train_once(experiment: str, out_dir: Path, overrides: Sequence[str]) -> Path:

@@ -14,11 +14,14 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from varlib.models.sampling import SamplingConfig
 from varlib.models.schedules import PRESETS, sequence_length
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 
 StateDict = Mapping[str, torch.Tensor]
+# The settings the official models' FID/IS were measured with (official README); official VARs sample with them.
+OFFICIAL_SAMPLING = SamplingConfig(cfg=1.5, top_k=900, top_p=0.96)
 
 
 def read_state_dict(source: str | os.PathLike | StateDict) -> dict[str, torch.Tensor]:
@@ -119,7 +122,7 @@ def load_official_var(source: str | os.PathLike | StateDict, vae: MultiScaleVQVA
     """Builds the VAR transformer from an official checkpoint on top of ``vae``, in eval mode.
 
     Depth, width, heads, classes, shared AdaLN and the patch schedule (256px or 512px) are inferred from
-    the weights; ``overrides`` replace any of them.
+    the weights; ``overrides`` replace any of them. ``sampling`` is set to the official FID settings.
     """
     sd = read_state_dict(source)
     config = {**var_config_from_state_dict(sd, vae.patch_nums), **overrides}
@@ -132,4 +135,5 @@ def load_official_var(source: str | os.PathLike | StateDict, vae: MultiScaleVQVA
         )
     var = VAR(vae, **config)
     load_strict(var, sd, f"VAR(depth={config['depth']})")
+    var.sampling = OFFICIAL_SAMPLING
     return var.eval()

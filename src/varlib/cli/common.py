@@ -30,8 +30,10 @@ from varlib.models.vqvae import MultiScaleVQVAE
 
 logger = logging.getLogger(__name__)
 
-# The repository's Hydra config folder (the package is installed in editable mode from the repository).
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+# The Hydra configs ship inside the package (src/varlib/conf links to the repository's conf/), so every entry
+# point finds them from any directory; users add their own folders with --config-dir or hydra.searchpath.
+CONFIG_MODULE = "varlib.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 # Exit status for bad input or configuration (2, as argparse uses for usage errors).
 USAGE_ERROR = 2
 #: The ``precision`` settings of the inference tools.

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
 from varlib.cli import train as train_cli
-from varlib.cli.common import CONFIG_DIR
+from varlib.cli.common import CONFIG_MODULE
 from varlib.data import EmojiDataModule
 from varlib.images import image_grid, save_png
 
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    """A config from ``conf/`` composed as the command line would, for use outside ``@hydra.main``."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    """A config from the packaged ``conf/`` composed as the command line would, for use outside ``@hydra.main``."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from varlib.cli.common import (
-    CONFIG_DIR,
+    CONFIG_PATH,
     check_sampling_options,
     inference_precision,
     load_var_model,
@@ -136,7 +136,7 @@ def run(cfg: DictConfig) -> EditResult:
     return EditResult(path=path, keep_mask=keep_HW)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="edit", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 

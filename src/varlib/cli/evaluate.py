@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from varlib.cli.common import (
-    CONFIG_DIR,
+    CONFIG_PATH,
     check_sampling_options,
     datamodule_config,
     generate_in_batches,
@@ -232,7 +232,7 @@ def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: i
     result.metrics_path.write_text(json.dumps(record, indent=1))
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from varlib.cli.common import (
-    CONFIG_DIR,
+    CONFIG_PATH,
     check_sampling_options,
     generate_in_batches,
     load_var_model,
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> SampleResult:
     return SampleResult(grid_path=grid_path, image_paths=paths, labels=labels)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="sample", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 

@@ -1,24 +1,30 @@
 """``varlib-tokenize``: encode a dataset into multi-scale token maps (``varlib.data.token_cache``).
 
-The DataModule comes from the ``data`` config group and is built at the tokenizer's resolution. Both
-splits are read deterministically: in order, without dropping the last batch, and with the centre-crop
-evaluation transform, because a cache is written once and reused for every epoch (random crops frozen
-into it would be one arbitrary draw; use ``with_flip`` for the one augmentation the cache supports).
-Configuration: ``conf/tokenize.yaml``.
+The DataModule comes from the ``data`` config group and is built at the tokenizer's resolution. Splits are
+read in order, without dropping the last batch, with the centre-crop evaluation transform, or with ``crops``
+random crops per image (the official random-crop augmentation, frozen into ``crops`` draws seeded per shard;
+training then picks one per step); ``with_flip`` adds mirrored twins. Several processes share the work:
+
+    torchrun --nproc-per-node 8 -m varlib.cli.tokenize tokenizer=vae.pth data=imagefolder data.root=... out_dir=...
+
+Each process (RANK of WORLD_SIZE, on cuda:LOCAL_RANK with device=auto) writes every WORLD_SIZE-th shard; a
+re-run skips finished shards (see ``varlib.data.tokenizing``). Configuration: ``conf/tokenize.yaml``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Subset
 
 from varlib.cli.common import (
-    CONFIG_DIR,
+    CONFIG_PATH,
     datamodule_config,
     inference_precision,
     instantiate_config,
@@ -30,7 +36,8 @@ from varlib.cli.common import (
 from varlib.data import ImageDataModule, ImageTransform, WebDatasetDataModule
 from varlib.data.base import check_int_at_least
 from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
-from varlib.data.token_cache import read_index, tokenize_to_cache
+from varlib.data.token_cache import read_index
+from varlib.data.tokenizing import Unit, distributed_rank, tokenize_split, units_of_range
 from varlib.models.schedules import validate_patch_nums
 
 logger = logging.getLogger(__name__)
@@ -39,29 +46,46 @@ SPLITS = ("train", "val")
 
 @dataclass
 class TokenizeResult:
-    """The cache folder and how many images each split holds."""
+    """The cache folder, and for this process how many images each split got and how many were skipped."""
 
     out_dir: Path
     counts: dict[str, int]
+    skipped: dict[str, int]
 
 
-def deterministic_loader(datamodule: ImageDataModule, split: str, resolution: int) -> DataLoader:
-    """The split's images in a fixed order with the centre-crop transform: batches (images (B,3,R,R), labels (B,))."""
-    transform = ImageTransform(resolution, train=False)
+class MultiCropTransform:
+    """Image -> (crops, 3, R, R): ``crops`` independent random crops of the official training transform."""
+
+    def __init__(self, resolution: int, crops: int):
+        self.crop, self.crops = ImageTransform(resolution, train=True), crops
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.crop(image) for _ in range(self.crops)])
+
+
+def split_units(datamodule: ImageDataModule, split: str, transform, shard_size: int) -> list[Unit]:
+    """The split cut into shard-sized units: ``shard_size`` images of a map-style dataset, one tar of a WebDataset."""
+    counter = datamodule.skip_counters[split]
     if isinstance(datamodule, WebDatasetDataModule):
         urls = datamodule.train_urls if split == "train" else datamodule.val_urls
         if urls is None:
             raise ValueError(f"split {split!r} needs data.val_urls, got null (or leave it out of splits)")
         decoder = ShardSampleDecoder(transform, datamodule.num_classes, datamodule.label_key, datamodule.image_keys)
-        pipeline = shard_pipeline(urls, decoder, CountingHandler(datamodule.skip_counters[split]), train=False)
-        return datamodule.make_loader(pipeline, train=False)
+
+        def tar_loader(url: str) -> DataLoader:
+            return datamodule.make_loader(shard_pipeline([url], decoder, CountingHandler(counter), train=False),
+                                          train=False)
+
+        return [Unit(i, (lambda url=url: tar_loader(url)), None, lambda: counter.value) for i, url in enumerate(urls)]
     datamodule.setup("fit")
     dataset = getattr(datamodule, f"{split}_set", None)
     if dataset is None or not hasattr(dataset, "transform"):
         raise ValueError(f"expected {type(datamodule).__name__} to hold a map-style {split}_set with a transform "
                          f"after setup, got {type(dataset).__name__}")
     dataset.transform = transform
-    return datamodule.make_loader(dataset, train=False)
+    return units_of_range(len(dataset), shard_size, lambda indices: datamodule.make_loader(Subset(dataset, indices),
+                                                                                             train=False),
+                          lambda: counter.value)
 
 
 def check_existing_cache(out_dir: Path, patch_nums: tuple[int, ...], vocab_size: int, num_classes: int) -> None:
@@ -83,8 +107,12 @@ def run(cfg: DictConfig) -> TokenizeResult:
     if not splits or any(split not in SPLITS for split in splits) or len(set(splits)) != len(splits):
         raise ValueError(f"splits must be distinct names among {list(SPLITS)}, got {splits}")
     check_int_at_least("shard_size", cfg.shard_size, 1)
+    check_int_at_least("crops", cfg.crops, 1)
+    rank, world_size = distributed_rank()
     device = resolve_device(cfg.device)
     resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     requested = None if cfg.patch_nums is None else validate_patch_nums(list(cfg.patch_nums))
     vae, patch_nums = load_tokenizer(cfg.tokenizer, device, requested)
     resolution = patch_nums[-1] * vae.downsample
@@ -100,19 +128,21 @@ def run(cfg: DictConfig) -> TokenizeResult:
         logger.info("data.hflip is ignored: the cache stores unflipped images (with_flip=true adds mirrored twins)")
     check_existing_cache(Path(cfg.out_dir), patch_nums, vae.vocab_size, datamodule.num_classes)
 
-    counts = {}
+    transform = ImageTransform(resolution, train=False) if cfg.crops == 1 else MultiCropTransform(resolution, cfg.crops)
+    counts, skipped = {}, {}
     for split in splits:
-        loader = deterministic_loader(datamodule, split, resolution)
+        units = split_units(datamodule, split, transform, cfg.shard_size)
         with inference_precision(cfg.precision, device):
-            counts[split] = tokenize_to_cache(vae, loader, cfg.out_dir, split, datamodule.num_classes, patch_nums,
-                                              with_flip=cfg.with_flip, shard_size=cfg.shard_size)
-        logger.info("%s: %d images tokenised", split, counts[split])
-    if datamodule.skipped:
-        logger.warning("%d unreadable images were skipped", datamodule.skipped)
-    return TokenizeResult(out_dir=Path(cfg.out_dir), counts=counts)
+            result = tokenize_split(vae, units, cfg.out_dir, split, datamodule.num_classes, patch_nums,
+                                    with_flip=cfg.with_flip, crops=cfg.crops, seed=cfg.seed, rank=rank,
+                                    world_size=world_size)
+        counts[split], skipped[split] = result["written"], result["skipped"]
+        logger.info("%s: %d images tokenised, %d unreadable ones skipped, %d finished shards kept (process %d of %d)",
+                    split, result["written"], result["skipped"], result["resumed"], rank, world_size)
+    return TokenizeResult(out_dir=Path(cfg.out_dir), counts=counts, skipped=skipped)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="tokenize", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="tokenize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 

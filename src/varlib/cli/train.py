@@ -30,9 +30,10 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from varlib.cli.common import datamodule_config
 
+from varlib.cli.common import CONFIG_PATH
+
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -180,7 +181,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
     return run(cfg)
 

@@ -1,113 +1,151 @@
 """Token cache: datasets pre-tokenised into multi-scale token maps, so VAR trains without the encoder.
 
-Layout of a cache directory::
+Layout of a cache directory (written by ``varlib-tokenize``, see ``varlib.data.tokenizing``)::
 
-    index.json                 {"format", "patch_nums", "vocab_size", "num_classes", "splits": {split: [shard files]}}
-    {split}-{i:05d}.safetensors  tokens (N, L) int16/int32, labels (N,) int64 [, tokens_flip (N, L)]
+    index.json                   {"format", "patch_nums", "vocab_size", "num_classes",
+                                  "splits": {split: [shard files]}, "skipped": {split: unreadable images}}
+    {split}-{i:05d}.safetensors  tokens (N, L) or (N, C, L) int16/int32, labels (N,) int64 [, tokens_flip]
 
 Each row holds the K token maps of one image concatenated in scale order (the first pn_0^2 entries are
-scale 0, ...). With ``with_flip`` the horizontally flipped twin is stored too, and training picks one of
-the two at random per sample (the official augmentation-free recipe corresponds to ``with_flip=False``).
+scale 0, ...). With C random crops per image (``crops``) a training sample picks one crop at random, and
+with ``with_flip`` the horizontally flipped twin half of the time (the official augmentation-free recipe is
+one centre crop, no flip).
+
+Shards are memory-mapped, never loaded whole: a process holds the labels (8 bytes per image) and touches
+only the token rows it reads. :class:`RankBlockSampler` gives each rank contiguous blocks of rows, so a
+rank reads about 1/world_size of the cache per epoch.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import os
+import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator
 
 import lightning as L
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
-from varlib.data.samplers import EpochShuffleSampler
-from varlib.models.vqvae import MultiScaleVQVAE
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 FORMAT = "varlib-token-cache/1"
+SAFETENSORS_DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
-@torch.no_grad()
-def tokenize_to_cache(
-    vae: MultiScaleVQVAE,
-    loader: DataLoader,
-    out_dir: str | os.PathLike,
-    split: str,
-    num_classes: int,
-    patch_nums: Sequence[int] | None = None,
-    with_flip: bool = False,
-    shard_size: int = 50_000,
-) -> int:
-    """Tokenises every ``(img, label)`` batch of ``loader`` into shards under ``out_dir``; returns the count.
+def memmap_safetensors(path: str | os.PathLike) -> dict[str, np.memmap]:
+    """Read-only memory maps of the integer tensors of a ``.safetensors`` file, without reading their data.
 
-    Batches that the loader's collate dropped entirely (``None``) are skipped.
+    The format is an 8-byte little-endian header length, a JSON header of ``{name: {dtype, shape,
+    data_offsets}}`` and the raw little-endian data.
     """
-    pns = tuple(vae.patch_nums if patch_nums is None else patch_nums)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.int16 if vae.vocab_size <= 2**15 else torch.int32
-    device = next(vae.parameters()).device
-    files, buffer, total = [], {"tokens": [], "labels": [], "tokens_flip": []}, 0
-
-    def flush():
-        if not buffer["labels"]:
-            return
-        name = f"{split}-{len(files):05d}.safetensors"
-        shard = {k: torch.cat(v) for k, v in buffer.items() if v}
-        save_file(shard, str(out / name))
-        files.append(name)
-        for v in buffer.values():
-            v.clear()
-
-    for batch in tqdm(loader, desc=f"tokenising {split}"):
-        if batch is None:
+    with open(path, "rb") as f:
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_size))
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
             continue
-        img, labels = batch
-        img = img.to(device)
-        buffer["tokens"].append(torch.cat(vae.encode_tokens(img, pns), dim=1).to(dtype).cpu())
-        if with_flip:
-            buffer["tokens_flip"].append(torch.cat(vae.encode_tokens(img.flip(-1), pns), dim=1).to(dtype).cpu())
-        buffer["labels"].append(labels.long().cpu())
-        total += labels.shape[0]
-        if sum(t.shape[0] for t in buffer["labels"]) >= shard_size:
-            flush()
-    flush()
-    index_path = out / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"splits": {}}
-    index.update(format=FORMAT, patch_nums=list(pns), vocab_size=vae.vocab_size, num_classes=num_classes)
-    index["splits"][split] = files
-    index_path.write_text(json.dumps(index, indent=1))
-    return total
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, expected one of {list(SAFETENSORS_DTYPES)}")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if end == begin:
+            arrays[name] = np.zeros(shape, SAFETENSORS_DTYPES[entry["dtype"]])
+        else:
+            arrays[name] = np.memmap(path, dtype=SAFETENSORS_DTYPES[entry["dtype"]], mode="r",
+                                     offset=8 + header_size + begin, shape=shape)
+    return arrays
 
 
 class TokenDataset(Dataset):
-    """Rows of a cache split: ``(tokens (L,) int64, label)``; with flips, a random twin in training."""
+    """Rows of a cache split: ``(tokens (L,) int64, label)``, read lazily from memory-mapped shards.
 
-    def __init__(self, root: str | os.PathLike, split: str, use_flip: bool = False):
+    ``train=True`` picks one of the stored crops and, with ``use_flip``, the mirrored twin half of the time;
+    otherwise the first crop, unflipped. ``labels`` (N,) is held in memory; token rows are not.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, use_flip: bool = False, train: bool = False):
         root = Path(root)
         index = read_index(root)
         if split not in index["splits"]:
             raise ValueError(f"token cache {root} has no split {split!r}; it has {sorted(index['splits'])}")
-        shards = [load_file(str(root / name)) for name in index["splits"][split]]
-        if not shards:
+        self.paths = [root / name for name in index["splits"][split]]
+        if not self.paths:
             raise ValueError(f"token cache {root} split {split!r} is empty")
-        self.tokens = torch.cat([s["tokens"] for s in shards])
-        self.labels = torch.cat([s["labels"] for s in shards])
-        has_flip = all("tokens_flip" in s for s in shards)
-        if use_flip and not has_flip:
+        self.use_flip, self.train = use_flip, train
+        shards = [memmap_safetensors(p) for p in self.paths]
+        if use_flip and not all("tokens_flip" in s for s in shards):
             raise ValueError(f"token cache {root} split {split!r} was written without flipped twins (with_flip)")
-        self.flipped = torch.cat([s["tokens_flip"] for s in shards]) if use_flip else None
+        self.labels = torch.from_numpy(np.concatenate([np.asarray(s["labels"]) for s in shards]))
+        self.offsets = np.cumsum([0] + [s["labels"].shape[0] for s in shards]).tolist()
+        self.crops = shards[0]["tokens"].shape[1] if shards[0]["tokens"].ndim == 3 else 1
+        self._shards: list[dict[str, np.memmap]] | None = None  # opened lazily in each DataLoader worker
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None}
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def row(self, i: int, crop: int = 0, flipped: bool = False) -> torch.Tensor:
+        """The stored tokens (L,) of image ``i`` (its ``crop``-th crop, mirrored twin if ``flipped``)."""
+        if self._shards is None:
+            self._shards = [memmap_safetensors(p) for p in self.paths]
+        shard = bisect.bisect_right(self.offsets, i) - 1
+        rows = self._shards[shard]["tokens_flip" if flipped else "tokens"]
+        row = rows[i - self.offsets[shard]]
+        return torch.from_numpy(np.array(row[crop] if self.crops > 1 else row))
+
     def __getitem__(self, i: int):
-        tokens = self.tokens[i]
-        if self.flipped is not None and torch.rand(()) < 0.5:
-            tokens = self.flipped[i]
-        return tokens.long(), self.labels[i]
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} rows")
+        crop, flipped = 0, False
+        if self.train:
+            crop = int(torch.randint(self.crops, ()))
+            flipped = self.use_flip and bool(torch.rand(()) < 0.5)
+        return self.row(i, crop, flipped).long(), self.labels[i]
+
+
+class RankBlockSampler(DistributedSampler):
+    """Each epoch: the rows cut into blocks of ``block_size`` consecutive rows, the blocks shuffled with
+    ``seed + epoch`` and dealt to the ranks in turn, then each rank's rows shuffled.
+
+    A rank thus reads only its share of the memory-mapped cache, in long contiguous runs, and the order depends
+    only on (seed, epoch, rank, world size): a resumed run replays it. Every rank yields the same number of rows
+    (the shortest share), as DDP needs. Being a DistributedSampler, Lightning uses it as is under DDP/FSDP.
+    """
+
+    def __init__(self, num_rows: int, block_size: int = 1024, num_replicas: int | None = None,
+                 rank: int | None = None, seed: int = 0):
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if block_size < 1 or num_rows < num_replicas:
+            raise ValueError(f"expected block_size >= 1 and at least one row per rank, got block_size {block_size} "
+                             f"and {num_rows} rows for {num_replicas} ranks")
+        self.num_rows, self.num_replicas, self.rank, self.seed, self.epoch = num_rows, num_replicas, rank, seed, 0
+        self.block_size = min(block_size, num_rows // num_replicas)  # every rank gets at least one block
+        full, rest = divmod(num_rows, self.block_size)
+        blocks_per_rank = (full + (rest > 0)) // num_replicas
+        # the shortest share: blocks_per_rank blocks, the partial one among them
+        self.num_samples = blocks_per_rank * self.block_size - (self.block_size - rest if rest else 0)
+
+    def _blocks(self, generator: torch.Generator) -> list[range]:
+        starts = torch.randperm(math.ceil(self.num_rows / self.block_size), generator=generator).tolist()
+        return [range(s * self.block_size, min((s + 1) * self.block_size, self.num_rows)) for s in starts]
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        mine = [i for block in self._blocks(generator)[self.rank::self.num_replicas] for i in block]
+        order = torch.randperm(len(mine), generator=generator)[: self.num_samples].tolist()
+        return iter(mine[j] for j in order)
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def read_index(root: str | os.PathLike) -> dict:
@@ -123,16 +161,18 @@ def read_index(root: str | os.PathLike) -> dict:
 class TokenCacheDataModule(L.LightningDataModule):
     """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``.
 
-    The training order depends only on ``shuffle_seed`` and the epoch, so a resumed run replays it exactly.
+    The training order depends only on ``shuffle_seed`` and the epoch, so a resumed run replays it exactly;
+    under DDP/FSDP each rank reads its own blocks of ``block_size`` rows (:class:`RankBlockSampler`).
     """
 
     def __init__(self, root: str, batch_size: int = 64, num_workers: int = 0, use_flip: bool = False,
-                 train_split: str = "train", val_split: str = "val", shuffle_seed: int = 0):
+                 train_split: str = "train", val_split: str = "val", shuffle_seed: int = 0, block_size: int = 1024):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root, self.batch_size, self.num_workers, self.use_flip = root, batch_size, num_workers, use_flip
         self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
+        self.block_size = block_size
         index = read_index(root)
         self.patch_nums = tuple(index["patch_nums"])
         self.num_classes = index["num_classes"]
@@ -141,11 +181,11 @@ class TokenCacheDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
-            self.train_set = TokenDataset(self.root, self.train_split, self.use_flip)
+            self.train_set = TokenDataset(self.root, self.train_split, self.use_flip, train=True)
             self.val_set = TokenDataset(self.root, self.val_split) if self.has_val else None
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.train_set), self.shuffle_seed)
+        sampler = RankBlockSampler(len(self.train_set), self.block_size, seed=self.shuffle_seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

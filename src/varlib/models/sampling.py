@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,36 @@ class SampleOutput:
     tokens: list[torch.Tensor]
     sampled: list[torch.Tensor]
     f_hat: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """A model's recommended sampling settings (what a generation config is to a language model).
+
+    ``VAR.generate`` uses them for every argument left out; model files carry them. The defaults sample the
+    plain guided distribution; VAR training stores the settings it is judged with (the official FID settings
+    cfg=1.5, top_k=900, top_p=0.96 by default).
+    """
+
+    cfg: float = 1.5
+    top_k: int = 0
+    top_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_sampling_values(self.cfg, self.top_k, self.top_p)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SamplingConfig":
+        """From a plain mapping (a model file's JSON); unknown keys are an error naming the known ones."""
+        unknown = set(values) - {"cfg", "top_k", "top_p"}
+        if unknown:
+            raise ValueError(f"sampling settings take cfg, top_k and top_p, got unknown keys {sorted(unknown)}")
+        return cls(**{k: type(getattr(cls, k))(v) for k, v in values.items()})
+
+
+def check_sampling_values(cfg: float, top_k: int, top_p: float) -> None:
+    if top_k < 0 or not 0.0 <= top_p <= 1.0 or cfg < 0:
+        raise ValueError(f"expected top_k >= 0, top_p in [0, 1], cfg >= 0; got {top_k}, {top_p}, {cfg}")
 
 
 @dataclass
@@ -134,8 +164,7 @@ def sample_token_maps(
     Returns:
         :class:`SampleOutput`.
     """
-    if top_k < 0 or not 0.0 <= top_p <= 1.0 or cfg < 0:
-        raise ValueError(f"expected top_k >= 0, top_p in [0, 1], cfg >= 0; got {top_k}, {top_p}, {cfg}")
+    check_sampling_values(cfg, top_k, top_p)
     labels_B = _as_labels(var, labels, batch_size)
     vae, quant = var.vae, var.vae.quantize
     B, pns, V, Cv = labels_B.shape[0], var.patch_nums, var.vocab_size, var.code_channels

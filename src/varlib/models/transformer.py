@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
-from varlib.models.sampling import SampleOutput, TokenConstraint, sample_token_maps
+from varlib.models.hub import PretrainedMixin
+from varlib.models.sampling import SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
 from varlib.models.schedules import scale_slices, sequence_length, validate_patch_nums
 from varlib.models.vqvae import MultiScaleVQVAE
 
@@ -27,7 +28,7 @@ def depth_scaled_shape(depth: int) -> dict:
     return dict(width=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24)
 
 
-class VAR(nn.Module):
+class VAR(PretrainedMixin, nn.Module):
     """Visual autoregressive transformer over the token maps of a frozen :class:`MultiScaleVQVAE`.
 
     The class embedding is both the start token (scale 0's input) and the AdaLN condition; class
@@ -100,6 +101,7 @@ class VAR(nn.Module):
                            norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
                            cond_drop_rate=cond_drop_rate, patch_nums=self.patch_nums)
         self.L = sequence_length(self.patch_nums)
+        self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
         init_std = math.sqrt(1 / width / 3) if init_std < 0 else init_std
 
         self.word_embed = nn.Linear(self.code_channels, width)
@@ -278,15 +280,18 @@ class VAR(nn.Module):
     def generate(
         self,
         labels,
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         more_smooth: bool = False,
         batch_size: int | None = None,
         compile: bool | str = False,
     ) -> torch.Tensor:
         """Class-conditional sampling (KV cache, guidance ramp, top-k/top-p).
+
+        ``cfg``, ``top_k`` and ``top_p`` left out (None) come from :attr:`sampling`, the model's recommended
+        settings that its file carries; given ones win.
 
         Args:
             labels: (B,) class indices in [0, num_classes] (num_classes = unconditional), a list, or one
@@ -298,8 +303,11 @@ class VAR(nn.Module):
         Returns:
             (B,3,H,W) images in [0,1].
         """
-        out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
-                                   more_smooth=more_smooth, batch_size=batch_size, compile=compile)
+        out = self.generate_tokens(labels, cfg=self.sampling.cfg if cfg is None else cfg,
+                                   top_k=self.sampling.top_k if top_k is None else top_k,
+                                   top_p=self.sampling.top_p if top_p is None else top_p,
+                                   seed=seed, more_smooth=more_smooth, batch_size=batch_size,
+                                   compile=compile)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varlib.models.hub import PretrainedMixin
 from varlib.models.quantizer import MultiScaleQuantizer, QuantizerOutput
 from varlib.models.schedules import PATCH_NUMS_256, validate_patch_nums
 
@@ -195,7 +196,7 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
 
-class MultiScaleVQVAE(nn.Module):
+class MultiScaleVQVAE(PretrainedMixin, nn.Module):
     """VAR's tokenizer: image <-> K token maps of growing resolution with one shared codebook.
 
     Args:

@@ -1,11 +1,9 @@
-"""Validation helpers for tokenizer training: codebook usage over a whole split and reconstruction grids."""
+"""Validation helpers for tokenizer training: codebook usage over a whole split."""
 
 from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
-
-from varlib.images import image_grid as tile_images
 
 
 class CodebookUsage(Metric):
@@ -35,8 +33,3 @@ class CodebookUsage(Metric):
     def compute(self) -> torch.Tensor:
         return (self.hits_V > 0).float().mean()
 
-
-def image_grid(images_NCHW: torch.Tensor, num_columns: int, padding: int = 2) -> torch.Tensor:
-    """Tiles N images (N,C,H,W) in [-1, 1] row by row on a white canvas -> (C, H', W') in [0, 1]."""
-    unit_NCHW = images_NCHW.detach().float().clamp(-1, 1).add(1).div(2)
-    return tile_images(unit_NCHW, columns=num_columns, padding=padding)

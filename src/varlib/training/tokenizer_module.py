@@ -33,6 +33,7 @@ from torch import nn
 from varlib.evaluation.generation_callback import images_from_batch, signed_float_to_uint8
 from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
+from varlib.images import image_grid
 from varlib.io import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -40,7 +41,7 @@ from varlib.training.discriminator import PatchDiscriminator
 from varlib.training.ema import ModelEMA
 from varlib.training.gan import gan_start_factor
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
-from varlib.training.tokenizer_eval import CodebookUsage, image_grid
+from varlib.training.tokenizer_eval import CodebookUsage
 from varlib.training.tokenizer_loss import (
     OptimConfig,
     TokenizerLossConfig,
@@ -297,7 +298,8 @@ class TokenizerModule(L.LightningModule):
 
     def _log_reconstruction_grid(self, img: torch.Tensor, recon: torch.Tensor) -> None:
         count = min(self.hparams.num_grid_images, img.shape[0])
-        grid = image_grid(torch.cat([img[:count], recon[:count]]), num_columns=count)
+        unit_NCHW = torch.cat([img[:count], recon[:count]]).detach().float().clamp(-1, 1).add(1).div(2)
+        grid = image_grid(unit_NCHW, columns=count)  # originals above their reconstructions
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/reconstructions", grid, self.global_step)

