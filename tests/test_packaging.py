@@ -20,7 +20,7 @@ import varlib
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CONFIGS = {"varlib-train": "train", "varlib-sample": "sample", "varlib-evaluate": "evaluate",
-               "varlib-edit": "edit", "varlib-tokenize": "tokenize"}
+               "varlib-edit": "edit", "varlib-tokenize": "tokenize", "varlib-reference": "reference"}
 
 
 def test_version_matches_the_installed_metadata():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from lightning.pytorch.strategies import DDPStrategy
 
+from varlib.cli.common import CONFIG_MODULE
 from varlib.cli.train import (
-    CONFIG_DIR,
     apply_global_batch_size,
     checkpoint_problem,
     device_count,
@@ -28,7 +28,7 @@ from varlib.training.tokenizer_module import TokenizerModule
 
 
 def compose_train(*overrides: str, hydra_config: bool = False):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
 
 

@@ -177,7 +177,8 @@ def test_validation_logs_a_class_conditional_sample_grid_and_exports_the_samplin
     assert [g.step for g in grids] == [1, 2]  # one per validation, none in the sanity check
     # the 3 classes of the model (fewer than grid_classes) in columns, 2 rows; 64 px images, 2 px padding
     assert (grids[-1].width, grids[-1].height) == (3 * 66 + 2, 2 * 66 + 2)
-    generated = module.generate_images(torch.arange(3), seed=0)
+    with module.image_generator() as generate:
+        generated = generate(torch.arange(3), 0)
     assert torch.equal(generated, module.var.generate(torch.arange(3), seed=0, cfg=2.0, top_k=4, top_p=0.9))
 
     module.export(tmp_path / "var.safetensors")

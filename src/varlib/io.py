@@ -129,20 +129,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiSc
     return _build(meta, state, path).to(device)
 
 
-def save_pretrained(model: MultiScaleVQVAE | VAR, directory: str | os.PathLike,
-                    var_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_pretrained(model: MultiScaleVQVAE | VAR, directory: str | os.PathLike) -> Path:
     """Writes ``directory/model.safetensors`` (as :func:`save_var` / :func:`save_tokenizer`) and
     ``directory/config.json`` (format, kind, the constructor configs and, for a VAR, its sampling settings).
 
-    The folder is what :func:`from_pretrained` reads and what a Hugging Face Hub model repo holds.
-    ``var_state`` replaces the transformer's state dict as in :func:`save_var`. Returns the folder.
+    The folder is what :func:`from_pretrained` reads and what a Hugging Face Hub model repo holds. Returns the
+    folder.
     """
     if not isinstance(model, (VAR, MultiScaleVQVAE)):
         raise ValueError(f"expected a VAR or a MultiScaleVQVAE, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(model, VAR):
-        save_var(model, directory / WEIGHTS_NAME, var_state)
+        save_var(model, directory / WEIGHTS_NAME)
         meta = model_metadata(model.vae, model)
     else:
         save_tokenizer(model, directory / WEIGHTS_NAME)

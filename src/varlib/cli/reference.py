@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from varlib.cli.common import (
-    CONFIG_DIR,
+    CONFIG_PATH,
     datamodule_config,
     instantiate_config,
     resolve_device,
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> ReferenceStatistics:
     return written
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="reference", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="reference", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 
