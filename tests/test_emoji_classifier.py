@@ -3,6 +3,8 @@ step progress bar of step-defined runs."""
 
 from __future__ import annotations
 
+import math
+
 import lightning
 import pytest
 import torch
@@ -121,6 +123,8 @@ def test_halfway_progress_is_zero_at_blurred_and_one_at_real():
               "blurred_8x8": {"class_accuracy": 0.3, "feature_distance": 21.0}}
     progress = halfway_progress({"class_accuracy": 0.45, "feature_distance": 6.0}, points)
     assert progress == pytest.approx({"class_accuracy": 0.5, "feature_distance": 0.75})
+    points["real"]["class_accuracy"] = 0.3
+    assert math.isnan(halfway_progress({"class_accuracy": 0.45, "feature_distance": 6.0}, points)["class_accuracy"])
 
 
 class CountingModule(lightning.LightningModule):
@@ -173,3 +177,35 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
     assert result.num_images == 18 and result.num_reference_images == 12
     assert result.metrics["fid"] == pytest.approx(fid_from_features(real_features, fake_features), rel=1e-4)
     assert 1.0 <= result.metrics["is_mean"] <= 9.0
+
+
+# -- make demo -------------------------------------------------------------------------------------------------
+
+
+def test_demo_stages_are_defined_by_steps_not_by_the_clock():
+    from varlib.cli.demo import compose_config
+
+    tokenizer = compose_config("train", ["experiment=demo_tokenizer"])
+    var = compose_config("train", ["experiment=var_emoji"])
+    for cfg in (tokenizer, var):
+        assert cfg.trainer.max_time is None and cfg.trainer.max_steps > 0
+        assert cfg.callbacks.progress_bar._target_ == "varlib.training.progress.StepProgressBar"
+    assert tokenizer.model.optim.decay_by_time is False
+
+
+@pytest.mark.slow
+def test_tiny_demo_writes_samples_and_classifier_figures(tmp_path):
+    import json
+
+    from varlib.cli.demo import run_demo
+
+    metrics = run_demo(tmp_path, ["trainer.max_steps=3", "model.vae.ch=16", "cpu_threads=1"],
+                       ["trainer.max_steps=3", "trainer.val_check_interval=3", "cpu_threads=1"],
+                       per_class=2, scored_per_class=3)
+    assert (tmp_path / "samples.png").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    emoji = metrics["emoji_classifier"]
+    assert emoji["per_class"] == 3 and set(emoji["calibration"]) == {"real", "blurred_8x8", "noise"}
+    assert 0.0 <= emoji["class_accuracy"] <= 1.0 and emoji["feature_distance"] >= 0.0
+    assert emoji["halfway_progress"] == pytest.approx(halfway_progress(emoji, emoji["calibration"]), nan_ok=True)
+    assert set(metrics["seconds"]) == {"tokenizer", "tokenize", "var", "sample", "score", "total"}

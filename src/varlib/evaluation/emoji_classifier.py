@@ -182,7 +182,10 @@ def calibration_points(classifier: EmojiClassifier, val_set, num_classes: int, p
 
 def halfway_progress(scores: dict[str, float], points: dict[str, dict[str, float]]) -> dict[str, float]:
     """Where ``scores`` lie from the 8x8-blurred point (0) to the real point (1), per figure (>= 0.5 is
-    at least halfway)."""
-    return {key: (scores[key] - points["blurred_8x8"][key]) / (points["real"][key] - points["blurred_8x8"][key])
-            for key in ("class_accuracy", "feature_distance")}
+    at least halfway); NaN where the two points coincide."""
+    progress = {}
+    for key in ("class_accuracy", "feature_distance"):
+        span = points["real"][key] - points["blurred_8x8"][key]
+        progress[key] = (scores[key] - points["blurred_8x8"][key]) / span if span != 0 else float("nan")
+    return progress
 
