@@ -487,3 +487,20 @@ def test_configs_list_every_constructor_argument(name: str, cls: type) -> None:
             continue
         value = OmegaConf.to_object(config[key]) if OmegaConf.is_config(config[key]) else config[key]
         assert value == (list(default) if isinstance(default, tuple) else default), key
+
+
+def test_class_balanced_sampler_evens_out_classes_and_replays_an_epoch():
+    from varlib.data.samplers import ClassBalancedEpochSampler
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    balanced = ClassBalancedEpochSampler(labels, class_balance=1.0, seed=3)
+    draw = list(balanced)
+    assert len(draw) == len(balanced) == 100
+    share_of_rare = (labels[draw] == 1).float().mean().item()
+    assert 0.35 < share_of_rare < 0.65  # 0.5 expected; 0.1 without balancing
+    assert list(balanced) == draw
+    balanced.set_epoch(1)
+    assert list(balanced) != draw
+    assert (labels[list(ClassBalancedEpochSampler(labels, 0.0, seed=3))] == 1).float().mean() < 0.25
+    with pytest.raises(ValueError, match=r"class_balance must be in \[0, 1\]"):
+        ClassBalancedEpochSampler(labels, 1.5)

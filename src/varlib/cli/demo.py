@@ -118,8 +118,8 @@ def run_demo(
     seconds["tokenize"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    var_metrics = train_stage("var_emoji", out / "var", [
-        "logger=csv", f"seed={seed}", f"data.root={cache_dir}", f"model.tokenizer_path={tokenizer_path}", *var_overrides])
+    var_metrics = train_stage("var_emoji", out / "var", ["logger=csv", f"seed={seed}", f"data.root={cache_dir}",
+                                                         f"model.tokenizer_path={tokenizer_path}", *var_overrides])
     seconds["var"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -28,3 +28,22 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ClassBalancedEpochSampler(EpochShuffleSampler):
+    """Draws ``len(labels)`` indices per epoch with replacement, an item of class c with probability
+    proportional to ``count(c) ** -class_balance``: 0 keeps the data's class mix, 1 makes every class equally
+    likely (for imbalanced data scored per class). Like ``EpochShuffleSampler``, the draw depends only on
+    (seed, epoch).
+    """
+
+    def __init__(self, labels_N: torch.Tensor, class_balance: float, seed: int = 0):
+        if not 0.0 <= class_balance <= 1.0:
+            raise ValueError(f"class_balance must be in [0, 1], got {class_balance!r}")
+        super().__init__(labels_N.shape[0], seed)
+        counts = torch.bincount(labels_N).double()
+        self.weights_N = counts[labels_N] ** -class_balance
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.multinomial(self.weights_N, self.num_samples, replacement=True, generator=generator).tolist())

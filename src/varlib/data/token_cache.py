@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from varlib.data.samplers import EpochShuffleSampler
+from varlib.data.samplers import ClassBalancedEpochSampler, EpochShuffleSampler
 from varlib.models.vqvae import MultiScaleVQVAE
 
 FORMAT = "varlib-token-cache/1"
@@ -124,15 +124,21 @@ class TokenCacheDataModule(L.LightningDataModule):
     """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``.
 
     The training order depends only on ``shuffle_seed`` and the epoch, so a resumed run replays it exactly.
+    ``class_balance`` > 0 draws training items with replacement, class c with weight count(c) ** -class_balance
+    (``ClassBalancedEpochSampler``; 1: every class equally often).
     """
 
     def __init__(self, root: str, batch_size: int = 64, num_workers: int = 0, use_flip: bool = False,
-                 train_split: str = "train", val_split: str = "val", shuffle_seed: int = 0):
+                 train_split: str = "train", val_split: str = "val", shuffle_seed: int = 0,
+                 class_balance: float = 0.0):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root, self.batch_size, self.num_workers, self.use_flip = root, batch_size, num_workers, use_flip
         self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
+        if isinstance(class_balance, bool) or not 0.0 <= class_balance <= 1.0:
+            raise ValueError(f"class_balance must be a number in [0, 1], got {class_balance!r}")
+        self.class_balance = class_balance
         index = read_index(root)
         self.patch_nums = tuple(index["patch_nums"])
         self.num_classes = index["num_classes"]
@@ -145,7 +151,10 @@ class TokenCacheDataModule(L.LightningDataModule):
             self.val_set = TokenDataset(self.root, self.val_split) if self.has_val else None
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.train_set), self.shuffle_seed)
+        if self.class_balance > 0:
+            sampler = ClassBalancedEpochSampler(self.train_set.labels, self.class_balance, self.shuffle_seed)
+        else:
+            sampler = EpochShuffleSampler(len(self.train_set), self.shuffle_seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
