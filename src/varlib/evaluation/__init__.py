@@ -8,6 +8,12 @@ from varlib.evaluation.adm_npz import (
     to_uint8_nhwc,
     write_adm_npz,
 )
+from varlib.evaluation.emoji_classifier import (
+    EmojiClassifier,
+    calibration_points,
+    emoji_scores,
+    load_emoji_classifier,
+)
 from varlib.evaluation.generation_callback import (
     GenerationMetricsCallback,
     gather_in_batch_order,
@@ -50,6 +56,7 @@ from varlib.evaluation.scaling import (
 
 __all__ = [
     "AdmNpzWriter",
+    "EmojiClassifier",
     "FeatureExtractor",
     "FrontierFit",
     "GenerationMetricsCallback",
@@ -63,8 +70,10 @@ __all__ = [
     "SCALING_RECORD_FILENAME",
     "ScalingRecord",
     "build_inception_extractor",
+    "calibration_points",
     "check_uint8_nhwc",
     "feature_statistics",
+    "emoji_scores",
     "fid_from_features",
     "find_inception_weights",
     "fit_compute_frontier",
@@ -76,6 +85,7 @@ __all__ = [
     "knn_radii",
     "load_adm_npz",
     "load_reference",
+    "load_emoji_classifier",
     "load_runs",
     "pareto_frontier",
     "plot_scaling_vs_compute",
