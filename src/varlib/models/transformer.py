@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
+from varlib.models.flops import flops_per_token, per_token_linear_params
 from varlib.models.hub import PretrainedMixin
 from varlib.models.sampling import SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
 from varlib.models.schedules import scale_slices, sequence_length, validate_patch_nums
@@ -300,11 +301,10 @@ class VAR(PretrainedMixin, nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 * non-embedding parameters plus attention,
-        12 * depth * C * (mean number of keys a query sees under the block-causal mask)."""
-        non_embedding = self.num_non_embedding_params()
-        visible_keys = sum(sl.stop * (sl.stop - sl.start) for sl in scale_slices(self.patch_nums)) / self.L
-        return 6 * non_embedding + 12 * self.depth * self.width * visible_keys
+        """Training FLOPs per token (forward + backward), the count of :mod:`varlib.models.flops`: 6 N over
+        the per-token linear layers (not the embeddings, not AdaLN, which runs once per image) plus the
+        block-causal attention."""
+        return flops_per_token(per_token_linear_params(self), self.depth, self.width, self.patch_nums)
 
     # -- inference -------------------------------------------------------------------------------
 
