@@ -7,15 +7,9 @@ through exactly the same timing loop.
 MFU (model FLOPs utilisation) of a training step::
 
     MFU = tokens_per_s * flops_per_token / peak_flops
-    flops_per_token = 6 * N + 12 * depth * L_eff * C
 
-``N`` counts the parameters of the linear layers applied to every token (word_embed, the attention qkv and
-output projections, both FFN layers and the head); the embedding tables and the AdaLN projections, which
-run once per image rather than per token, are left out. 6N is 2 FLOPs per multiply-add, times 3 for
-forward + backward. The attention term counts q.k and attention.v (2 * 2 * L_eff * C FLOPs forward per
-token and layer), times 3 for backward. ``L_eff`` is the exact mean number of keys a query sees under
-VAR's block-causal mask: a token of scale k attends to every token of scales 0..k, so
-``L_eff = sum_k pn_k^2 * (pn_0^2 + ... + pn_k^2) / L``. ``peak_flops`` is the device's dense bf16 peak.
+with ``flops_per_token`` the model's training FLOPs per token (``VAR.flops_per_token``, the count of
+:mod:`varlib.models.flops`) and ``peak_flops`` the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -35,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from varlib.models.schedules import sequence_length
 
 #: Dense bf16 peak TFLOP/s by a substring of ``torch.cuda.get_device_name()``; the first match wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -187,31 +180,7 @@ class PeakMemory:
             self.increase_bytes = peak - self._base if new_peak else None
 
 
-# -- FLOP accounting ------------------------------------------------------------------------------
-
-
-def visible_keys_per_query(patch_nums: Sequence[int]) -> float:
-    """L_eff: the mean number of keys a query attends to under the block-causal mask."""
-    seen, total = 0, 0
-    for pn in patch_nums:
-        seen += pn * pn
-        total += pn * pn * seen
-    return total / sequence_length(patch_nums)
-
-
-def per_token_linear_params(transformer: nn.Module) -> int:
-    """Parameters of the linear layers applied to every token (all ``nn.Linear`` but the AdaLN ones)."""
-    return sum(
-        p.numel()
-        for name, module in transformer.named_modules()
-        if isinstance(module, nn.Linear) and "ada_lin" not in name
-        for p in module.parameters(recurse=False)
-    )
-
-
-def training_flops_per_token(transformer: nn.Module, depth: int, width: int, patch_nums: Sequence[int]) -> float:
-    """6 N + 12 depth L_eff C (see the module docstring)."""
-    return 6 * per_token_linear_params(transformer) + 12 * depth * visible_keys_per_query(patch_nums) * width
+# -- peak FLOP/s ---------------------------------------------------------------------------------
 
 
 def default_peak_tflops(device_name: str) -> float | None:

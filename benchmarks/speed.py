@@ -46,9 +46,6 @@ from measurements import (
     measure_sampling,
     measure_tokenizer,
     measure_training,
-    per_token_linear_params,
-    training_flops_per_token,
-    visible_keys_per_query,
 )
 from official_runner import (
     OfficialUnavailable,
@@ -59,6 +56,7 @@ from official_runner import (
 )
 from varlib import VAR, MultiScaleVQVAE, load_official_var, load_official_vqvae
 from varlib.models.attention import ATTN_IMPLS
+from varlib.models.flops import per_token_linear_params, visible_keys_per_query
 from varlib.models.schedules import PRESETS, sequence_length, validate_patch_nums
 
 MEASUREMENTS = ("sampling", "train", "tokenizer")
@@ -268,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     vae, var = build_models(args)
     inputs = make_inputs(vae, var, args)
     run = RunSettings(args.device, torch.bfloat16 if args.dtype == "bf16" else None, args.steps, args.warmup)
-    flops_per_token = training_flops_per_token(var, var.depth, var.width, var.patch_nums)
+    flops_per_token = var.flops_per_token()
     result: dict = {"settings": {
         "device": str(args.device), "dtype": args.dtype, "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from varlib import VAR, MultiScaleVQVAE
+from varlib.models.flops import per_token_linear_params, visible_keys_per_query
 from varlib.models.schedules import PATCH_NUMS_256, PATCH_NUMS_512
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -30,24 +31,22 @@ def bench(monkeypatch):
 
 
 @pytest.mark.parametrize("patch_nums", [(1, 2, 3, 4), PATCH_NUMS_256, PATCH_NUMS_512])
-def test_visible_keys_per_query_counts_the_block_causal_mask(bench, patch_nums):
-    _, measurements = bench
+def test_visible_keys_per_query_counts_the_block_causal_mask(patch_nums):
     level_L = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(patch_nums)])
     visible_LL = level_L[:, None] >= level_L[None, :]
     expected = visible_LL.sum().item() / level_L.numel()
-    assert measurements.visible_keys_per_query(patch_nums) == pytest.approx(expected, rel=1e-12)
+    assert visible_keys_per_query(patch_nums) == pytest.approx(expected, rel=1e-12)
 
 
-def test_flops_per_token_counts_per_token_linears_only(bench):
-    _, measurements = bench
+def test_flops_per_token_counts_per_token_linears_only():
     vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3))
     var = VAR(vae, depth=2, num_classes=10, width=32, num_heads=2)
     C, V, Cv, depth = 32, 64, 8, 2
     per_block = (3 * C * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)  # qkv (no bias), proj, fc1, fc2
     expected_N = (Cv * C + C) + depth * per_block + (C * V + V)  # word_embed, blocks, head
-    assert measurements.per_token_linear_params(var) == expected_N
-    L_eff = measurements.visible_keys_per_query((1, 2, 3))
-    assert measurements.training_flops_per_token(var, depth, C, (1, 2, 3)) == pytest.approx(
+    assert per_token_linear_params(var) == expected_N
+    L_eff = visible_keys_per_query((1, 2, 3))
+    assert var.flops_per_token() == pytest.approx(
         6 * expected_N + 12 * depth * L_eff * C)
 
 

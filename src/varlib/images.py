@@ -1,6 +1,7 @@
-"""Image helpers shared by training, the command-line tools and notebooks: tiling grids and writing PNGs.
+"""Image helpers shared by training, evaluation, the command-line tools and notebooks: pixel converters,
+tiling grids and writing PNGs. Light on purpose (torch and PIL only).
 
-Images here are float tensors in [0, 1] with shape (3, H, W) or (B, 3, H, W).
+Images here are float tensors in [0, 1] with shape (3, H, W) or (B, 3, H, W) unless a name says otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from varlib.evaluation import unit_float_to_uint8
+
+def unit_float_to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (B,3,H,W) -> uint8 in [0, 255] (values outside are clamped)."""
+    return (images_BCHW.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def signed_float_to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (B,3,H,W) -> uint8 in [0, 255] (values outside are clamped)."""
+    return unit_float_to_uint8((images_BCHW.float() + 1.0) / 2.0)
 
 
 def to_pil(image_3HW: torch.Tensor) -> Image.Image:

@@ -25,7 +25,8 @@ from varlib.cli.common import (
     run_or_exit,
 )
 from varlib.data.base import check_int_at_least
-from varlib.evaluation import ReferenceStatistics, images_from_batch, signed_float_to_uint8, write_reference
+from varlib.evaluation import ReferenceStatistics, images_from_batch, write_reference
+from varlib.images import signed_float_to_uint8
 
 logger = logging.getLogger(__name__)
 

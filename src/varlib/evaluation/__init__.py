@@ -18,8 +18,6 @@ from varlib.evaluation.generation_callback import (
     GenerationMetricsCallback,
     gather_in_batch_order,
     images_from_batch,
-    signed_float_to_uint8,
-    unit_float_to_uint8,
 )
 from varlib.evaluation.generative_metrics import (
     GenerativeMetrics,
@@ -53,6 +51,7 @@ from varlib.evaluation.scaling import (
     training_flops,
     write_scaling_record,
 )
+from varlib.images import signed_float_to_uint8, unit_float_to_uint8  # re-exported: the metrics take uint8
 
 __all__ = [
     "AdmNpzWriter",

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from varlib.images import unit_float_to_uint8
+
 ADM_ARRAY_KEY = "arr_0"
 _ROWS_PER_WRITE = 256
 
@@ -40,7 +42,7 @@ def to_uint8_nhwc(images_BCHW: torch.Tensor) -> np.ndarray:
     if images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
         raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(images_BCHW.shape)}")
     if images_BCHW.is_floating_point():
-        images_BCHW = (images_BCHW.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+        images_BCHW = unit_float_to_uint8(images_BCHW)
     elif images_BCHW.dtype != torch.uint8:
         raise ValueError(f"expected float images in [0,1] or uint8 images, got dtype {images_BCHW.dtype}")
     return images_BCHW.permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -32,16 +32,7 @@ from tqdm.auto import tqdm
 
 from varlib.evaluation.generative_metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from varlib.evaluation.reference import ReferenceStatistics, load_reference
-
-
-def unit_float_to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] (B,3,H,W) -> uint8 in [0, 255] (values outside are clamped)."""
-    return (images_BCHW.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
-
-
-def signed_float_to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] (B,3,H,W) -> uint8 in [0, 255] (values outside are clamped)."""
-    return unit_float_to_uint8((images_BCHW.float() + 1.0) / 2.0)
+from varlib.images import unit_float_to_uint8
 
 
 def images_from_batch(batch: object) -> torch.Tensor:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from varlib.models.flops import flops_per_token
+
 SCALING_RECORD_FILENAME = "scaling_record.json"
 METRICS = ("loss_avg", "loss_last", "err_avg", "err_last")
 METRIC_LABELS = {
@@ -32,15 +34,17 @@ METRIC_LABELS = {
 
 
 def training_flops(params_non_embedding: float, tokens: float) -> float:
-    """Training compute estimate C = 6 N D in FLOPs (Kaplan et al. 2020).
+    """Training compute estimate C = 6 N D in FLOPs (Kaplan et al. 2020), for runs known only by N and D.
 
     N: parameters excluding embeddings (token, class, position); D: tokens processed in training, i.e.
     images seen x tokens per image (680 for VAR at 256px). 2ND is the forward pass, 4ND the backward pass;
-    attention-score FLOPs and the tokenizer are not counted.
+    attention-score FLOPs and the tokenizer are not counted. A model at hand is better counted by
+    ``VAR.flops_per_token() * D``, the same formula with attention (:mod:`varlib.models.flops`), which is
+    what :class:`~varlib.evaluation.scaling_callback.ScalingRecordCallback` records.
     """
     if params_non_embedding < 0 or tokens < 0:
         raise ValueError(f"expected non-negative params and tokens, got {params_non_embedding} and {tokens}")
-    return 6.0 * float(params_non_embedding) * float(tokens)
+    return flops_per_token(float(params_non_embedding)) * float(tokens)
 
 
 def _positive_1d(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:

@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from varlib.models.attention import BlockCausalAttention
 
@@ -82,10 +83,9 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """(B,L,C) -> (B,L,C). ``attention`` is the teacher-forced block-causal attention; without it the
         queries attend to every key (with a ``kv_cache``: every cached key, all of coarser scales)."""
-        B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B,H,L,c)
+        qkv_BL3C = F.linear(x_BLC, self.mat_qkv.weight, bias)
+        q, k, v = rearrange(qkv_BL3C, "B L (qkv H c) -> qkv B H L c", qkv=3, H=self.num_heads).unbind(0)
         if self.l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
@@ -96,7 +96,7 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
         else:
             out = attention(q, k, v, self.scale, dropout_p)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+        return self.proj_drop(self.proj(rearrange(out, "B H L c -> B L (H c)")))
 
 
 class FeedForward(nn.Module):

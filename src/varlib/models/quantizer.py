@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from varlib.models.schedules import phi_index_per_scale, validate_patch_nums
 
@@ -106,8 +107,7 @@ class MultiScaleQuantizer(nn.Module):
 
     def embed(self, tokens_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """Code vectors of one token map: (B, pn*pn) -> (B, C, pn, pn)."""
-        B = tokens_Bl.shape[0]
-        return self.embedding(tokens_Bl).transpose(1, 2).reshape(B, self.channels, pn, pn)
+        return rearrange(self.embedding(tokens_Bl), "B (h w) C -> B C h w", h=pn)
 
     def upsampled_residual(self, h_BCpp: torch.Tensor, si: int, patch_nums: Sequence[int]) -> torch.Tensor:
         """phi_k(bicubic(h -> H x W)); the last scale is already full size and is not interpolated."""
@@ -151,7 +151,7 @@ class MultiScaleQuantizer(nn.Module):
         outputs = []
         for si, pn in enumerate(pns):
             z_BCpp = f_rest if si == len(pns) - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
-            tokens_N = self.nearest_code(z_BCpp.permute(0, 2, 3, 1).reshape(-1, C))
+            tokens_N = self.nearest_code(rearrange(z_BCpp, "B C h w -> (B h w) C"))
             tokens_Bl = tokens_N.view(B, pn * pn)
             h_BChw = self.upsampled_residual(self.embed(tokens_Bl, pn).contiguous(), si, pns)
             f_hat.add_(h_BChw)
@@ -199,7 +199,7 @@ class MultiScaleQuantizer(nn.Module):
         next_inputs = []
         for si in range(len(pns) - 1):
             f_hat, next_BCpp = self.accumulate(f_hat, self.embed(tokens[si], pns[si]), si, pns)
-            next_inputs.append(next_BCpp.flatten(2).transpose(1, 2))
+            next_inputs.append(rearrange(next_BCpp, "B C h w -> B (h w) C"))
         if not next_inputs:
             return f_hat.new_zeros(B, 0, self.channels)
         return torch.cat(next_inputs, dim=1)
@@ -233,7 +233,7 @@ class MultiScaleQuantizer(nn.Module):
             tokens, usage, perplexity = [], [], []
             for si, pn in enumerate(pns):
                 z_BCpp = f_rest if si == len(pns) - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
-                tokens_N = self.nearest_code(z_BCpp.detach().permute(0, 2, 3, 1).reshape(-1, C))
+                tokens_N = self.nearest_code(rearrange(z_BCpp.detach(), "B C h w -> (B h w) C"))
                 hits_V = tokens_N.bincount(minlength=self.vocab_size).float()
                 self._track_hits(si, hits_V)
                 probs_V = hits_V / hits_V.sum()
@@ -276,7 +276,7 @@ class MultiScaleQuantizer(nn.Module):
         num_dead = int(dead_V.sum())
         if num_dead == 0:
             return 0
-        vectors_NC = f_BChw.detach().float().permute(0, 2, 3, 1).reshape(-1, self.channels)
+        vectors_NC = rearrange(f_BChw.detach().float(), "B C h w -> (B h w) C")
         picks = torch.randint(0, vectors_NC.shape[0], (num_dead,), device=vectors_NC.device)
         noise = torch.randn_like(vectors_NC[picks]) * vectors_NC.std() * 0.01
         self.embedding.weight.data[dead_V] = (vectors_NC[picks] + noise).to(self.embedding.weight.dtype)

@@ -12,15 +12,42 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
+from einops import rearrange
 
 from varlib.models.layers import KVCache
+from varlib.models.vqvae import MultiScaleVQVAE
 
-if TYPE_CHECKING:
-    from varlib.models.transformer import VAR
+
+class NextScalePredictor(Protocol):
+    """What sampling needs of a model (:class:`varlib.models.transformer.VAR` is one)."""
+
+    patch_nums: tuple[int, ...]
+    num_classes: int  # also the null class's index
+    vocab_size: int
+    code_channels: int
+
+    @property
+    def vae(self) -> MultiScaleVQVAE: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def check_labels(self, labels_B: torch.Tensor) -> None: ...
+
+    def embed_first_scale(self, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor: ...
+
+    def embed_next_scale(self, next_BCpp: torch.Tensor, scale_index: int) -> torch.Tensor: ...
+
+    def new_kv_caches(self, batch_size: int, dtype: torch.dtype) -> list[KVCache]: ...
+
+    def forward_scale(
+        self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache]
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -104,12 +131,11 @@ COMPILED_GRAPHS_LIMIT = 256
 
 
 def transformer_step(
-    var: "VAR", caches: Sequence[KVCache], x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor
+    var: NextScalePredictor, caches: Sequence[KVCache], x_BlC: torch.Tensor, cond: torch.Tensor,
+    cond_BD: torch.Tensor,
 ) -> torch.Tensor:
-    """One scale through every block (attending to the cached coarser scales) and the head: (B,l,V) logits."""
-    for block, cache in zip(var.blocks, caches):
-        x_BlC = block(x_BlC, cond, kv_cache=cache)
-    return var.get_logits(x_BlC, cond_BD)
+    """One scale through the model (attending to the cached coarser scales): (B,l,V) logits."""
+    return var.forward_scale(x_BlC, cond, cond_BD, caches)
 
 
 def compiled_transformer_step(backend: str = "inductor"):
@@ -118,8 +144,8 @@ def compiled_transformer_step(backend: str = "inductor"):
     return torch.compile(transformer_step, fullgraph=True, dynamic=False, backend=backend)
 
 
-def _as_labels(var: "VAR", labels, batch_size: int | None) -> torch.Tensor:
-    device = var.class_emb.weight.device
+def _as_labels(var: NextScalePredictor, labels, batch_size: int | None) -> torch.Tensor:
+    device = var.device
     if isinstance(labels, int):
         if batch_size is None or batch_size < 1:
             raise ValueError(f"a single int label needs batch_size >= 1, got batch_size={batch_size}")
@@ -136,7 +162,7 @@ def _as_labels(var: "VAR", labels, batch_size: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_token_maps(
-    var: "VAR",
+    var: NextScalePredictor,
     labels,
     cfg: float = 1.5,
     top_k: int = 0,
@@ -166,7 +192,7 @@ def sample_token_maps(
     """
     check_sampling_values(cfg, top_k, top_p)
     labels_B = _as_labels(var, labels, batch_size)
-    vae, quant = var.vae, var.vae.quantize
+    quant = var.vae.quantize
     B, pns, V, Cv = labels_B.shape[0], var.patch_nums, var.vocab_size, var.code_channels
     device = labels_B.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -174,19 +200,17 @@ def sample_token_maps(
     labels_batch = torch.cat((labels_B, labels_B.new_full((B,), var.num_classes))) if guided else labels_B
     rows = labels_batch.shape[0]
 
-    cond_BD = var.class_emb(labels_batch)
+    x_BlC, cond_BD = var.embed_first_scale(labels_batch)
     cond = var.adaln_condition(cond_BD)
-    lvl_pos_1LC = var.level_position_embedding()
-    x_BlC = cond_BD.unsqueeze(1) + var.pos_start.expand(rows, 1, -1) + lvl_pos_1LC[:, :1]
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_BlC.dtype
-    caches = [KVCache(rows, var.num_heads, var.L, var.width // var.num_heads, device, dtype) for _ in var.blocks]
+    caches = var.new_kv_caches(rows, dtype)
     side = pns[-1]
     f_hat = torch.zeros(B, Cv, side, side, device=device, dtype=torch.float32)
     if compile:
         step = compiled_transformer_step("inductor" if compile is True else compile)
     else:
         step = transformer_step
-    tokens, sampled, start = [], [], 0
+    tokens, sampled = [], []
     for si, pn in enumerate(pns):
         ratio = si / (len(pns) - 1) if len(pns) > 1 else 0.0
         with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT) if compile else nullcontext():
@@ -202,7 +226,7 @@ def sample_token_maps(
             h_BlC = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, generator) @ quant.embedding.weight.unsqueeze(0)
         else:
             h_BlC = quant.embedding(tokens_Bl)
-        h_BCpp = h_BlC.transpose(1, 2).reshape(B, Cv, pn, pn).float()
+        h_BCpp = rearrange(h_BlC, "B (h w) C -> B C h w", h=pn).float()
         sampled.append(tokens_Bl)
         if constraint is not None:
             keep_B1pp = constraint.keep[si].to(device).unsqueeze(1)
@@ -211,8 +235,6 @@ def sample_token_maps(
             tokens_Bl = torch.where(keep_B1pp.view(B, -1), constraint.gt_tokens[si].to(device), tokens_Bl)
         tokens.append(tokens_Bl)
         f_hat, next_BCpp = quant.accumulate(f_hat, h_BCpp, si, pns)
-        start += pn * pn
         if si + 1 < len(pns):
-            x_BlC = var.word_embed(next_BCpp.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, start:start + pns[si + 1] ** 2]
-            x_BlC = x_BlC.repeat(rows // B, 1, 1)
+            x_BlC = var.embed_next_scale(next_BCpp, si + 1).repeat(rows // B, 1, 1)
     return SampleOutput(tokens=tokens, sampled=sampled, f_hat=f_hat)

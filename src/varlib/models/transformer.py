@@ -10,11 +10,13 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
-from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
+from varlib.models.flops import flops_per_token, per_token_linear_params
 from varlib.models.hub import PretrainedMixin
 from varlib.models.sampling import SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
 from varlib.models.schedules import scale_slices, sequence_length, validate_patch_nums
@@ -207,9 +209,46 @@ class VAR(PretrainedMixin, nn.Module):
                 f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"
             )
 
-    def level_position_embedding(self) -> torch.Tensor:
-        """lvl_embed(scale of each token) + pos_1LC: (1, L, C)."""
-        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+    @property
+    def device(self) -> torch.device:
+        return self.class_emb.weight.device
+
+    def level_position_embedding(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """lvl_embed(scale of each token) + pos_1LC for tokens [start, stop): (1, stop - start, C)."""
+        return self.lvl_embed(self.lvl_1L[:, start:stop]) + self.pos_1LC[:, start:stop]
+
+    def embed_first_scale(self, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale 0's input and the condition: (B,1,C) start tokens (class embedding + pos_start + level/position
+        embedding of token 0) and the (B,D) class embedding ``cond_BD``."""
+        cond_BD = self.class_emb(labels_B)
+        sos_B1C = cond_BD.unsqueeze(1) + self.pos_start.expand(labels_B.shape[0], 1, -1)
+        return sos_B1C + self.level_position_embedding(0, 1), cond_BD
+
+    def embed_token_inputs(self, x_BlCv: torch.Tensor, start: int) -> torch.Tensor:
+        """Code-vector inputs of tokens [start, start + l) to the width plus their level/position embedding:
+        (B,l,Cvae) -> (B,l,C)."""
+        return self.word_embed(x_BlCv.float()) + self.level_position_embedding(start, start + x_BlCv.shape[1])
+
+    def embed_next_scale(self, next_BCpp: torch.Tensor, scale_index: int) -> torch.Tensor:
+        """The input of scale ``scale_index`` from its (B,Cvae,pn,pn) down-sampled f_hat: (B,pn*pn,C)."""
+        start = scale_slices(self.patch_nums)[scale_index].start
+        return self.embed_token_inputs(rearrange(next_BCpp, "B C h w -> B (h w) C"), start)
+
+    def new_kv_caches(self, batch_size: int, dtype: torch.dtype) -> list[KVCache]:
+        """One empty KV cache per block for ``batch_size`` rows of all L tokens (inference)."""
+        head_dim = self.width // self.num_heads
+        return [KVCache(batch_size, self.num_heads, self.L, head_dim, self.device, dtype) for _ in self.blocks]
+
+    def forward_scale(
+        self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache]
+    ) -> torch.Tensor:
+        """One scale through every block (attending to the cached coarser scales) and the head: (B,l,V) logits.
+
+        cond: :meth:`adaln_condition` of cond_BD, the (B,D) class embedding.
+        """
+        for block, cache in zip(self.blocks, caches):
+            x_BlC = block(x_BlC, cond, kv_cache=cache)
+        return self.get_logits(x_BlC, cond_BD)
 
     def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """What the blocks receive: the class embedding, or the shared AdaLN's (B,1,6,C) output."""
@@ -244,10 +283,8 @@ class VAR(PretrainedMixin, nn.Module):
             drop = torch.rand(B, device=labels_B.device) < self.cond_drop_rate
             labels_B = torch.where(drop, self.num_classes, labels_B)
         with torch.autocast(device_type=x_BLCv.device.type, enabled=False):
-            cond_BD = self.class_emb(labels_B)
-            sos_B1C = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)
-            x_BLC = torch.cat((sos_B1C, self.word_embed(x_BLCv.float())), dim=1)
-            x_BLC = x_BLC + self.level_position_embedding()[:, :length]
+            sos_B1C, cond_BD = self.embed_first_scale(labels_B)
+            x_BLC = torch.cat((sos_B1C, self.embed_token_inputs(x_BLCv, start=1)), dim=1)
         attention = self.block_causal_attention(length)
         cond = self.adaln_condition(cond_BD)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -264,11 +301,10 @@ class VAR(PretrainedMixin, nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 * non-embedding parameters plus attention,
-        12 * depth * C * (mean number of keys a query sees under the block-causal mask)."""
-        non_embedding = self.num_non_embedding_params()
-        visible_keys = sum(sl.stop * (sl.stop - sl.start) for sl in scale_slices(self.patch_nums)) / self.L
-        return 6 * non_embedding + 12 * self.depth * self.width * visible_keys
+        """Training FLOPs per token (forward + backward), the count of :mod:`varlib.models.flops`: 6 N over
+        the per-token linear layers (not the embeddings, not AdaLN, which runs once per image) plus the
+        block-causal attention."""
+        return flops_per_token(per_token_linear_params(self), self.depth, self.width, self.patch_nums)
 
     # -- inference -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from varlib.models.hub import PretrainedMixin
 from varlib.models.quantizer import MultiScaleQuantizer, QuantizerOutput
@@ -50,10 +51,11 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x_BChw.shape
-        q, k, v = self.qkv(self.norm(x_BChw)).view(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B,HW,C)
+        H = x_BChw.shape[2]
+        qkv_B3Chw = self.qkv(self.norm(x_BChw))
+        q, k, v = rearrange(qkv_B3Chw, "B (qkv C) h w -> qkv B (h w) C", qkv=3).unbind(0)
         h_BLC = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        return x_BChw + self.proj_out(h_BLC.transpose(1, 2).reshape(B, C, H, W))
+        return x_BChw + self.proj_out(rearrange(h_BLC, "B (h w) C -> B C h w", h=H))
 
 
 class Downsample2x(nn.Module):

@@ -30,10 +30,10 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from omegaconf import Container, OmegaConf
 from torch import nn
 
-from varlib.evaluation.generation_callback import images_from_batch, signed_float_to_uint8
+from varlib.evaluation.generation_callback import images_from_batch
 from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
-from varlib.images import image_grid
+from varlib.images import image_grid, signed_float_to_uint8
 from varlib.io import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE

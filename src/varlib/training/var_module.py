@@ -19,9 +19,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
+from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
+from varlib.models.losses import token_cross_entropy
 from varlib.models.schedules import scale_slices
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
