@@ -118,7 +118,10 @@ def compiled_transformer_step(backend: str = "inductor"):
     return torch.compile(transformer_step, fullgraph=True, dynamic=False, backend=backend)
 
 
-def _as_labels(var: "VAR", labels, batch_size: int | None) -> torch.Tensor:
+def as_labels(var: "VAR", labels, batch_size: int | None) -> torch.Tensor:
+    """(B,) int64 class labels on the model's device from a tensor, a list, or one int with ``batch_size``;
+    raises ValueError for float, out-of-range or empty labels. ``var`` is any model with ``class_emb`` and
+    ``check_labels`` (VAR, RasterAR)."""
     device = var.class_emb.weight.device
     if isinstance(labels, int):
         if batch_size is None or batch_size < 1:
@@ -165,7 +168,7 @@ def sample_token_maps(
         :class:`SampleOutput`.
     """
     check_sampling_values(cfg, top_k, top_p)
-    labels_B = _as_labels(var, labels, batch_size)
+    labels_B = as_labels(var, labels, batch_size)
     vae, quant = var.vae, var.vae.quantize
     B, pns, V, Cv = labels_B.shape[0], var.patch_nums, var.vocab_size, var.code_channels
     device = labels_B.device
