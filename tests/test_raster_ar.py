@@ -15,6 +15,7 @@ import varlib
 from varlib.data.token_cache import TokenCacheDataModule
 from varlib.data.tokenizing import tokenize_to_cache
 from varlib.models.raster_ar import RasterAR
+from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.raster_ar_module import RasterARModule
 
@@ -116,6 +117,31 @@ def test_file_round_trip_restores_the_model(tmp_path):
     loaded = varlib.load(tmp_path / "ar.safetensors")
     assert isinstance(loaded, RasterAR) and loaded.config == model.config
     assert torch.equal(loaded.generate_tokens([0, 1], seed=0), model.generate_tokens([0, 1], seed=0))
+
+
+
+def test_sampling_settings_fill_generate_and_travel_with_pretrained_folders(tmp_path):
+    model = tiny_ar()
+    model.sampling = SamplingConfig(cfg=2.0, top_k=3, top_p=0.5)
+    explicit = model.generate([0, 2], cfg=2.0, top_k=3, top_p=0.5, seed=1)
+    assert torch.equal(model.generate([0, 2], seed=1), explicit)
+    assert not torch.equal(model.generate([0, 2], cfg=0.0, seed=1), explicit)
+    loaded = RasterAR.from_pretrained(model.save_pretrained(tmp_path / "ar"))
+    assert loaded.sampling == model.sampling and loaded.config == model.config
+    assert torch.equal(loaded.generate([0, 2], seed=1), explicit)
+    with pytest.raises(ValueError, match="expected a RasterAR"):
+        RasterAR.from_pretrained(single_scale_vae().save_pretrained(tmp_path / "tok"))
+
+
+def test_module_carries_sampling_settings_and_refuses_var_only_options():
+    module = RasterARModule(ar=TINY_AR, vae=single_scale_vae(), sampling={"cfg": 3.0, "top_k": 5})
+    assert module.transformer is module.ar and module.ar.sampling == SamplingConfig(3.0, 5, 0.0)
+    with module.full_weights() as plain:  # unsharded: the module's own transformer
+        assert plain is module.ar
+    with pytest.raises(TypeError, match="activation_checkpointing"):
+        RasterARModule(ar=TINY_AR, vae=single_scale_vae(), activation_checkpointing=True)
+    with pytest.raises(ValueError, match="grid_classes"):
+        RasterARModule(ar=TINY_AR, vae=single_scale_vae(), grid_classes=-1)
 
 
 def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
