@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from varlib.evaluation.per_scale import PerScaleAccumulator, token_cross_entropy
 from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
+from varlib.training.ema import ModelEMA
 from varlib.training.schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 
 
