@@ -237,18 +237,18 @@ class TokenTransformerModule(L.LightningModule):
         """Context giving ``generate(labels_B, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights with the
         model's sampling settings (the hook that the FID/IS callback and the validation grid use). Collective on
         entry under FSDP2; ``generate`` calls are local."""
-        with self.full_weights() as var:
-            yield lambda labels_B, seed: var.generate(labels_B, seed=seed)
+        with self.full_weights() as model:
+            yield lambda labels_B, seed: model.generate(labels_B, seed=seed)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.
 
         Call it on every rank: sharded (FSDP2) weights are gathered collectively, rank 0 writes the file.
         """
-        with self.full_weights() as var:
+        with self.full_weights() as model:
             if self.global_rank == 0:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                save_var(var, path)
+                save_var(model, path)
         return Path(path)
 
     def _ema_tensors(self) -> dict[str, torch.Tensor]:
