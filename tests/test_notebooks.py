@@ -20,7 +20,10 @@ from varlib.cli.demo import compose_config
 from varlib.notebook import PROJECT_DIR_VARIABLE, ModelFiles, prepare_models, project_dir
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["01_quickstart.ipynb", "02_zero_shot_editing.ipynb", "03_scaling_laws.ipynb"]
+NOTEBOOKS = ["01_quickstart.ipynb", "02_zero_shot_editing.ipynb", "03_scaling_laws.ipynb",
+             "04_next_scale_vs_next_token.ipynb"]
+# What each notebook's tiny run leaves in the temporary project folder.
+TINY_OUTPUT = {"04_next_scale_vs_next_token.ipynb": "ablation/results.json"}
 KERNEL_NAME = "varlib-notebook-test"
 
 
@@ -116,5 +119,6 @@ def test_notebook_runs_alone_and_shows_pictures(name, kernel_path, tmp_path, mon
     assert not [output for output in outputs if output.output_type == "error"]
     assert [output for output in outputs if "image/png" in output.get("data", {})], f"{name} showed no picture"
     # The tiny models went to the temporary project folder, not to the repository or the working directory.
-    assert (tmp_path / "project" / "outputs" / "notebooks" / "tokenizer" / "model.safetensors").is_file()
+    expected = TINY_OUTPUT.get(name, "tokenizer/model.safetensors")
+    assert (tmp_path / "project" / "outputs" / "notebooks" / expected).is_file()
     assert not any(workdir.iterdir())

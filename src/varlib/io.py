@@ -1,8 +1,8 @@
 """varlib's own model files: safetensors weights plus the constructor config in the file's metadata.
 
-A tokenizer file holds ``MultiScaleVQVAE`` weights; a VAR file holds the transformer under ``var.`` and its
-tokenizer under ``vae.``, so one file is enough to sample, and the VAR's recommended sampling settings
-(``VAR.sampling``). :func:`load` also opens Lightning checkpoints written by varlib's training modules (read
+A tokenizer file holds ``MultiScaleVQVAE`` weights; a transformer file holds the transformer (a VAR under ``var.``,
+the raster-AR baseline under ``ar.``) and its tokenizer under ``vae.``, so one file is enough to sample, and the
+transformer's recommended sampling settings (``.sampling``). :func:`load` also opens Lightning checkpoints written by varlib's training modules (read
 with ``torch.load(weights_only=True)``).
 
 :func:`save_pretrained` / :func:`from_pretrained` share models as the Hugging Face Hub does: a folder with
@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from varlib.models.raster_ar import RasterAR
 from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -32,8 +34,18 @@ FORMAT = "varlib/1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # metadata entries that hold JSON objects (safetensors metadata values are strings)
-JSON_ENTRIES = ("vae_config", "var_config", "sampling")
+JSON_ENTRIES = ("vae_config", "var_config", "ar_config", "sampling")
+#: kind -> (transformer class, the prefix of its weights and config in files and Lightning checkpoints)
+TRANSFORMER_KINDS = {"var": (VAR, "var"), "raster_ar": (RasterAR, "ar")}
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def transformer_kind(model: nn.Module) -> str:
+    """The file kind of a transformer ('var' or 'raster_ar')."""
+    for kind, (cls, _) in TRANSFORMER_KINDS.items():
+        if isinstance(model, cls):
+            return kind
+    raise ValueError(f"expected a VAR or RasterAR, got {type(model).__name__}")
 
 
 def _plain_config(config: Mapping) -> dict:
@@ -44,13 +56,13 @@ def _tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def model_metadata(vae: MultiScaleVQVAE, var: VAR | None = None) -> dict[str, str]:
+def model_metadata(vae: MultiScaleVQVAE, var: VAR | RasterAR | None = None) -> dict[str, str]:
     """The metadata that makes a file loadable by :func:`load`. Lightning modules store it in their
-    checkpoints under ``checkpoint["varlib"]`` (with weights under ``vae.`` and ``var.``)."""
-    meta = {"format": FORMAT, "kind": "tokenizer" if var is None else "var",
-            "vae_config": json.dumps(_plain_config(vae.config))}
+    checkpoints under ``checkpoint["varlib"]`` (with weights under ``vae.`` and ``var.`` or ``ar.``)."""
+    kind = "tokenizer" if var is None else transformer_kind(var)
+    meta = {"format": FORMAT, "kind": kind, "vae_config": json.dumps(_plain_config(vae.config))}
     if var is not None:
-        meta["var_config"] = json.dumps(_plain_config(var.config))
+        meta[f"{TRANSFORMER_KINDS[kind][1]}_config"] = json.dumps(_plain_config(var.config))
         meta["sampling"] = json.dumps(asdict(var.sampling))
     return meta
 
@@ -60,9 +72,10 @@ def save_tokenizer(vae: MultiScaleVQVAE, path: str | os.PathLike) -> None:
     save_file(_tensors("", vae.state_dict()), os.fspath(path), metadata=model_metadata(vae))
 
 
-def save_var(var: VAR, path: str | os.PathLike) -> None:
-    """Writes a VAR transformer together with its tokenizer to one ``.safetensors`` file."""
-    state = {**_tensors("vae.", var.vae.state_dict()), **_tensors("var.", var.state_dict())}
+def save_var(var: VAR | RasterAR, path: str | os.PathLike) -> None:
+    """Writes a VAR (or the raster-AR baseline) together with its tokenizer to one ``.safetensors`` file."""
+    prefix = TRANSFORMER_KINDS[transformer_kind(var)][1] + "."
+    state = {**_tensors("vae.", var.vae.state_dict()), **_tensors(prefix, var.state_dict())}
     save_file(state, os.fspath(path), metadata=model_metadata(var.vae, var))
 
 
@@ -73,10 +86,13 @@ def build_tokenizer(config: Mapping, state_dict: Mapping[str, torch.Tensor] | No
     return vae
 
 
-def build_var(config: Mapping, vae: MultiScaleVQVAE, state_dict: Mapping[str, torch.Tensor] | None = None) -> VAR:
-    var = VAR(vae, **config)
+def build_var(config: Mapping, vae: MultiScaleVQVAE, state_dict: Mapping[str, torch.Tensor] | None = None,
+              kind: str = "var") -> VAR | RasterAR:
+    """The transformer of file kind ``kind`` ('var' or 'raster_ar') on ``vae``, with weights when given."""
+    cls = TRANSFORMER_KINDS[kind][0]
+    var = cls(vae, **config)
     if state_dict is not None:
-        load_strict(var, state_dict, "VAR")
+        load_strict(var, state_dict, cls.__name__)
     return var
 
 
@@ -99,28 +115,31 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return meta, state
 
 
-def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> MultiScaleVQVAE | VAR:
+def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> MultiScaleVQVAE | VAR | RasterAR:
     """The model that ``meta`` describes (the metadata of :func:`model_metadata`), with weights from ``state``
-    (tokenizer weights under ``vae.``, transformer weights under ``var.``), in eval mode on the CPU."""
-    if meta.get("format") != FORMAT or meta.get("kind") not in ("tokenizer", "var"):
+    (tokenizer weights under ``vae.``, transformer weights under ``var.`` or ``ar.``), in eval mode on the CPU."""
+    kind = meta.get("kind")
+    if meta.get("format") != FORMAT or kind not in ("tokenizer", *TRANSFORMER_KINDS):
         raise ValueError(
-            f"{source} is not a varlib model file (expected metadata format={FORMAT!r} and kind 'tokenizer' or 'var'); "
+            f"{source} is not a varlib model file (expected metadata format={FORMAT!r} and kind 'tokenizer', "
+            f"{', '.join(repr(k) for k in TRANSFORMER_KINDS)}); "
             "official checkpoints load with load_official_vqvae / load_official_var"
         )
     vae = build_tokenizer(json.loads(meta["vae_config"]), _split(state, "vae.")).eval()
-    if meta["kind"] == "tokenizer":
+    if kind == "tokenizer":
         return vae
-    var = build_var(json.loads(meta["var_config"]), vae.requires_grad_(False), _split(state, "var."))
-    if "sampling" in meta:  # files written before sampling settings existed keep VAR's defaults
+    name = TRANSFORMER_KINDS[kind][1]
+    var = build_var(json.loads(meta[f"{name}_config"]), vae.requires_grad_(False), _split(state, f"{name}."), kind)
+    if "sampling" in meta:  # files written before sampling settings existed keep the model's defaults
         var.sampling = SamplingConfig.from_dict(json.loads(meta["sampling"]))
     return var.eval()
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE | VAR:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE | VAR | RasterAR:
     """Opens a varlib model file (safetensors) or a varlib Lightning checkpoint, in eval mode.
 
-    Returns a :class:`MultiScaleVQVAE` for a tokenizer, or a :class:`VAR` (its tokenizer at ``.vae``) ready
-    for ``generate``. Raises ValueError for files that varlib did not write.
+    Returns a :class:`MultiScaleVQVAE` for a tokenizer, or a :class:`VAR` or :class:`RasterAR` (its tokenizer at
+    ``.vae``) ready for ``generate``. Raises ValueError for files that varlib did not write.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -129,18 +148,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiSc
     return _build(meta, state, path).to(device)
 
 
-def save_pretrained(model: MultiScaleVQVAE | VAR, directory: str | os.PathLike) -> Path:
+def save_pretrained(model: MultiScaleVQVAE | VAR | RasterAR, directory: str | os.PathLike) -> Path:
     """Writes ``directory/model.safetensors`` (as :func:`save_var` / :func:`save_tokenizer`) and
-    ``directory/config.json`` (format, kind, the constructor configs and, for a VAR, its sampling settings).
+    ``directory/config.json`` (format, kind, the constructor configs and, for a transformer, its sampling settings).
 
     The folder is what :func:`from_pretrained` reads and what a Hugging Face Hub model repo holds. Returns the
     folder.
     """
-    if not isinstance(model, (VAR, MultiScaleVQVAE)):
-        raise ValueError(f"expected a VAR or a MultiScaleVQVAE, got {type(model).__name__}")
+    if not isinstance(model, (VAR, RasterAR, MultiScaleVQVAE)):
+        raise ValueError(f"expected a VAR, a RasterAR or a MultiScaleVQVAE, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, VAR):
+    if isinstance(model, (VAR, RasterAR)):
         save_var(model, directory / WEIGHTS_NAME)
         meta = model_metadata(model.vae, model)
     else:
@@ -152,7 +171,7 @@ def save_pretrained(model: MultiScaleVQVAE | VAR, directory: str | os.PathLike) 
 
 
 def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-                    revision: str | None = None) -> MultiScaleVQVAE | VAR:
+                    revision: str | None = None) -> MultiScaleVQVAE | VAR | RasterAR:
     """A model from a :func:`save_pretrained` folder or a Hugging Face Hub repo id (``"user/model"``).
 
     A local folder works offline. ``config.json`` decides the architecture and the sampling settings (edit

@@ -109,3 +109,15 @@ def prepare_models(with_var: bool = True) -> ModelFiles:
     if with_var:
         train_once("var_emoji", tiny.var.parent, [*tiny.var_data_overrides(), *TINY_VAR])
     return tiny
+
+# The ablation (varlib.cli.ablation) at a tiny size: 32 px, an 8x8 latent (VAR's schedule [1,2,4,8], 85 tokens; the
+# baseline's [8], 64 tokens), depth-1 transformers, a few steps, on-the-fly tokenisation.
+TINY_ABLATION_TOKENIZER = (
+    "data.image_size=32", "data.batch_size=8", "model.vae.vocab_size=64", "model.vae.ch=16", "model.vae.ch_mult=[1,1,2]",
+    "model.vae.patch_nums=[1,2,4,8]", "model.optim.warmup_steps=2", "trainer.max_steps=6",
+    "trainer.val_check_interval=6", "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0",
+)
+TINY_ABLATION_TRANSFORMER = (
+    "model.net.depth=1", "model.net.width=32", "model.net.num_heads=2", "data.batch_size=8", "trainer.max_steps=5",
+    "trainer.val_check_interval=5", "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0",
+)

@@ -28,7 +28,7 @@ class ScalingRecordCallback(L.Callback):
         logged = trainer.callback_metrics
         if any(f"val/{m}" not in logged for m in METRICS):
             return
-        var = pl_module.var
+        var = pl_module.transformer
         tokens = trainer.global_step * pl_module.global_batch_size() * var.L
         point = {"compute": var.flops_per_token() * tokens, **{m: float(logged[f"val/{m}"]) for m in METRICS}}
         if self.points and point["compute"] <= self.points[-1]["compute"]:
@@ -38,7 +38,7 @@ class ScalingRecordCallback(L.Callback):
             self.write(trainer, pl_module)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        var = pl_module.var
+        var = pl_module.transformer
         record = ScalingRecord(
             name=self.name or f"d{var.depth}", depth=var.depth, params=float(var.num_non_embedding_params()),
             compute=np.array([p["compute"] for p in self.points]),

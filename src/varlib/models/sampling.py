@@ -21,21 +21,26 @@ from varlib.models.layers import KVCache
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
-class NextScalePredictor(Protocol):
-    """What sampling needs of a model (:class:`varlib.models.transformer.VAR` is one)."""
+class ClassConditional(Protocol):
+    """What label handling needs of a class-conditional model (VAR, RasterAR)."""
 
-    patch_nums: tuple[int, ...]
     num_classes: int  # also the null class's index
-    vocab_size: int
-    code_channels: int
-
-    @property
-    def vae(self) -> MultiScaleVQVAE: ...
 
     @property
     def device(self) -> torch.device: ...
 
     def check_labels(self, labels_B: torch.Tensor) -> None: ...
+
+
+class NextScalePredictor(ClassConditional, Protocol):
+    """What sampling needs of a model (:class:`varlib.models.transformer.VAR` is one)."""
+
+    patch_nums: tuple[int, ...]
+    vocab_size: int
+    code_channels: int
+
+    @property
+    def vae(self) -> MultiScaleVQVAE: ...
 
     def embed_first_scale(self, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -144,7 +149,10 @@ def compiled_transformer_step(backend: str = "inductor"):
     return torch.compile(transformer_step, fullgraph=True, dynamic=False, backend=backend)
 
 
-def _as_labels(var: NextScalePredictor, labels, batch_size: int | None) -> torch.Tensor:
+def as_labels(var: ClassConditional, labels, batch_size: int | None) -> torch.Tensor:
+    """(B,) int64 class labels on the model's device from a tensor, a list, or one int with ``batch_size``;
+    raises ValueError for float, out-of-range or empty labels. ``var``: VAR, RasterAR or any
+    :class:`ClassConditional` model."""
     device = var.device
     if isinstance(labels, int):
         if batch_size is None or batch_size < 1:
@@ -191,7 +199,7 @@ def sample_token_maps(
         :class:`SampleOutput`.
     """
     check_sampling_values(cfg, top_k, top_p)
-    labels_B = _as_labels(var, labels, batch_size)
+    labels_B = as_labels(var, labels, batch_size)
     quant = var.vae.quantize
     B, pns, V, Cv = labels_B.shape[0], var.patch_nums, var.vocab_size, var.code_channels
     device = labels_B.device

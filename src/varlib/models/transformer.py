@@ -30,7 +30,58 @@ def depth_scaled_shape(depth: int) -> dict:
     return dict(width=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24)
 
 
-class VAR(PretrainedMixin, nn.Module):
+class AdaLNTransformer(PretrainedMixin, nn.Module):
+    """What VAR and the raster-AR baseline share: the official initialisation, class-label checks and the AdaLN
+    head. A subclass has ``blocks`` (AdaLNSelfAttn), ``head_nm``, ``head``, ``pos_start``, ``pos_1LC``, ``depth``,
+    ``width`` and ``num_classes``."""
+
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float, init_std: float) -> None:
+        """The official initialisation (truncated normals, scaled-down residual projections and AdaLN)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=init_std)
+        if init_head >= 0:
+            self.head.weight.mul_(init_head)
+            self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        C = self.width
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
+            if block.shared_aln:
+                block.ada_gss[:, :, 2:].mul_(init_adaln)
+                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                block.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
+                block.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
+                block.ada_lin[-1].bias.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_emb.weight.device
+
+    def check_labels(self, labels_B: torch.Tensor) -> None:
+        """Raises ValueError unless labels are a 1-D integer tensor in [0, num_classes] (num_classes = null)."""
+        if labels_B.ndim != 1 or labels_B.dtype.is_floating_point:
+            raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels_B.shape)} {labels_B.dtype}")
+        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"
+            )
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """AdaLN head norm + linear head, in fp32: (B,L,C) -> (B,L,V)."""
+        return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
+
+
+class VAR(AdaLNTransformer):
     """Visual autoregressive transformer over the token maps of a frozen :class:`MultiScaleVQVAE`.
 
     The class embedding is both the start token (scale 0's input) and the AdaLN condition; class
@@ -168,50 +219,7 @@ class VAR(PretrainedMixin, nn.Module):
                 self.patch_nums, self.attn_bias_for_masking, self.lvl_1L[0], length, impl)
         return self._attention_plans[key]
 
-    # -- initialisation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float, init_std: float) -> None:
-        """The official initialisation (truncated normals, scaled-down residual projections and AdaLN)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=init_std)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=init_std)
-        if init_head >= 0:
-            self.head.weight.mul_(init_head)
-            self.head.bias.zero_()
-        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
-        self.head_nm.ada_lin[-1].bias.zero_()
-        C = self.width
-        for block in self.blocks:
-            block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
-            block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
-            if block.shared_aln:
-                block.ada_gss[:, :, 2:].mul_(init_adaln)
-                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
-            else:
-                block.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
-                block.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
-                block.ada_lin[-1].bias.zero_()
-
     # -- helpers shared by training and sampling ---------------------------------------------------
-
-    def check_labels(self, labels_B: torch.Tensor) -> None:
-        """Raises ValueError unless labels are a 1-D integer tensor in [0, num_classes] (num_classes = null)."""
-        if labels_B.ndim != 1 or labels_B.dtype.is_floating_point:
-            raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels_B.shape)} {labels_B.dtype}")
-        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"
-            )
-
-    @property
-    def device(self) -> torch.device:
-        return self.class_emb.weight.device
 
     def level_position_embedding(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """lvl_embed(scale of each token) + pos_1LC for tokens [start, stop): (1, stop - start, C)."""
@@ -253,10 +261,6 @@ class VAR(PretrainedMixin, nn.Module):
     def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """What the blocks receive: the class embedding, or the shared AdaLN's (B,1,6,C) output."""
         return self.shared_ada_lin(cond_BD)
-
-    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """AdaLN head norm + linear head, in fp32: (B,L,C) -> (B,L,V)."""
-        return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
 
     # -- teacher-forced training forward --------------------------------------------------------------
 
