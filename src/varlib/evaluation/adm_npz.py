@@ -114,7 +114,7 @@ class AdmNpzWriter:
 
         with AdmNpzWriter("samples.npz", 50_000, 256, 256) as writer:
             for labels_B in batches:
-                writer.add(model.generate_images(labels_B, seed))  # float [0,1] (B,3,H,W) or uint8 NHWC
+                writer.add(var.generate(labels_B, seed=seed))  # float [0,1] (B,3,H,W) or uint8 NHWC
     """
 
     def __init__(
