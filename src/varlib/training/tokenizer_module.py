@@ -11,6 +11,12 @@ under ``checkpoint["ema"]["online"]`` for resuming. The fixed networks (LPIPS, t
 from the config rather than saved; the quantizer's non-persistent update count goes under
 ``checkpoint["vae_unsaved_buffers"]``. Only plain containers are saved, so checkpoints load with
 ``torch.load(weights_only=True)``.
+
+A run resumed from a checkpoint replays the uninterrupted one: each step's random draws are seeded by the step
+(``seed``) and the learning rate and GAN schedule are functions of ``global_step``. With ``optim.decay_by_time`` and
+``trainer.max_time`` the decay follows the clock of Lightning's Timer instead, which the checkpoint keeps: the
+resumed run continues from the time elapsed at the save (the time between the save and the kill is not counted),
+so it resumes close to, not exactly like, an uninterrupted run.
 """
 
 from __future__ import annotations
