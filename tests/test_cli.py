@@ -6,13 +6,16 @@ output directories (outputs/<task_name>, multirun/<task_name>/<n>) land there.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import varlib
 
@@ -80,6 +83,74 @@ def test_cli_ddp_with_two_cpu_processes_exports_once(tmp_path):
     logs = list(output_dir.glob("*.log"))
     assert len(logs) == 2  # one Hydra job log per process
     assert sum(log.read_text().count("exported ") for log in logs) == 1
+
+
+# A tiny tokenizer with EMA and a GAN from step 2 on 2 CPU processes: 2 images per rank per batch, one optimiser
+# step per batch before the GAN starts and two after (steps 1, 2, 4, 6, ...), validating and saving every 2 batches.
+TOKENIZER_DDP = [
+    "experiment=tokenizer_emoji", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+    "trainer.precision=32-true", "trainer.strategy.find_unused_parameters=true",
+    "trainer.strategy.broadcast_buffers=true", "trainer.max_steps=12", "trainer.max_time=null",
+    "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "logger=csv",
+    "data.batch_size=2", "data.hflip=true", "model.vae.ch=16", "model.vae.vocab_size=64", "model.vae.z_channels=8",
+    "model.vae.ch_mult=[1,1,1,2]", "model.vae.patch_nums=[1,2,4,8]", "model.ema_decay=0.9",
+    "model.loss.disc_weight=0.5", "model.loss.disc_start_step=2", "model.discriminator.base_channels=8",
+    "model.discriminator.n_layers=2", "model.dead_code_restart_every=3", "model.optim.warmup_steps=2",
+    "model.optim.decay_by_time=false", "cpu_threads=1",
+]
+
+
+def train_with_helpers(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``train`` with tests/ importable, for the helper callbacks."""
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), tests_dir]))}
+    command = [sys.executable, "-m", "varlib.cli.train", *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def logged(run_dir: Path, name: str) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(row["step"]): float(row[name]) for row in rows if row.get(name)}
+
+
+@pytest.mark.slow
+def test_tokenizer_ddp_sigkill_mid_epoch_in_the_gan_phase_resumes_like_an_uninterrupted_run(tmp_path):
+    reference = train_with_helpers(tmp_path, *TOKENIZER_DDP, f"paths.output_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    resumed_dir = tmp_path / "resumed"
+    run = (*TOKENIZER_DDP, f"paths.output_dir={resumed_dir}")
+    killed = train_with_helpers(tmp_path, *run, "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
+                                "+callbacks.kill.step=6")  # after batch 4; the GAN started at batch 3
+    assert killed.returncode != 0 and not (resumed_dir / "model.safetensors").exists()
+    last = resumed_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 6
+    # mid-epoch: the train loader's position (4 batches of epoch 0) travels in the checkpoint
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 4}]
+
+    resumed = train_with_helpers(tmp_path, *run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stdout + resumed.stderr
+    want_rec, got_rec = logged(tmp_path / "reference", "train/rec"), logged(resumed_dir, "train/rec")
+    assert [step for step in got_rec if step >= 6] and logged(resumed_dir, "train/disc")
+    for step, value in got_rec.items():
+        assert value == pytest.approx(want_rec[step], abs=1e-6), step
+    want, got = load_file(tmp_path / "reference" / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:  # the EMA weights
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=key)
+    want_state = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
+    got_state = torch.load(last, weights_only=True)
+    assert got_state["global_step"] == want_state["global_step"] == 12
+    discriminator = [key for key in want_state["state_dict"] if key.startswith("discriminator.")]
+    assert discriminator
+    for key in discriminator:
+        torch.testing.assert_close(got_state["state_dict"][key], want_state["state_dict"][key], atol=1e-6, rtol=0,
+                                   msg=key)
+    for key, value in want_state["ema"]["online"].items():
+        torch.testing.assert_close(got_state["ema"]["online"][key], value, atol=1e-6, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize(

@@ -191,6 +191,25 @@ def test_decay_by_time_without_max_time_follows_the_steps(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(2 / 3 * math.pi)))
 
 
+def test_decay_by_time_resumes_with_the_checkpoints_clock(tmp_path):
+    """A resumed run's clock continues from the Timer state in the checkpoint (wall time: close, not exact)."""
+    options = dict(optim=dict(lr=1e-3, warmup_steps=0, decay="cosine", decay_by_time=True))
+    trainer = make_trainer(tmp_path, max_steps=2, max_time={"hours": 1})
+    trainer.fit(make_module(tmp_path, **options), datamodule=RandomImages())
+    path = tmp_path / "timed.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["callbacks"]["Timer"]["time_elapsed"]["train"] = 2700.0  # as if killed after 45 minutes
+    torch.save(checkpoint, path)
+
+    resumed = make_trainer(tmp_path, max_steps=3, max_time={"hours": 1})
+    resumed.fit(make_module(tmp_path, **options), datamodule=RandomImages(), ckpt_path=path, weights_only=True)
+    assert resumed.global_step == 3
+    # step 2 of 3 (2/3 of the steps) behind the clock's 3/4: the time's share sets the rate
+    want = 1e-3 * 0.5 * (1 + math.cos(0.75 * math.pi))
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(want, rel=0.02)
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
@@ -335,6 +354,8 @@ def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
     for name, value in module.ema.shadow_params.items():
         assert torch.equal(resumed.ema.shadow_params[name], value), name
     assert resumed.ema.num_updates == module.ema.num_updates == 3
+    # The quantizer's update count (non-persistent, left out of its state dict) resumes too: it sets the momentum.
+    assert int(resumed.vae.quantize.num_updates) == int(module.vae.quantize.num_updates) == 3
 
 
 # ------------------------------------------------------------------------------------------------ bad configs

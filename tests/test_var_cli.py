@@ -1,5 +1,6 @@
 """`varlib-train` for VAR end to end in subprocesses: SIGKILL mid-run then the same command resumes and
-matches an uninterrupted run, on one process and on DDP and FSDP2 with 2 CPU processes (gloo) with EMA;
+matches an uninterrupted run, on one process and on DDP and FSDP2 with 2 CPU processes (gloo), EMA on and off,
+killed at an epoch's end and in its middle;
 in-loop FID/IS equal on 1 and 2 processes; invalid configurations fail before training."""
 
 import csv
@@ -56,10 +57,14 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 TWO_CPU_PROCESSES = ("trainer.devices=2", "trainer.accelerator=cpu", "trainer.precision=32-true")
+# Killed after step 8, the end of an epoch (16 rows: 4 batches on one process, 2 per rank on two), or after step 9,
+# one batch into an epoch of 2 per rank, validating (and so saving) every 3 steps.
+MID_EPOCH = ("trainer.val_check_interval=3",)
 RESUME_CASES = {
-    "one_process": (),
-    "ddp_ema": ("trainer=ddp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9"),
-    "fsdp_ema": ("trainer=fsdp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9"),
+    "one_process": ((), 8),
+    "ddp_ema_mid_epoch": (("trainer=ddp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9", *MID_EPOCH), 9),
+    "fsdp_ema": (("trainer=fsdp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9"), 8),
+    "fsdp_mid_epoch": (("trainer=fsdp", *TWO_CPU_PROCESSES, *MID_EPOCH), 9),
 }
 
 
@@ -80,23 +85,23 @@ def shorten_a_shard(checkpoint: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_cache, case):
-    extra = RESUME_CASES[case]
+    extra, kill_step = RESUME_CASES[case]
     reference = train(tiny_cache, f"reference_{case}", *extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     resumed_dir = tiny_cache / f"resumed_{case}"
     killed = train(tiny_cache, resumed_dir.name, *extra, "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
-                   "+callbacks.kill.step=8")
+                   f"+callbacks.kill.step={kill_step}")
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = resumed_dir / "checkpoints" / "last.ckpt"
     sharded = case.startswith("fsdp")
     assert last.is_dir() == sharded  # FSDP2 writes a distributed checkpoint: a folder with one shard per rank
     meta = torch.load(last / "meta.pt" if sharded else last, weights_only=True)
-    assert meta["global_step"] == 8
+    assert meta["global_step"] == kill_step
     assert not (resumed_dir / "model.safetensors").exists()
     if case != "one_process":  # a kill during the save of last.ckpt: resume from the step checkpoint beside it
         damaged = shorten_a_shard(last)
-        (step_checkpoint,) = last.parent.glob("epoch=*-step=8.ckpt")
+        (step_checkpoint,) = last.parent.glob(f"epoch=*-step={kill_step}.ckpt")
 
     resumed = train(tiny_cache, resumed_dir.name, *extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -106,9 +111,10 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     else:
         assert f"the last checkpoint {last} is incomplete or corrupt" in output and damaged in output
         assert f"resuming from {step_checkpoint}" in output
-    # Same batches (seeded by epoch), label-dropout/drop-path masks (seeded by step), optimizer state and EMA.
+    # Same batches (order seeded by epoch, mid-epoch position saved with the loader), label-dropout/drop-path masks
+    # (seeded by step), optimizer state and EMA.
     want_losses, got_losses = step_losses(tiny_cache / f"reference_{case}"), step_losses(resumed_dir)
-    assert sorted(got_losses) == [8, 9, 10, 11]
+    assert sorted(got_losses) == list(range(kill_step, 12))
     for step, loss in got_losses.items():
         assert loss == pytest.approx(want_losses[step], abs=1e-6), step
     assert_same_export(tiny_cache / f"reference_{case}", resumed_dir)

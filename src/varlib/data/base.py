@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from varlib.data.resumable import ResumableLoader, ResumableSampler
 from varlib.data.skipping import SkipCounter, collate_skipping_none
 
 
@@ -29,11 +30,14 @@ class ImageDataModule(LightningDataModule):
     """Base class: validated loader settings and one `SkipCounter` per split.
 
     Subclasses build their datasets in `setup` and hand them to `make_loader`. Batches are
-    `(images (B, 3, image_size, image_size) float32 in [-1, 1], labels (B,) int64)`.
+    `(images (B, 3, image_size, image_size) float32 in [-1, 1], labels (B,) int64)`. The training order and
+    augmentation of a map-style set depend only on `shuffle_seed`, the epoch and the index, and the train loader's
+    position is saved in checkpoints, so a resumed run replays them, mid-epoch too (`varlib.data.resumable`).
     """
 
-    def __init__(self, batch_size: int, num_workers: int, image_size: int, hflip: bool) -> None:
+    def __init__(self, batch_size: int, num_workers: int, image_size: int, hflip: bool, shuffle_seed: int = 0) -> None:
         super().__init__()
+        self.shuffle_seed = check_int_at_least("shuffle_seed", shuffle_seed, 0)
         self.batch_size = check_int_at_least("batch_size", batch_size, 1)
         self.num_workers = check_int_at_least("num_workers", num_workers, 0)
         self.image_size = check_int_at_least("image_size", image_size, 1)
@@ -48,15 +52,15 @@ class ImageDataModule(LightningDataModule):
         return sum(counter.value for counter in self.skip_counters.values())
 
     def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        """DataLoader with the shared settings; map-style training sets are shuffled and drop_last."""
-        iterable = isinstance(dataset, IterableDataset)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train and not iterable,
-            drop_last=train,
+        """DataLoader with the shared settings. A map-style training set gets a `ResumableLoader` (seeded shuffle,
+        disjoint rank shares, full batches); an iterable one (web shards) is read in its own order."""
+        settings = dict(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_skipping_none,
         )
+        if train and not isinstance(dataset, IterableDataset):
+            sampler = ResumableSampler(len(dataset), seed=self.shuffle_seed)
+            return ResumableLoader(dataset, self.batch_size, sampler, **settings)
+        return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, **settings)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from varlib.data.base import ImageDataModule, check_int_at_least, check_open_fraction
 from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
 from varlib.data.transforms import ImageTransform
 
@@ -151,7 +152,8 @@ class CachedImageDataset(Dataset):
             datasets (only the rows in `indices` are used).
         labels_N: int64 tensor (N,).
         indices: rows of `images_NHWC` that belong to this dataset.
-        transform: RGB PIL image -> tensor, e.g. `ImageTransform`.
+        transform: `(RGB PIL image, generator or None) -> tensor`, e.g. `ImageTransform`; the generator is
+            seeded for the item by a `SeededIndex` (training sampler), else None.
     """
 
     def __init__(
@@ -168,7 +170,7 @@ class CachedImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.indices[index]
         image = Image.fromarray(self.images_NHWC[row].numpy())
-        return self.transform(image), self.labels_N[row]
+        return self.transform(image, sample_generator(index)), self.labels_N[row]
 
 
 class EmojiDataModule(ImageDataModule):
@@ -182,6 +184,7 @@ class EmojiDataModule(ImageDataModule):
         batch_size, num_workers: DataLoader settings (train batches drop the last partial batch).
         image_size: output resolution R.
         hflip: random horizontal flips for training.
+        shuffle_seed: seeds the training order and augmentation (with the epoch and index).
         val_fraction: share of images hashed into the validation split, in (0, 1).
         split_seed: seed of the hash split.
 
@@ -198,8 +201,9 @@ class EmojiDataModule(ImageDataModule):
         hflip: bool = False,
         val_fraction: float = 0.05,
         split_seed: int = 0,
+        shuffle_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, image_size, hflip)
+        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
         self.val_fraction = check_open_fraction("val_fraction", val_fraction)
         self.split_seed = check_int_at_least("split_seed", split_seed, 0)
         self.class_names = emoji_class_names()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from varlib.data.base import ImageDataModule
 from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
 from varlib.data.transforms import ImageTransform
 
@@ -88,7 +89,8 @@ def scan_split(split_dir: Path, class_names: list[str]) -> list[Sample]:
 class ImageFileDataset(Dataset):
     """Map-style dataset over image files; item i -> `(image (3, R, R) in [-1, 1], label () int64)`.
 
-    An unreadable file yields None (counted in `skip_counter` and logged); pair the DataLoader
+    `transform` is called as `transform(image, generator)`, the generator seeded for the item by a
+    `SeededIndex` (training sampler), else None. An unreadable file yields None (counted in `skip_counter` and logged); pair the DataLoader
     with `collate_skipping_none`.
     """
 
@@ -113,7 +115,7 @@ class ImageFileDataset(Dataset):
         except ImageDecodeError as error:
             self.skip_counter.record(f"image file {path}", str(error))
             return None
-        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+        return self.transform(image, sample_generator(index)), torch.tensor(label, dtype=torch.int64)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -124,6 +126,7 @@ class ImageFolderDataModule(ImageDataModule):
         batch_size, num_workers: DataLoader settings (train batches drop the last partial batch).
         image_size: output resolution R of the official VAR transform.
         hflip: random horizontal flips for training.
+        shuffle_seed: seeds the training order and augmentation (with the epoch and index).
         train_dir, val_dir: split folder names under `root`.
     """
 
@@ -136,8 +139,9 @@ class ImageFolderDataModule(ImageDataModule):
         hflip: bool = False,
         train_dir: str = "train",
         val_dir: str = "val",
+        shuffle_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers, image_size, hflip)
+        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder root not found: expected a directory at {self.root}")

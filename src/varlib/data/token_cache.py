@@ -24,12 +24,13 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from varlib.data.resumable import ResumableLoader, ResumableSampler, sample_generator
 
 FORMAT = "varlib-token-cache/1"
 SAFETENSORS_DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64}
@@ -103,34 +104,30 @@ class TokenDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} rows")
         crop, flipped = 0, False
-        if self.train:
-            crop = int(torch.randint(self.crops, ()))
-            flipped = self.use_flip and bool(torch.rand(()) < 0.5)
+        if self.train:  # a SeededIndex (training sampler) fixes the draw; a plain index draws from the global RNG
+            generator = sample_generator(i)
+            crop = int(torch.randint(self.crops, (), generator=generator))
+            flipped = self.use_flip and bool(torch.rand((), generator=generator) < 0.5)
         return self.row(i, crop, flipped).long(), self.labels[i]
 
 
-class RankBlockSampler(DistributedSampler):
+class RankBlockSampler(ResumableSampler):
     """Each epoch: the rows cut into blocks of ``block_size`` consecutive rows, the blocks shuffled with
     ``seed + epoch`` and dealt to the ranks in turn, then each rank's rows shuffled.
 
     A rank thus reads only its share of the memory-mapped cache, in long contiguous runs, and the order depends
-    only on (seed, epoch, rank, world size): a resumed run replays it. Every rank yields the same number of rows
-    (the shortest share), as DDP needs. Being a DistributedSampler, Lightning uses it as is under DDP/FSDP.
+    only on (seed, epoch, rank, world size): a resumed run replays it, from the middle of an epoch too (see
+    :class:`ResumableSampler`). Every rank yields the same number of rows (the shortest share), as DDP needs.
     """
 
     def __init__(self, num_rows: int, block_size: int = 1024, num_replicas: int | None = None,
                  rank: int | None = None, seed: int = 0):
-        if num_replicas is None:
-            num_replicas = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if rank is None:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if block_size < 1 or num_rows < num_replicas:
-            raise ValueError(f"expected block_size >= 1 and at least one row per rank, got block_size {block_size} "
-                             f"and {num_rows} rows for {num_replicas} ranks")
-        self.num_rows, self.num_replicas, self.rank, self.seed, self.epoch = num_rows, num_replicas, rank, seed, 0
-        self.block_size = min(block_size, num_rows // num_replicas)  # every rank gets at least one block
+        super().__init__(num_rows, num_replicas, rank, seed)
+        if block_size < 1:
+            raise ValueError(f"expected block_size >= 1, got {block_size}")
+        self.block_size = min(block_size, num_rows // self.num_replicas)  # every rank gets at least one block
         full, rest = divmod(num_rows, self.block_size)
-        blocks_per_rank = (full + (rest > 0)) // num_replicas
+        blocks_per_rank = (full + (rest > 0)) // self.num_replicas
         # the shortest share: blocks_per_rank blocks, the partial one among them
         self.num_samples = blocks_per_rank * self.block_size - (self.block_size - rest if rest else 0)
 
@@ -138,14 +135,11 @@ class RankBlockSampler(DistributedSampler):
         starts = torch.randperm(math.ceil(self.num_rows / self.block_size), generator=generator).tolist()
         return [range(s * self.block_size, min((s + 1) * self.block_size, self.num_rows)) for s in starts]
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_rows(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         mine = [i for block in self._blocks(generator)[self.rank::self.num_replicas] for i in block]
         order = torch.randperm(len(mine), generator=generator)[: self.num_samples].tolist()
-        return iter(mine[j] for j in order)
-
-    def __len__(self) -> int:
-        return self.num_samples
+        return [mine[j] for j in order]
 
 
 def read_index(root: str | os.PathLike) -> dict:
@@ -161,7 +155,8 @@ def read_index(root: str | os.PathLike) -> dict:
 class TokenCacheDataModule(L.LightningDataModule):
     """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``.
 
-    The training order depends only on ``shuffle_seed`` and the epoch, so a resumed run replays it exactly;
+    The training order depends only on ``shuffle_seed`` and the epoch, and the train loader's position is saved in
+    checkpoints (:class:`~varlib.data.resumable.ResumableLoader`), so a resumed run replays it exactly, mid-epoch too;
     under DDP/FSDP each rank reads its own blocks of ``block_size`` rows (:class:`RankBlockSampler`).
     """
 
@@ -186,8 +181,8 @@ class TokenCacheDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = RankBlockSampler(len(self.train_set), self.block_size, seed=self.shuffle_seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(self.train_set, self.batch_size, sampler, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -51,7 +51,8 @@ class ImageTransform:
         train: random crop (and optional flip) when True; deterministic centre crop when False.
         hflip: flip horizontally with probability 0.5 (training only; VAR's default is off).
 
-    Randomness comes from torch's global RNG, which DataLoader seeds differently per worker.
+    Random draws come from ``generator`` when given (training datasets seed one per sample, see
+    :func:`varlib.data.resumable.sample_generator`, so a resumed run replays them), else from torch's global RNG.
     The flip is applied after cropping; since the crop offset is uniform, this gives the same
     distribution as VAR's flip-before-resize.
     """
@@ -64,27 +65,29 @@ class ImageTransform:
         self.hflip = hflip
         self.resize_to = resize_target(resolution)
 
-    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def crop_box(
+        self, width: int, height: int, generator: torch.Generator | None = None
+    ) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the square crop within a resized image of this size."""
         res = self.resolution
         if self.train:
-            top = int(torch.randint(0, height - res + 1, ()).item())
-            left = int(torch.randint(0, width - res + 1, ()).item())
+            top = int(torch.randint(0, height - res + 1, (), generator=generator).item())
+            left = int(torch.randint(0, width - res + 1, (), generator=generator).item())
         else:
             top = int(round((height - res) / 2.0))
             left = int(round((width - res) / 2.0))
         return left, top, left + res, top + res
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         if image.mode != "RGB":
             raise ValueError(
                 f"ImageTransform expects an RGB PIL image, got mode {image.mode!r}; "
                 "load images with varlib.data.load_rgb_image"
             )
         resized = resize_shorter_side(image, self.resize_to)
-        cropped = resized.crop(self.crop_box(*resized.size))
+        cropped = resized.crop(self.crop_box(*resized.size, generator))
         image_CHW = pil_to_unit_range(cropped)
-        if self.train and self.hflip and torch.rand(()).item() < 0.5:
+        if self.train and self.hflip and torch.rand((), generator=generator).item() < 0.5:
             image_CHW = image_CHW.flip(-1)
         return image_CHW
 

@@ -31,6 +31,7 @@ from varlib.io import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.training.ema import ModelEMA
 from varlib.training.schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
+from varlib.training.seeding import seed_training_step
 
 
 def check_recipe(base_lr: float, label_smoothing: float, warmup_fraction: float, grid_classes: int,
@@ -93,8 +94,7 @@ class TokenTransformerModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch, batch_idx):
-        step_seed = self.hparams.seed + self.global_step * self.trainer.world_size + self.global_rank
-        torch.manual_seed(step_seed)
+        seed_training_step(self, self.hparams.seed)
 
     def training_step(self, batch, batch_idx):
         if batch is None:  # every sample of the batch was unreadable

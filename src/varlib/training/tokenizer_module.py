@@ -8,8 +8,15 @@ discriminator starts, two per batch after.
 Checkpoints hold the autoencoder under ``vae.`` and ``checkpoint["varlib"]``, so ``varlib.load(ckpt)`` opens them.
 With EMA on, ``vae.`` holds the EMA weights (what validation and ``export`` use) and the online weights are kept
 under ``checkpoint["ema"]["online"]`` for resuming. The fixed networks (LPIPS, the rFID extractor) are rebuilt
-from the config rather than saved. Only plain containers are saved, so checkpoints load with
+from the config rather than saved; the quantizer's non-persistent update count goes under
+``checkpoint["vae_unsaved_buffers"]``. Only plain containers are saved, so checkpoints load with
 ``torch.load(weights_only=True)``.
+
+A run resumed from a checkpoint replays the uninterrupted one: each step's random draws are seeded by the step
+(``seed``) and the learning rate and GAN schedule are functions of ``global_step``. With ``optim.decay_by_time`` and
+``trainer.max_time`` the decay follows the clock of Lightning's Timer instead, which the checkpoint keeps: the
+resumed run continues from the time elapsed at the save (the time between the save and the kill is not counted),
+so it resumes close to, not exactly like, an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from varlib.training.discriminator import PatchDiscriminator
 from varlib.training.ema import ModelEMA
 from varlib.training.gan import gan_start_factor
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
+from varlib.training.seeding import seed_training_step
 from varlib.training.tokenizer_eval import CodebookUsage
 from varlib.training.tokenizer_loss import (
     OptimConfig,
@@ -60,6 +68,13 @@ def _construct(cls: type, kwargs: Mapping[str, Any], section: str) -> Any:
         return cls(**kwargs)
     except TypeError as error:  # unknown or missing keyword
         raise ValueError(f"bad {section} config {dict(kwargs)}: {error}") from error
+
+
+def unsaved_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's buffers that its state dict leaves out (non-persistent, so that official checkpoints load
+    strictly) but training needs, such as the quantizer's update count: checkpoints keep them beside it."""
+    saved = module.state_dict().keys()
+    return {name: buffer for name, buffer in module.named_buffers() if name not in saved}
 
 
 class TokenizerModule(L.LightningModule):
@@ -82,6 +97,8 @@ class TokenizerModule(L.LightningModule):
             ``varlib.evaluation.build_inception_extractor()``; validation then logs ``val/rfid``.
         channels_last: keep the autoencoder's and discriminator's conv weights channels-last (NHWC), which
             oneDNN and cuDNN run faster; the weights' values and exported files are the same.
+        seed: the random draws of training step s (dropout, dead-code restarts) are seeded with
+            seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
 
     Batches are ``(images (B,3,H,W) in [-1, 1], labels)`` or bare image tensors.
     """
@@ -100,6 +117,7 @@ class TokenizerModule(L.LightningModule):
         num_grid_images: int = 8,
         rfid_extractor: nn.Module | None = None,
         channels_last: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -192,6 +210,9 @@ class TokenizerModule(L.LightningModule):
         return optimizers
 
     # -- training ------------------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_training_step(self, self.hparams.seed)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         img = images_from_batch(batch)
@@ -308,6 +329,7 @@ class TokenizerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["varlib"] = model_metadata(self.vae)
+        checkpoint["vae_unsaved_buffers"] = unsaved_buffers(self.vae)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FIXED_NETWORK_PREFIXES)]:
             del state[key]
@@ -320,6 +342,9 @@ class TokenizerModule(L.LightningModule):
             checkpoint["ema"]["online"] = online
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, value in checkpoint.get("vae_unsaved_buffers", {}).items():
+                self.vae.get_buffer(name).copy_(value)
         state = checkpoint["state_dict"]
         state.update({k: v for k, v in self.state_dict().items() if k.startswith(FIXED_NETWORK_PREFIXES)})
         ema_state = checkpoint.get("ema")
