@@ -37,13 +37,3 @@ def test_experiment_composes_resolves_and_names_importable_targets(experiment, t
     assert len(found) >= 3  # at least data, model and trainer are built by instantiate
     for target in found:
         assert get_object(target) is not None, target
-
-
-@pytest.mark.parametrize("depth", [1, 3, 5])
-def test_scaling_sweep_scales_width_with_the_swept_depth(depth, tmp_path):
-    cfg = compose_config("train", ["experiment=var_emoji_scaling", f"model.var.depth={depth}",
-                                   f"paths.output_dir={tmp_path}"])
-    var = OmegaConf.to_container(cfg.model.var, resolve=True)
-    assert (var["width"], var["num_heads"]) == (32 * depth, depth)
-    assert cfg.trainer.max_time is None and cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
-    assert cfg.model.grid_classes == 0 and "csv" in cfg.logger

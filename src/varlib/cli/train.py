@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -125,8 +124,6 @@ def per_device_batch_size(global_batch_size: int, devices: int, num_nodes: int, 
 OmegaConf.register_new_resolver(
     "num_processes", lambda devices, num_nodes, accelerator: device_count(devices, accelerator) * int(num_nodes),
     replace=True)
-# ${mul:32,${model.var.depth}}: a size that scales with a swept value (the scaling sweep's width)
-OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)
 
 
 def apply_global_batch_size(cfg: DictConfig) -> None:
