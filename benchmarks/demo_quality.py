@@ -26,6 +26,7 @@ from varlib.evaluation.emoji_classifier import (
     emoji_scores,
     halfway_progress,
     images_of,
+    labelled_images,
     load_emoji_classifier,
 )
 
@@ -58,7 +59,7 @@ def main() -> None:
     datamodule.setup("validate")
     classifier = load_emoji_classifier()
     num_classes = datamodule.num_classes
-    reference_features, points = calibration_points(classifier, datamodule.val_set, num_classes, args.per_class,
+    reference_features, points = calibration_points(classifier, *labelled_images(datamodule.val_set), args.per_class,
                                                     args.seed)
     # the ``real`` draw of calibration_points, through the tokenizer
     draw = balanced_draw(dataset_labels(datamodule.val_set), num_classes, args.per_class, args.seed + 1)

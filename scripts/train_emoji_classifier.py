@@ -29,6 +29,7 @@ from varlib.evaluation.emoji_classifier import (
     calibration_points,
     dataset_labels,
     images_of,
+    labelled_images,
 )
 
 
@@ -89,7 +90,7 @@ def main() -> None:
           args.epochs, args.lr)
     seconds = time.perf_counter() - start
 
-    _, points = calibration_points(classifier, datamodule.val_set, datamodule.num_classes)
+    _, points = calibration_points(classifier, *labelled_images(datamodule.val_set))
     record = {
         "resolution": CLASSIFIER_RESOLUTION,
         "classes": datamodule.class_names,

@@ -1,12 +1,13 @@
 """`python -m varlib.cli.ablation` at varlib.notebook's tiny size: both tokenizers and transformers train with equal
-budgets, the figures land in results.json/results.md, and the pluggable sample metric scores the samples."""
+budgets, the figures land in results.json/results.md, the emoji classifier scores the samples by default and a
+pluggable sample metric replaces it."""
 
 import json
 
 import pytest
 import torch
 
-from varlib.cli.ablation import main, markdown_table, transformer_overrides
+from varlib.cli.ablation import main, markdown_table, sample_figures, transformer_overrides
 from varlib.notebook import TINY_ABLATION_TOKENIZER, TINY_ABLATION_TRANSFORMER
 
 
@@ -27,15 +28,33 @@ def test_transformer_overrides_route_model_net_keys():
                                                                                          "trainer.max_steps=3"]
 
 
+def test_table_flattens_nested_figures_and_gives_calibration_points_rows():
+    points = {"real": {"class_accuracy": 0.7, "feature_distance": 0.05},
+              "blurred_8x8": {"class_accuracy": 0.33, "feature_distance": 12.7}}
+    samples = {"class_accuracy": 0.5, "feature_distance": 6.0, "per_class": 50, "calibration": points,
+               "halfway_progress": {"class_accuracy": 0.45, "feature_distance": 0.53}}
+    assert sample_figures(samples) == {"class_accuracy": 0.5, "feature_distance": 6.0,
+                                       "halfway_progress/class_accuracy": 0.45,
+                                       "halfway_progress/feature_distance": 0.53}
+    model = {"tokenizer": {"psnr": 20.0, "ssim": 0.7}, "tokens_per_image": 130, "non_embedding_params": 10,
+             "steps": 5, "training_images": 40, "samples": samples, "seconds_per_image_b1": 0.1,
+             "seconds_per_image_b16": 0.01}
+    rows = markdown_table({"0": {"var": model}}).splitlines()
+    assert len(rows) == 2 + 1 + 2
+    assert rows[0].split(" | ")[8:12] == ["class_accuracy", "feature_distance", "halfway_progress/class_accuracy",
+                                          "halfway_progress/feature_distance"]
+    assert "| 0 | var | 130 | 20.00 | 0.700 | 10 | 5 | 40 | 0.5 | 6 | 0.45 | 0.53 | 0.1000 | 0.0100 |" == rows[2]
+    assert rows[3] == "| 0 | *real* (calibration) |  |  |  |  |  |  | 0.7 | 0.05 |  |  |  |  |"
+
+
 @pytest.mark.slow
 def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, capsys):
-    args = ["--out", str(tmp_path), "--seeds", "3", "--per-class", "2", "--no-token-cache", "--threads", "1",
-            "--metric", f"{__name__}.nearest_mean_metric"]
+    args = ["--out", str(tmp_path), "--seeds", "3", "--per-class", "2", "--no-token-cache", "--threads", "1"]
     for override in TINY_ABLATION_TOKENIZER:
         args += ["--tokenizer-override", override]
     for override in TINY_ABLATION_TRANSFORMER:
         args += ["--transformer-override", override]
-    main(args)
+    main(args)  # the default sample metric: the demo's emoji classifier protocol
     report = json.loads((tmp_path / "results.json").read_text())
     var, ar = report["results"]["3"]["var"], report["results"]["3"]["raster_ar"]
     assert var["tokens_per_image"] == 85 and ar["tokens_per_image"] == 64
@@ -43,9 +62,23 @@ def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, 
     assert var["steps"] == ar["steps"] == 5 and var["training_images"] == ar["training_images"] == 40
     for model in (var, ar):
         assert 5 < model["tokenizer"]["psnr"] < 60 and 0 < model["tokenizer"]["codebook_usage"] <= 1
-        assert 0 <= model["samples"]["nearest_mean_accuracy"] <= 1 and 0 <= model["samples"]["mean_pixel"] <= 1
+        emoji = model["samples"]
+        assert 0 <= emoji["class_accuracy"] <= 1 and emoji["feature_distance"] > 0 and emoji["per_class"] == 2
+        assert set(emoji["calibration"]) == {"real", "blurred_8x8", "noise"}
+        assert emoji["calibration"]["real"]["class_accuracy"] > emoji["calibration"]["noise"]["class_accuracy"]
         assert model["seconds_per_image_b1"] > 0 and model["seconds_per_image_b16"] > 0
+    assert var["samples"]["calibration"] == ar["samples"]["calibration"]  # one reference set for both
     assert (tmp_path / "seed3" / "raster_ar" / "samples.png").is_file()
     table = (tmp_path / "results.md").read_text()
-    assert table == markdown_table(report["results"]) and "nearest_mean_accuracy" in table
+    assert table == markdown_table(report["results"]) and "*blurred_8x8* (calibration)" in table
     assert table in capsys.readouterr().out
+
+    # the pluggable metric, on the same trained models (finished stages are reused, not retrained)
+    main([*args, "--metric", f"{__name__}.nearest_mean_metric"])
+    rerun = json.loads((tmp_path / "results.json").read_text())["results"]["3"]
+    for name in ("var", "raster_ar"):
+        samples = rerun[name]["samples"]
+        assert set(samples) == {"nearest_mean_accuracy", "mean_pixel"}
+        assert 0 <= samples["nearest_mean_accuracy"] <= 1 and 0 <= samples["mean_pixel"] <= 1
+        assert rerun[name]["tokenizer"] == report["results"]["3"][name]["tokenizer"]
+    assert "nearest_mean_accuracy" in (tmp_path / "results.md").read_text()

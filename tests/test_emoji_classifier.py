@@ -19,6 +19,7 @@ from varlib.evaluation.emoji_classifier import (
     EmojiClassifier,
     balanced_draw,
     blur,
+    emoji_metric,
     emoji_scores,
     halfway_progress,
     load_calibration,
@@ -68,6 +69,24 @@ def test_shipped_calibration_orders_real_blurred_noise():
     real, blurred, noise = points["real"], points["blurred_8x8"], points["noise"]
     assert real["class_accuracy"] > blurred["class_accuracy"] > noise["class_accuracy"]
     assert real["feature_distance"] < blurred["feature_distance"] < noise["feature_distance"]
+
+
+def test_emoji_metric_on_the_held_out_set_reproduces_the_shipped_calibration(classifier):
+    from varlib.cli.demo import held_out_images
+
+    images, labels = held_out_images(32)
+    metric = emoji_metric(images, labels, per_class=50, seed=0, classifier=classifier)
+    real_draw = balanced_draw(labels, 9, per_class=50, seed=1)  # the calibration's ``real`` set
+    scores = metric(images[real_draw], labels[real_draw])
+    shipped = load_calibration()["calibration"]  # measured by scripts/train_emoji_classifier.py
+    for point in ("real", "blurred_8x8", "noise"):
+        assert scores["calibration"][point] == pytest.approx(shipped[point], rel=1e-4, abs=1e-5)
+    assert scores["class_accuracy"] == pytest.approx(shipped["real"]["class_accuracy"], abs=1e-6)
+    assert scores["feature_distance"] == pytest.approx(shipped["real"]["feature_distance"], rel=1e-4)
+    assert scores["halfway_progress"] == pytest.approx({"class_accuracy": 1.0, "feature_distance": 1.0})
+    assert scores["per_class"] == 50
+    with pytest.raises(ValueError, match="one label per held-out image"):
+        emoji_metric(images, labels[:-1], classifier=classifier)
 
 
 def test_loading_errors_name_what_was_expected(tmp_path):

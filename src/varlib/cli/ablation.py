@@ -18,14 +18,17 @@ Per seed, each stage through the code path of its command:
 ``--transformer-override`` keys under ``model.net.`` go to ``model.var.`` for VAR and ``model.ar.`` for the
 baseline (e.g. ``model.net.depth=4``); other keys go to both as given. The sample metric is pluggable:
 ``--metric`` names a factory ``factory(reference_images (N,3,H,W) in [0,1], reference_labels (N,)) -> metric``,
-with ``metric(images (N,3,H,W) in [0,1], labels (N,)) -> dict[str, float]``; the references are the held-out
-images. Without one, the samples are drawn and timed but not scored. Writes ``<out>/results.json`` and
-``<out>/results.md``; finished training stages are reused when the command runs again.
+with ``metric(images (N,3,H,W) in [0,1], labels (N,)) -> dict``; the references are the held-out images. The
+default is the demo's emoji protocol (``varlib.evaluation.emoji_classifier.emoji_metric``, ``per_class`` samples
+and references per class): ``class_accuracy``, ``feature_distance``, ``halfway_progress`` and the calibration
+points (held-out ``real``, ``blurred_8x8``, ``noise``), which the table shows as rows of their own. Writes
+``<out>/results.json`` and ``<out>/results.md``; finished training stages are reused when the command runs again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -37,11 +40,9 @@ from hydra.utils import get_object
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
-from varlib.cli.demo import compose_config, train_stage
-from varlib.data import EmojiDataModule
+from varlib.cli.demo import compose_config, held_out_images, train_stage
+from varlib.evaluation.emoji_classifier import emoji_metric
 from varlib.images import image_grid, save_png
-
-log = logging.getLogger(__name__)
 
 SampleMetric = Callable[[torch.Tensor, torch.Tensor], dict]
 MetricFactory = Callable[[torch.Tensor, torch.Tensor], SampleMetric]
@@ -90,14 +91,6 @@ def class_samples(model, per_class: int, seed: int, sampling: dict) -> tuple[tor
     return images, labels
 
 
-def reference_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out emoji images at ``image_size``: (N,3,H,W) in [0,1] and their labels (N,)."""
-    data = EmojiDataModule(image_size=image_size)
-    data.setup("fit")
-    images, labels = zip(*(data.val_set[i] for i in range(len(data.val_set))))
-    return torch.stack(images).add(1).div(2), torch.stack(labels).long()
-
-
 def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_overrides: Sequence[str],
                use_token_cache: bool) -> dict[str, dict]:
     """Stages 1-3 for one seed; returns per model its tokenizer metrics, transformer metrics and file paths."""
@@ -126,15 +119,13 @@ def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_ove
 
 
 def evaluate(runs: dict[str, dict], per_class: int, seed: int, sampling: dict,
-             metric_factory: MetricFactory | None) -> dict[str, dict]:
+             metric_factory: MetricFactory) -> dict[str, dict]:
     """Stage 4: the figures of both models (see the module docstring)."""
     models = {name: varlib.load(run["dir"] / "transformer" / "model.safetensors") for name, run in runs.items()}
     sizes = {name: model.num_non_embedding_params() for name, model in models.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"the transformers must have equal non-embedding parameters, got {sizes}")
-    metric = None
-    if metric_factory is not None:
-        metric = metric_factory(*reference_images(models["var"].vae.image_size))
+    metric = metric_factory(*held_out_images(models["var"].vae.image_size))
     results = {}
     for name, model in models.items():
         run = runs[name]
@@ -149,7 +140,7 @@ def evaluate(runs: dict[str, dict], per_class: int, seed: int, sampling: dict,
             "training_images": steps * run["batch_size"],
             "val_loss_last": run["transformer"].get("val/loss_last"),
             "val_err_last": run["transformer"].get("val/err_last"),
-            "samples": metric(images, labels) if metric is not None else {},
+            "samples": metric(images, labels),
             **{f"seconds_per_image_b{b}": seconds_per_image(model, b, sampling) for b in TIMING_BATCHES},
         }
         shown = images.view(model.num_classes, per_class, *images.shape[1:])[:, :SHOWN_PER_CLASS]
@@ -157,19 +148,39 @@ def evaluate(runs: dict[str, dict], per_class: int, seed: int, sampling: dict,
     return results
 
 
+def sample_figures(samples: dict) -> dict[str, float]:
+    """A metric's numbers for the table, one nested level flattened (``halfway_progress/class_accuracy``);
+    the ``calibration`` points get rows of their own and ``per_class`` is a setting, not a figure."""
+    figures = {}
+    for key, value in samples.items():
+        if key in ("calibration", "per_class"):
+            continue
+        if isinstance(value, dict):
+            figures.update({f"{key}/{name}": v for name, v in value.items()})
+        else:
+            figures[key] = value
+    return figures
+
+
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per seed and model: reconstruction, size, budget, sample metrics and sampling time."""
-    metric_names = sorted({k for seed in results.values() for r in seed.values() for k in r["samples"]})
+    """One row per seed and model: reconstruction, size, budget, sample metrics and sampling time; then, where
+    the metric has them, one row per calibration point (the same figures for held-out, blurred and noise sets)."""
+    metric_names = sorted({k for seed in results.values() for r in seed.values() for k in sample_figures(r["samples"])})
     header = ["seed", "model", "tokens", "rec. PSNR (dB)", "rec. SSIM", "N (non-emb.)", "steps", "images",
               *metric_names, "s/img b1", "s/img b16"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for seed, models in results.items():
         for name, r in models.items():
-            tok = r["tokenizer"]
+            tok, figures = r["tokenizer"], sample_figures(r["samples"])
             cells = [seed, name, r["tokens_per_image"], f"{tok.get('psnr', float('nan')):.2f}",
                      f"{tok.get('ssim', float('nan')):.3f}", r["non_embedding_params"], r["steps"], r["training_images"],
-                     *(f"{r['samples'].get(m, float('nan')):.4g}" for m in metric_names),
+                     *(f"{figures.get(m, float('nan')):.4g}" for m in metric_names),
                      f"{r['seconds_per_image_b1']:.4f}", f"{r['seconds_per_image_b16']:.4f}"]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+        calibration = next(iter(models.values()))["samples"].get("calibration", {})
+        for point, figures in calibration.items():
+            cells = [seed, f"*{point}* (calibration)", *[""] * 6,
+                     *(f"{figures[m]:.4g}" if m in figures else "" for m in metric_names), "", ""]
             rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows) + "\n"
 
@@ -187,8 +198,11 @@ def run_ablation(
     """Trains and evaluates both models for every seed; writes and returns ``results.json``'s content.
 
     ``sampling`` holds ``cfg``, ``top_k``, ``top_p`` for both models (default cfg 1.5, no filter; VAR ramps its
-    guidance over the scales, the baseline applies it at every token).
+    guidance over the scales, the baseline applies it at every token). ``metric_factory`` defaults to the emoji
+    protocol with ``per_class`` references per class.
     """
+    if metric_factory is None:
+        metric_factory = functools.partial(emoji_metric, per_class=per_class)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sampling = {"cfg": 1.5, "top_k": 0, "top_p": 0.0, **(sampling or {})}
@@ -214,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--metric", default=None, metavar="MODULE.FACTORY",
-                        help="factory(reference_images, reference_labels) -> metric(images, labels) -> dict")
+                        help="factory(reference_images, reference_labels) -> metric(images, labels) -> dict "
+                             "(default: the demo's emoji classifier protocol)")
     parser.add_argument("--no-token-cache", action="store_true", help="tokenise on the fly instead of caching")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 on a shared CPU)")
     parser.add_argument("--tokenizer-override", action="append", default=[], metavar="KEY=VALUE")
@@ -229,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenizer_overrides.append(f"cpu_threads={args.threads}")
         net_overrides.append(f"cpu_threads={args.threads}")
     factory = get_object(args.metric) if args.metric else None
-    if factory is None:
-        log.warning("no --metric: samples are drawn and timed but not scored")
     report = run_ablation(args.out, args.seeds, tokenizer_overrides, net_overrides, args.per_class,
                           {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}, factory, not args.no_token_cache)
     print(markdown_table(report["results"]))

@@ -39,12 +39,7 @@ from varlib.cli import tokenize as tokenize_cli
 from varlib.cli import train as train_cli
 from varlib.cli.common import CONFIG_MODULE
 from varlib.data import EmojiDataModule
-from varlib.evaluation.emoji_classifier import (
-    calibration_points,
-    emoji_scores,
-    halfway_progress,
-    load_emoji_classifier,
-)
+from varlib.evaluation.emoji_classifier import emoji_metric, labelled_images
 from varlib.images import image_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -79,17 +74,19 @@ def sample_rows(var: varlib.VAR, per_class: int, seed: int, **sampling) -> torch
     return image_grid(sample_classes(var, per_class, seed, **sampling), columns=per_class)
 
 
-def score_samples(samples_BCHW: torch.Tensor, per_class: int, image_size: int, seed: int) -> dict:
-    """The emoji protocol: the samples' class accuracy and feature distance beside the calibration points."""
+def held_out_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out emoji images at ``image_size``: float (N,3,H,W) in [0,1] and their labels (N,)."""
     datamodule = EmojiDataModule(image_size=image_size)
     datamodule.setup("validate")
-    classifier = load_emoji_classifier()
-    reference_features, points = calibration_points(classifier, datamodule.val_set, datamodule.num_classes,
-                                                    per_class, seed)
-    labels_B = torch.arange(datamodule.num_classes).repeat_interleave(per_class)
-    scores = emoji_scores(classifier, samples_BCHW, labels_B, reference_features)
-    return {**scores, "per_class": per_class, "calibration": points,
-            "halfway_progress": halfway_progress(scores, points)}
+    return labelled_images(datamodule.val_set)
+
+
+def score_samples(samples_BCHW: torch.Tensor, per_class: int, image_size: int, seed: int) -> dict:
+    """The emoji protocol (``emoji_metric``) on ``per_class`` samples of every class, class by class: their class
+    accuracy and feature distance beside the calibration points."""
+    metric = emoji_metric(*held_out_images(image_size), per_class, seed)
+    num_classes = samples_BCHW.shape[0] // per_class
+    return metric(samples_BCHW, torch.arange(num_classes).repeat_interleave(per_class))
 
 
 def run_demo(

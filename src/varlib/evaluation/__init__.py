@@ -11,7 +11,9 @@ from varlib.evaluation.adm_npz import (
 from varlib.evaluation.emoji_classifier import (
     EmojiClassifier,
     calibration_points,
+    emoji_metric,
     emoji_scores,
+    labelled_images,
     load_emoji_classifier,
 )
 from varlib.evaluation.generation_callback import (
@@ -72,6 +74,7 @@ __all__ = [
     "calibration_points",
     "check_uint8_nhwc",
     "feature_statistics",
+    "emoji_metric",
     "emoji_scores",
     "fid_from_features",
     "find_inception_weights",
@@ -82,6 +85,7 @@ __all__ = [
     "images_from_batch",
     "inception_score",
     "knn_radii",
+    "labelled_images",
     "load_adm_npz",
     "load_reference",
     "load_emoji_classifier",

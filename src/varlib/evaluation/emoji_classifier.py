@@ -12,7 +12,8 @@ The emoji protocol (``emoji_scores``): a set of images with their intended class
   * ``feature_distance``: Fréchet distance between its features and those of the reference set, the held-out
     real images drawn class-balanced (``balanced_draw``), 50 per class.
 ``calibration_points`` measures the same two figures for held-out real images, real images blurred to 8x8 and
-back, and uniform noise, so a model's figures can be read against them.
+back, and uniform noise, so a model's figures can be read against them; ``emoji_metric`` wraps all of it as
+one sample metric (the demo's scoring and the ablation's default ``--metric``).
 """
 
 from __future__ import annotations
@@ -162,22 +163,51 @@ def dataset_labels(dataset) -> torch.Tensor:
     return dataset.labels_N[torch.as_tensor(dataset.indices)]
 
 
+def labelled_images(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every item of a ``CachedImageDataset``: float images (N,3,H,W) in [0,1] and labels (N,), in order."""
+    labels_N = dataset_labels(dataset)
+    return images_of(dataset, torch.arange(len(labels_N))), labels_N
+
+
 @torch.no_grad()
-def calibration_points(classifier: EmojiClassifier, val_set, num_classes: int, per_class: int = 50,
-                       seed: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
-    """The reference features (num_classes*per_class, 64) of the held-out images (draw ``seed``) and the
-    scores of three calibration sets of the same size: ``real`` (another draw, ``seed + 1``), ``blurred_8x8``
-    (that draw blurred to 8x8 and back) and ``noise`` (uniform noise)."""
-    labels_N = dataset_labels(val_set)
-    reference = balanced_draw(labels_N, num_classes, per_class, seed)
-    reference_features = torch.cat([classifier.classify(chunk)[0]
-                                    for chunk in images_of(val_set, reference).split(256)])
-    draw = balanced_draw(labels_N, num_classes, per_class, seed + 1)
-    real_BCHW, draw_labels = images_of(val_set, draw), labels_N[draw]
+def calibration_points(classifier: EmojiClassifier, images_NCHW: torch.Tensor, labels_N: torch.Tensor,
+                       per_class: int = 50, seed: int = 0) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
+    """From the held-out set (float images (N,3,H,W) in [0,1], labels (N,)): the reference features
+    (K*per_class, 64) of draw ``seed`` and the scores of three calibration sets of the same size: ``real``
+    (another draw, ``seed + 1``), ``blurred_8x8`` (that draw blurred to 8x8 and back) and ``noise`` (uniform
+    noise); K is the classifier's number of classes."""
+    if images_NCHW.shape[0] != labels_N.shape[0]:
+        raise ValueError(f"expected one label per held-out image, got {images_NCHW.shape[0]} images and "
+                         f"{labels_N.shape[0]} labels")
+    reference = balanced_draw(labels_N, classifier.num_classes, per_class, seed)
+    reference_features = torch.cat([classifier.classify(chunk)[0] for chunk in images_NCHW[reference].split(256)])
+    draw = balanced_draw(labels_N, classifier.num_classes, per_class, seed + 1)
+    real_BCHW, draw_labels = images_NCHW[draw], labels_N[draw]
     noise_BCHW = torch.rand(real_BCHW.shape, generator=torch.Generator().manual_seed(seed))
     points = {name: emoji_scores(classifier, images, draw_labels, reference_features)
               for name, images in (("real", real_BCHW), ("blurred_8x8", blur(real_BCHW)), ("noise", noise_BCHW))}
     return reference_features, points
+
+
+def emoji_metric(reference_images_NCHW: torch.Tensor, reference_labels_N: torch.Tensor, per_class: int = 50,
+                 seed: int = 0, classifier: EmojiClassifier | None = None):
+    """The emoji protocol as a sample metric: ``metric(images (B,3,H,W) in [0,1], labels (B,)) -> dict``.
+
+    The reference features and calibration points come from the held-out set given here (``per_class`` per
+    class, draw ``seed``; the shipped classifier unless one is given). The dict holds ``class_accuracy``,
+    ``feature_distance``, ``per_class``, the ``calibration`` points and ``halfway_progress``; the demo and the
+    ablation (whose default ``--metric`` this is) both report it.
+    """
+    classifier = load_emoji_classifier() if classifier is None else classifier
+    reference_features, points = calibration_points(classifier, reference_images_NCHW, reference_labels_N,
+                                                    per_class, seed)
+
+    def metric(images_BCHW: torch.Tensor, labels_B: torch.Tensor) -> dict:
+        scores = emoji_scores(classifier, images_BCHW, labels_B, reference_features)
+        return {**scores, "per_class": per_class, "calibration": points,
+                "halfway_progress": halfway_progress(scores, points)}
+
+    return metric
 
 
 def halfway_progress(scores: dict[str, float], points: dict[str, dict[str, float]]) -> dict[str, float]:
