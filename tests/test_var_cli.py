@@ -63,6 +63,7 @@ MID_EPOCH = ("trainer.val_check_interval=3",)
 RESUME_CASES = {
     "one_process": ((), 8),
     "ddp_ema_mid_epoch": (("trainer=ddp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9", *MID_EPOCH), 9),
+    "ddp": (("trainer=ddp", *TWO_CPU_PROCESSES), 8),
     "fsdp_ema": (("trainer=fsdp", *TWO_CPU_PROCESSES, "model.ema_decay=0.9"), 8),
     "fsdp_mid_epoch": (("trainer=fsdp", *TWO_CPU_PROCESSES, *MID_EPOCH), 9),
 }
