@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from varlib import VAR, MultiScaleVQVAE
 from varlib.models.attention import SMALL_SCALE_TOKENS, resolve_attn_impl, scale_groups
-from varlib.models.schedules import PATCH_NUMS_256, PATCH_NUMS_512, sequence_length
+from varlib.models.patch_schedules import PATCH_NUMS_256, PATCH_NUMS_512, sequence_length
 
 SCHEDULES = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
 

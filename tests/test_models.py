@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from varlib import VAR, MultiScaleVQVAE, load_official_var, load_official_vqvae
-from varlib.models.schedules import PATCH_NUMS_512, phi_index_per_scale, sequence_length
+from varlib.models.patch_schedules import PATCH_NUMS_512, phi_index_per_scale, sequence_length
 
 DATA = Path(__file__).parent / "data"
 

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import varlib
-from varlib.training.tokenizer_eval import CodebookUsage
-from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss, lr_multiplier
+from varlib.evaluation.codebook_usage import CodebookUsage
+from varlib.training.optim_schedules import lr_multiplier
+from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss
 from varlib.training.tokenizer_module import TokenizerModule
 
 TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, patch_nums=[1, 2, 4, 8])

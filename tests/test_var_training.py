@@ -13,7 +13,7 @@ from varlib.data.tokenizing import tokenize_to_cache
 from varlib.evaluation.per_scale import per_scale_metrics
 from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.training.schedules import (
+from varlib.training.optim_schedules import (
     cosine_weight_decay,
     decay_parameter_groups,
     lin0_lr_factor,

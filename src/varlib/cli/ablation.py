@@ -37,9 +37,10 @@ from hydra.utils import get_object
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
-from varlib.cli.demo import compose_config, train_stage
+from varlib.configs import compose_config
 from varlib.data import EmojiDataModule
 from varlib.images import image_grid, save_png
+from varlib.training.runner import train_experiment
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def train_once(experiment: str, out_dir: Path, overrides: Sequence[str]) -> dict
     metrics_path = out_dir / "metrics.json"
     if (out_dir / "model.safetensors").is_file() and metrics_path.is_file():
         return json.loads(metrics_path.read_text())
-    return train_stage(experiment, out_dir, overrides)
+    return train_experiment(experiment, out_dir, overrides)
 
 
 @torch.no_grad()
