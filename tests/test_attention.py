@@ -11,7 +11,7 @@ from varlib.models.patch_schedules import PATCH_NUMS_256, PATCH_NUMS_512, sequen
 SCHEDULES = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
 
 
-@pytest.fixture(scope="module", params=[256, 512])
+@pytest.fixture(scope="module", params=[256, pytest.param(512, marks=pytest.mark.slow)])
 def tiny_var(request) -> VAR:
     """A narrow, shallow VAR on the full 256 or 512 px schedule (random weights, seed 0)."""
     torch.manual_seed(0)

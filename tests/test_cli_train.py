@@ -90,6 +90,7 @@ def test_cli_ddp_with_two_cpu_processes_exports_once(tmp_path):
         ("export_name=model.pt", "export_name must end with '.safetensors'"),
     ],
 )
+@pytest.mark.slow  # a subprocess each
 def test_cli_bad_config_fails_before_training(tmp_path, override, message):
     result = train(tmp_path, *QUICK, override)
     assert result.returncode != 0
