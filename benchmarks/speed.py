@@ -13,7 +13,7 @@ with the official code, the two implementations' calls alternate, so both see th
   activations) during the warm-up steps (at least one): the CUDA allocator's peak, or on CPU the
   peak-RSS increase when one is observable (``n/a`` otherwise; see :class:`measurements.PeakMemory`).
 - ``train_mfu``: model FLOPs utilisation against the device's dense bf16 peak (``--peak-tflops``; known
-  defaults for H100/H200/A100); the FLOP count is in :mod:`measurements`. Printed on CUDA, or wherever
+  defaults for H100/H200/A100); the FLOP count is :mod:`varlib.models.flops`'s. Printed on CUDA, or wherever
   ``--peak-tflops`` is given.
 - ``encode_images_per_s``, ``decode_images_per_s``: ``vae.encode_tokens`` (image -> K token maps, always
   fp32) and ``vae.decode_tokens`` (K token maps -> image, in ``--dtype``) on ``--batch`` random images.
@@ -57,7 +57,7 @@ from official_runner import (
 from varlib import VAR, MultiScaleVQVAE, load_official_var, load_official_vqvae
 from varlib.models.attention import ATTN_IMPLS
 from varlib.models.flops import per_token_linear_params, visible_keys_per_query
-from varlib.models.schedules import PRESETS, sequence_length, validate_patch_nums
+from varlib.models.patch_schedules import PRESETS, sequence_length, validate_patch_nums
 
 MEASUREMENTS = ("sampling", "train", "tokenizer")
 #: The sampler settings timed (the paper's ImageNet 256 evaluation settings).

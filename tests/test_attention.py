@@ -6,12 +6,12 @@ import torch.nn.functional as F
 
 from varlib import VAR, MultiScaleVQVAE
 from varlib.models.attention import SMALL_SCALE_TOKENS, resolve_attn_impl, scale_groups
-from varlib.models.schedules import PATCH_NUMS_256, PATCH_NUMS_512, sequence_length
+from varlib.models.patch_schedules import PATCH_NUMS_256, PATCH_NUMS_512, sequence_length
 
 SCHEDULES = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
 
 
-@pytest.fixture(scope="module", params=[256, 512])
+@pytest.fixture(scope="module", params=[256, pytest.param(512, marks=pytest.mark.slow)])
 def tiny_var(request) -> VAR:
     """A narrow, shallow VAR on the full 256 or 512 px schedule (random weights, seed 0)."""
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from varlib.cli.common import datamodule_config
+from varlib.configs import datamodule_config
 from varlib.data import (
     EmojiDataModule,
     ImageDecodeError,

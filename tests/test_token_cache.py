@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from varlib.cli.tokenize import MultiCropTransform
 from varlib.data.skipping import SkipCounter, collate_skipping_none
 from varlib.data.token_cache import FORMAT, ClassBalancedSampler, RankBlockSampler, TokenDataset, memmap_safetensors
 from varlib.data.tokenizing import tokenize_split, units_of_range
+from varlib.data.transforms import MultiCropTransform
 from varlib.models.vqvae import MultiScaleVQVAE
 
 PATCH_NUMS = (1, 2, 3, 4)

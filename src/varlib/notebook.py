@@ -3,10 +3,10 @@
 Every notebook starts with :func:`prepare_models`. It returns the files of ``make demo``
 (``<project>/outputs/demo``) when they exist; otherwise it trains a tiny 32 px tokenizer and a tiny VAR under
 ``<project>/outputs/notebooks``, about a minute on two CPU cores, through the same code as the command line
-(``varlib.cli.demo.train_stage``). The tiny VAR tokenises its emoji batches on the fly instead of reading a token
-cache: for a few dozen steps that is cheaper than tokenising the whole data set first. Finished stages are
-reused, so the notebooks share that run whichever of them comes first. Pictures from the tiny run are blurry
-blobs: it shows the mechanics, not the quality.
+(``varlib.training.runner.train_experiment``). The tiny VAR tokenises its emoji batches on the fly instead of
+reading a token cache: for a few dozen steps that is cheaper than tokenising the whole data set first. Finished
+stages are reused, so the notebooks share that run whichever of them comes first. Pictures from the tiny run are
+blurry blobs: it shows the mechanics, not the quality.
 
 ``<project>`` is ``$VARLIB_PROJECT_DIR`` when set (the notebook tests point it at a temporary folder), else the
 repository root when varlib runs from a source checkout (where ``make demo`` and ``varlib-train --multirun``
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import varlib
-from varlib.cli.demo import train_stage
+from varlib.training.runner import train_experiment
 
 PROJECT_DIR_VARIABLE = "VARLIB_PROJECT_DIR"
 
@@ -92,7 +92,7 @@ def train_once(experiment: str, out_dir: Path, overrides: Sequence[str]) -> Path
     :data:`TINY_RUN` and ``overrides``)."""
     model_path = out_dir / "model.safetensors"
     if not model_path.is_file():
-        train_stage(experiment, out_dir, [*TINY_RUN, *overrides])
+        train_experiment(experiment, out_dir, [*TINY_RUN, *overrides])
     return model_path
 
 

@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from varlib.models.patch_schedules import PRESETS, sequence_length
 from varlib.models.sampling import SamplingConfig
-from varlib.models.schedules import PRESETS, sequence_length
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 

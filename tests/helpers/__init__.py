@@ -1,1 +1,2 @@
-"""Test-only callbacks and a tiny feature extractor, importable by subprocess runs that put tests/ on PYTHONPATH."""
+"""Test-only callbacks, a tiny feature extractor and the official layouts; subprocess runs that put tests/ on
+PYTHONPATH import them too."""

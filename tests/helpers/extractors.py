@@ -19,3 +19,9 @@ class TinyExtractor(nn.Module):
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features_BD = self.norm(self.conv(images_BCHW.float() / 127.5 - 1)).relu().mean(dim=(2, 3))
         return features_BD, self.head(features_BD)
+
+
+def random_uint8_images(num: int, seed: int, size: int = 16) -> torch.Tensor:
+    """``num`` seeded random uint8 images (num, 3, size, size): inputs for the tiny extractor."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (num, 3, size, size), generator=generator, dtype=torch.uint8)

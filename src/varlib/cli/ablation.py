@@ -40,9 +40,11 @@ from hydra.utils import get_object
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
-from varlib.cli.demo import compose_config, held_out_images, train_stage
+from varlib.cli.demo import held_out_images
+from varlib.configs import compose_config
 from varlib.evaluation.emoji_classifier import emoji_metric
 from varlib.images import image_grid, save_png
+from varlib.training.runner import train_experiment
 
 SampleMetric = Callable[[torch.Tensor, torch.Tensor], dict]
 MetricFactory = Callable[[torch.Tensor, torch.Tensor], SampleMetric]
@@ -68,7 +70,7 @@ def train_once(experiment: str, out_dir: Path, overrides: Sequence[str]) -> dict
     metrics_path = out_dir / "metrics.json"
     if (out_dir / "model.safetensors").is_file() and metrics_path.is_file():
         return json.loads(metrics_path.read_text())
-    return train_stage(experiment, out_dir, overrides)
+    return train_experiment(experiment, out_dir, overrides)
 
 
 @torch.no_grad()

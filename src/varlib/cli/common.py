@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import varlib
+from varlib.configs import CONFIG_MODULE
 from varlib.data.base import check_int_at_least
 from varlib.io import FORMAT as VARLIB_FORMAT
 from varlib.models.transformer import VAR
@@ -30,9 +31,7 @@ from varlib.models.vqvae import MultiScaleVQVAE
 
 logger = logging.getLogger(__name__)
 
-# The Hydra configs ship inside the package (src/varlib/conf links to the repository's conf/), so every entry
-# point finds them from any directory; users add their own folders with --config-dir or hydra.searchpath.
-CONFIG_MODULE = "varlib.conf"
+# The packaged configs (see varlib.configs), found from any directory.
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 # Exit status for bad input or configuration (2, as argparse uses for usage errors).
 USAGE_ERROR = 2
@@ -59,12 +58,6 @@ def instantiate_config(config: DictConfig, **kwargs: Any) -> Any:
         if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
             raise error.__cause__ from None
         raise
-
-
-def datamodule_config(data: DictConfig) -> DictConfig:
-    """A data config without ``global_batch_size``, the training-only key that ``varlib-train`` turns into
-    ``batch_size`` per device: what the DataModule's constructor accepts."""
-    return OmegaConf.masked_copy(data, [key for key in data if key != "global_batch_size"])
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,30 +31,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
-from varlib.cli import train as train_cli
-from varlib.cli.common import CONFIG_MODULE
+from varlib.configs import compose_config
 from varlib.data import EmojiDataModule
 from varlib.evaluation.emoji_classifier import emoji_metric, labelled_images
 from varlib.images import image_grid, save_png
+from varlib.training.runner import train_experiment
 
 log = logging.getLogger(__name__)
-
-
-def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    """A config from the packaged ``conf/`` composed as the command line would, for use outside ``@hydra.main``."""
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
-
-
-def train_stage(experiment: str, out_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
-    """Runs ``varlib-train experiment=<experiment>`` writing to ``out_dir``; returns its final val metrics."""
-    cfg = compose_config("train", [f"experiment={experiment}", f"paths.output_dir={out_dir}", *overrides])
-    return train_cli.run(cfg)
 
 
 def sample_classes(var: varlib.VAR, per_class: int, seed: int, batch_size: int = 50, **sampling) -> torch.Tensor:
@@ -103,7 +89,7 @@ def run_demo(
     seconds = {}
 
     start = time.perf_counter()
-    tok_metrics = train_stage("demo_tokenizer", out / "tokenizer", ["logger=csv", f"seed={seed}",
+    tok_metrics = train_experiment("demo_tokenizer", out / "tokenizer", ["logger=csv", f"seed={seed}",
                                                                     *tokenizer_overrides])
     seconds["tokenizer"] = time.perf_counter() - start
     tokenizer_path = out / "tokenizer" / "model.safetensors"
@@ -115,7 +101,7 @@ def run_demo(
     seconds["tokenize"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    var_metrics = train_stage("var_emoji", out / "var", ["logger=csv", f"seed={seed}", f"data.root={cache_dir}",
+    var_metrics = train_experiment("var_emoji", out / "var", ["logger=csv", f"seed={seed}", f"data.root={cache_dir}",
                                                          f"model.tokenizer_path={tokenizer_path}", *var_overrides])
     seconds["var"] = time.perf_counter() - start
 

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from varlib.cli.common import (
     CONFIG_PATH,
     check_sampling_options,
-    datamodule_config,
     generate_in_batches,
     instantiate_config,
     load_var_model,
@@ -42,11 +41,11 @@ from varlib.cli.common import (
     resolve_precision,
     run_or_exit,
 )
-from varlib.data.base import check_int_at_least
+from varlib.configs import datamodule_config
+from varlib.data.base import check_int_at_least, images_from_batch
 from varlib.evaluation import (
     AdmNpzWriter,
     fid_from_features,
-    images_from_batch,
     inception_score,
     load_adm_npz,
     precision_recall,

@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 
 from varlib.cli.common import (
     CONFIG_PATH,
-    datamodule_config,
     instantiate_config,
     resolve_device,
     run_or_exit,
 )
-from varlib.data.base import check_int_at_least
-from varlib.evaluation import ReferenceStatistics, images_from_batch, write_reference
+from varlib.configs import datamodule_config
+from varlib.data.base import check_int_at_least, images_from_batch
+from varlib.evaluation import ReferenceStatistics, write_reference
 from varlib.images import signed_float_to_uint8
 
 logger = logging.getLogger(__name__)

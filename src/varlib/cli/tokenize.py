@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Subset
 
 from varlib.cli.common import (
     CONFIG_PATH,
-    datamodule_config,
     inference_precision,
     instantiate_config,
     load_tokenizer,
@@ -33,12 +32,14 @@ from varlib.cli.common import (
     resolve_precision,
     run_or_exit,
 )
+from varlib.configs import datamodule_config
 from varlib.data import ImageDataModule, ImageTransform, WebDatasetDataModule
 from varlib.data.base import check_int_at_least
 from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
 from varlib.data.token_cache import read_index
 from varlib.data.tokenizing import Unit, distributed_rank, tokenize_split, units_of_range
-from varlib.models.schedules import validate_patch_nums
+from varlib.data.transforms import MultiCropTransform
+from varlib.models.patch_schedules import validate_patch_nums
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -51,16 +52,6 @@ class TokenizeResult:
     out_dir: Path
     counts: dict[str, int]
     skipped: dict[str, int]
-
-
-class MultiCropTransform:
-    """Image -> (crops, 3, R, R): ``crops`` independent random crops of the official training transform."""
-
-    def __init__(self, resolution: int, crops: int):
-        self.crop, self.crops = ImageTransform(resolution, train=True), crops
-
-    def __call__(self, image) -> torch.Tensor:
-        return torch.stack([self.crop(image) for _ in range(self.crops)])
 
 
 def split_units(datamodule: ImageDataModule, split: str, transform, shard_size: int) -> list[Unit]:

@@ -4,186 +4,23 @@
     python -m varlib.cli.train experiment=tokenizer_emoji trainer.max_steps=200 model.optim.lr=3e-4
     varlib-train --multirun experiment=tokenizer_emoji model.optim.lr=1e-4,3e-4
 
-``cfg.data``, ``cfg.model``, ``cfg.callbacks.*``, ``cfg.logger.*`` and ``cfg.trainer`` are built with
-``hydra.utils.instantiate``; the model must have an ``export(path)`` method. A run writes to
-``outputs/<task_name>/`` (multirun: ``multirun/<task_name>/<job number>/``), so running the same command again
-resumes from ``<output_dir>/checkpoints/last.ckpt`` (a file, or a folder under FSDP2; an incomplete one falls back to
-the newest complete checkpoint, saying so). ``data.global_batch_size`` (when set) fixes the batch over all
-processes and accumulation steps, and sets ``data.batch_size`` per device from it. At the end, global rank 0 writes ``<output_dir>/<export_name>``
-and ``<output_dir>/metrics.json`` (the final validation metrics as plain floats).
+A run writes to ``outputs/<task_name>/`` (multirun: ``multirun/<task_name>/<job number>/``), so running the same
+command again resumes where it stopped. What a run builds, resumes, writes and exports:
+:mod:`varlib.training.runner`, whose :func:`~varlib.training.runner.train` this wraps.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
-from collections.abc import Sequence
-from typing import Any
-
 import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint import FileSystemReader
-
-from varlib.cli.common import datamodule_config
+from omegaconf import DictConfig
 
 from varlib.cli.common import CONFIG_PATH
-
-log = logging.getLogger(__name__)
-
-LAST_CHECKPOINT = "last.ckpt"
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Builds every entry of a named group such as ``cfg.callbacks``; entries set to null are skipped."""
-    if group is None:
-        return []
-    return [instantiate(node) for node in group.values() if node is not None]
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed from, or None when it is complete.
-
-    A file must load (``weights_only``); a distributed checkpoint folder (FSDP2) must hold Lightning's
-    ``meta.pt`` and a ``.metadata`` whose shard files all exist at least as long as it says.
-    """
-    try:
-        if not path.is_dir():
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return None
-        if not (path / ".metadata").is_file():
-            return "the folder has no .metadata: its save was interrupted"
-        for item, storage in FileSystemReader(path).read_metadata().storage_data.items():
-            shard = path / storage.relative_path
-            if not shard.is_file() or shard.stat().st_size < storage.offset + storage.length:
-                return f"shard {storage.relative_path} is missing or shorter than its .metadata says (entry {item.fqn})"
-        if not (path / "meta.pt").is_file():
-            return "the folder has no meta.pt: its save was interrupted"
-        torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    except Exception as error:  # torch and the checkpoint reader raise several types for damaged files
-        return f"unreadable ({type(error).__name__}: {error})"
-    return None
-
-
-def resume_checkpoint(checkpoint_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint a re-run continues from: ``checkpoint_dir/last.ckpt`` (file or folder) when resuming is
-    on and it exists, else None (a fresh run).
-
-    An incomplete or corrupt last checkpoint (a save cut short by a kill) falls back, with a warning naming
-    both, to the newest complete ``*.ckpt`` beside it; without one it raises a ValueError naming it.
-    """
-    last = checkpoint_dir / LAST_CHECKPOINT
-    if not resume or not last.exists():
-        return None
-    problem = checkpoint_problem(last)
-    if problem is None:
-        return last
-    others = sorted((p for p in checkpoint_dir.glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in others:
-        if checkpoint_problem(candidate) is None:
-            log.warning("the last checkpoint %s is incomplete or corrupt (%s); falling back to %s", last, problem, candidate)
-            return candidate
-    raise ValueError(
-        f"cannot resume: the last checkpoint {last} is incomplete or corrupt ({problem}) and no other checkpoint "
-        f"in {checkpoint_dir} is complete; remove it to start over, or set resume=false"
-    )
-
-
-def device_count(devices: Any, accelerator: str) -> int:
-    """Processes per node that ``lightning.Trainer(devices=..., accelerator=...)`` starts."""
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    if devices in ("auto", -1):
-        uses_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        return torch.cuda.device_count() if uses_cuda else 1
-    if isinstance(devices, str) and "," in devices:  # device ids such as "0,1,3"
-        return len([d for d in devices.split(",") if d.strip()])
-    if isinstance(devices, Sequence) and not isinstance(devices, str):
-        return len(devices)
-    raise ValueError(f"trainer.devices: expected a positive int, a list of device ids or 'auto', got {devices!r}")
-
-
-def per_device_batch_size(global_batch_size: int, devices: int, num_nodes: int, accumulate_grad_batches: int) -> int:
-    """``global_batch_size / (devices * num_nodes * accumulate_grad_batches)``; refuses a value that does not
-    divide, naming all four numbers."""
-    share = devices * num_nodes * accumulate_grad_batches
-    if global_batch_size < 1 or global_batch_size % share:
-        raise ValueError(
-            f"data.global_batch_size={global_batch_size} must be a positive multiple of trainer devices x num_nodes x "
-            f"accumulate_grad_batches = {devices} x {num_nodes} x {accumulate_grad_batches} = {share}"
-        )
-    return global_batch_size // share
-
-
-# ${num_processes:${trainer.devices},${trainer.num_nodes},${trainer.accelerator}} in configs: the world size
-OmegaConf.register_new_resolver(
-    "num_processes", lambda devices, num_nodes, accelerator: device_count(devices, accelerator) * int(num_nodes),
-    replace=True)
-
-
-def apply_global_batch_size(cfg: DictConfig) -> None:
-    """Sets ``cfg.data.batch_size`` from ``cfg.data.global_batch_size`` when that is given."""
-    global_batch_size = cfg.data.get("global_batch_size")
-    if global_batch_size is None:
-        return
-    cfg.data.batch_size = per_device_batch_size(
-        int(global_batch_size), device_count(cfg.trainer.devices, cfg.trainer.accelerator),
-        int(cfg.trainer.num_nodes), int(cfg.trainer.accumulate_grad_batches))
-    log.info("global batch %d: data.batch_size=%d per device", global_batch_size, cfg.data.batch_size)
-
-
-def final_metrics(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, validate: bool) -> dict[str, float]:
-    """The validation metrics of the final weights: a fresh validation pass, or the last logged values."""
-    if validate:
-        results = trainer.validate(model, datamodule=datamodule, verbose=False)
-        if results:
-            return {name: float(value) for name, value in results[0].items()}
-    return {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
-
-
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Trains with a composed config and returns the final validation metrics (see the module docstring)."""
-    if not str(cfg.export_name).endswith(".safetensors"):
-        raise ValueError(f"export_name must end with '.safetensors', got {cfg.export_name!r}")
-    output_dir = Path(cfg.paths.output_dir)
-    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-    if cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)
-
-    apply_global_batch_size(cfg)
-    datamodule = instantiate(datamodule_config(cfg.data))
-    model = instantiate(cfg.model)
-    if not callable(getattr(model, "export", None)):
-        raise ValueError(f"cfg.model must build a LightningModule with an export(path) method, got {type(model).__name__}")
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-    checkpoint = resume_checkpoint(checkpoint_dir, cfg.resume)
-    if checkpoint is not None:
-        log.info("resuming from %s", checkpoint)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-    # The last validation may precede the last step: save the end state so a re-run resumes from it.
-    trainer.save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, weights_only=False)
-    metrics = final_metrics(trainer, model, datamodule, cfg.final_validation)
-
-    export_path = model.export(output_dir / cfg.export_name)  # every rank: sharded weights are gathered
-    if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        log.info("exported %s; final metrics %s", export_path, metrics)
-    return metrics
+from varlib.training.runner import train
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
-    return run(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared pieces of the image DataModules: config validation and DataLoader construction."""
+"""Shared pieces of the image DataModules: config validation, DataLoader construction, the batch format."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,3 +65,17 @@ class ImageDataModule(LightningDataModule):
             sampler = ResumableSampler(len(dataset), seed=self.shuffle_seed)
             return ResumableLoader(dataset, self.batch_size, sampler, **settings)
         return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, **settings)
+
+
+def images_from_batch(batch: object) -> torch.Tensor:
+    """The image tensor of a validation batch: ``batch[0]``, ``batch["image"]``/``batch["images"]``, or it."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in ("image", "images"):
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"expected a batch dict with an 'image' or 'images' key, got keys {sorted(batch)}")
+    if isinstance(batch, Sequence) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(f"expected a batch (images, labels, ...), a dict or a tensor, got {type(batch).__name__}")

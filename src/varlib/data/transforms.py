@@ -96,3 +96,13 @@ class ImageTransform:
             f"{type(self).__name__}(resolution={self.resolution}, train={self.train}, "
             f"hflip={self.hflip}, resize_to={self.resize_to})"
         )
+
+
+class MultiCropTransform:
+    """Image -> (crops, 3, R, R): ``crops`` independent random crops of the official training transform."""
+
+    def __init__(self, resolution: int, crops: int):
+        self.crop, self.crops = ImageTransform(resolution, train=True), crops
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.crop(image) for _ in range(self.crops)])

@@ -1,4 +1,4 @@
-"""Evaluation: FID / IS / precision-recall, ADM sample files, reconstruction quality, scaling-law fits."""
+"""Evaluation: FID / IS / precision-recall, ADM sample files, reconstruction quality, codebook usage, scaling-law fits."""
 
 from varlib.evaluation.adm_npz import (
     AdmNpzWriter,
@@ -8,6 +8,7 @@ from varlib.evaluation.adm_npz import (
     to_uint8_nhwc,
     write_adm_npz,
 )
+from varlib.evaluation.codebook_usage import CodebookUsage
 from varlib.evaluation.emoji_classifier import (
     EmojiClassifier,
     calibration_points,
@@ -19,7 +20,6 @@ from varlib.evaluation.emoji_classifier import (
 from varlib.evaluation.generation_callback import (
     GenerationMetricsCallback,
     gather_in_batch_order,
-    images_from_batch,
 )
 from varlib.evaluation.generative_metrics import (
     GenerativeMetrics,
@@ -57,6 +57,7 @@ from varlib.images import signed_float_to_uint8, unit_float_to_uint8  # re-expor
 
 __all__ = [
     "AdmNpzWriter",
+    "CodebookUsage",
     "EmojiClassifier",
     "FeatureExtractor",
     "FrontierFit",
@@ -82,7 +83,6 @@ __all__ = [
     "fit_power_law",
     "frechet_distance",
     "gather_in_batch_order",
-    "images_from_batch",
     "inception_score",
     "knn_radii",
     "labelled_images",

@@ -21,7 +21,7 @@ and does nothing more: it never stops training.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import lightning
 import torch
@@ -33,20 +33,6 @@ from tqdm.auto import tqdm
 from varlib.evaluation.generative_metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from varlib.evaluation.reference import ReferenceStatistics, load_reference
 from varlib.images import unit_float_to_uint8
-
-
-def images_from_batch(batch: object) -> torch.Tensor:
-    """The image tensor of a validation batch: ``batch[0]``, ``batch["image"]``/``batch["images"]``, or it."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for key in ("image", "images"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(f"expected a batch dict with an 'image' or 'images' key, got keys {sorted(batch)}")
-    if isinstance(batch, Sequence) and len(batch) > 0 and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ValueError(f"expected a batch (images, labels, ...), a dict or a tensor, got {type(batch).__name__}")
 
 
 def gather_in_batch_order(trainer: lightning.Trainer, local: dict[int, torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:

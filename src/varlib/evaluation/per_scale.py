@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from varlib.models.losses import token_cross_entropy
-from varlib.models.schedules import scale_slices
+from varlib.models.patch_schedules import scale_slices
 
 
 class PerScaleAccumulator:

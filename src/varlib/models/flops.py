@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from varlib.models.schedules import sequence_length
+from varlib.models.patch_schedules import sequence_length
 
 
 def visible_keys_per_query(patch_nums: Sequence[int]) -> float:

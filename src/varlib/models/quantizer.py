@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from varlib.models.schedules import phi_index_per_scale, validate_patch_nums
+from varlib.models.patch_schedules import phi_index_per_scale, validate_patch_nums
 
 
 class Phi(nn.Conv2d):

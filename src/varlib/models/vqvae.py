@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from varlib.models.hub import PretrainedMixin
+from varlib.models.patch_schedules import PATCH_NUMS_256, validate_patch_nums
 from varlib.models.quantizer import MultiScaleQuantizer, QuantizerOutput
-from varlib.models.schedules import PATCH_NUMS_256, validate_patch_nums
 
 OFFICIAL_NORM_GROUPS = 32
 

@@ -30,7 +30,7 @@ from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.training.ema import ModelEMA
-from varlib.training.schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
+from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
 
 

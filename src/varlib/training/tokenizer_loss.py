@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from varlib.training.gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss, vanilla_d_loss
+from varlib.training.optim_schedules import LR_DECAYS
 
 DISC_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
-LR_DECAYS = ("constant", "cosine")
 
 ConfigT = TypeVar("ConfigT")
 
@@ -118,27 +118,6 @@ def build_config(config_class: type[ConfigT], values: Mapping[str, Any] | None, 
     if unknown:
         raise ValueError(f"unknown {section} keys {unknown}; expected some of {known}")
     return config_class(**values)
-
-
-def lr_multiplier(
-    step: int, warmup_steps: int, total_steps: int | None, decay: str, min_ratio: float,
-    time_fraction: float | None = None,
-) -> float:
-    """Factor on the base learning rate at ``step`` (0-based): linear warm-up, then constant or cosine decay.
-
-    The decay's progress is the share of the post-warm-up steps taken, or ``time_fraction`` (elapsed / allowed
-    training time, warm-up included) when that is larger. With neither (``total_steps`` None or <=
-    ``warmup_steps``, no ``time_fraction``) the rate stays constant after warm-up.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    fractions = [] if time_fraction is None else [time_fraction]
-    if total_steps is not None and total_steps > warmup_steps:
-        fractions.append((step - warmup_steps) / (total_steps - warmup_steps))
-    if decay == "constant" or not fractions:
-        return 1.0
-    progress = min(1.0, max(fractions))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def reconstruction_loss(recon_BCHW: Tensor, img_BCHW: Tensor, l2_weight: float, l1_weight: float) -> Tensor:

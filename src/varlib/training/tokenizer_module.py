@@ -37,7 +37,8 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from omegaconf import Container, OmegaConf
 from torch import nn
 
-from varlib.evaluation.generation_callback import images_from_batch
+from varlib.data.base import images_from_batch
+from varlib.evaluation.codebook_usage import CodebookUsage
 from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
 from varlib.images import image_grid, signed_float_to_uint8
@@ -47,16 +48,15 @@ from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.discriminator import PatchDiscriminator
 from varlib.training.ema import ModelEMA
 from varlib.training.gan import gan_start_factor
+from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
 from varlib.training.seeding import seed_training_step
-from varlib.training.tokenizer_eval import CodebookUsage
 from varlib.training.tokenizer_loss import (
     OptimConfig,
     TokenizerLossConfig,
     autoencoder_loss,
     build_config,
     discriminator_loss,
-    lr_multiplier,
 )
 
 # Fixed networks: rebuilt from the config, left out of checkpoints (the VGG trunk alone is ~60 MB).

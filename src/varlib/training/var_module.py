@@ -10,13 +10,13 @@ from typing import Any, Mapping
 
 import torch
 
-from varlib.models.schedules import scale_slices
+from varlib.models.patch_schedules import scale_slices
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.models.sampling import SamplingConfig
 from varlib.official import OFFICIAL_SAMPLING, load_official_vqvae
 from varlib.training.ema import ModelEMA
-from varlib.training.schedules import progressive_num_scales
+from varlib.training.optim_schedules import progressive_num_scales
 from varlib.training.token_transformer_module import TokenTransformerModule, check_recipe
 
 

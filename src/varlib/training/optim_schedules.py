@@ -1,4 +1,5 @@
-"""The official VAR optimisation recipe as plain functions: lr and weight-decay schedules, no-decay groups."""
+"""Optimisation schedules as plain functions: the official VAR recipe (lin0 lr, cosine weight decay, no-decay groups,
+progressive scales) and the tokenizer's learning rate (warm-up, then constant or cosine)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ NO_DECAY_NAMES = (
     "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
     "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
 )
+#: The tokenizer's lr decays after warm-up (``model.optim.decay``).
+LR_DECAYS = ("constant", "cosine")
 
 
 def lin0_lr_factor(
@@ -62,3 +65,23 @@ def progressive_num_scales(step: int, start_step: int, end_step: int, first: int
         return min(first, total)
     return min(total, first + int((total - first + 1) * (step - start_step) / (end_step - start_step)))
 
+
+def lr_multiplier(
+    step: int, warmup_steps: int, total_steps: int | None, decay: str, min_ratio: float,
+    time_fraction: float | None = None,
+) -> float:
+    """Factor on the base learning rate at ``step`` (0-based): linear warm-up, then constant or cosine decay.
+
+    The decay's progress is the share of the post-warm-up steps taken, or ``time_fraction`` (elapsed / allowed
+    training time, warm-up included) when that is larger. With neither (``total_steps`` None or <=
+    ``warmup_steps``, no ``time_fraction``) the rate stays constant after warm-up.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    fractions = [] if time_fraction is None else [time_fraction]
+    if total_steps is not None and total_steps > warmup_steps:
+        fractions.append((step - warmup_steps) / (total_steps - warmup_steps))
+    if decay == "constant" or not fractions:
+        return 1.0
+    progress = min(1.0, max(fractions))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

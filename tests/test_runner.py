@@ -15,15 +15,9 @@ import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_module
 from lightning.pytorch.strategies import DDPStrategy
 
-from varlib.cli.common import CONFIG_MODULE
-from varlib.cli.train import (
-    apply_global_batch_size,
-    checkpoint_problem,
-    device_count,
-    per_device_batch_size,
-    resume_checkpoint,
-)
+from varlib.configs import CONFIG_MODULE, device_count
 from varlib.evaluation import load_reference
+from varlib.training.runner import apply_global_batch_size, checkpoint_problem, per_device_batch_size, resume_checkpoint
 from varlib.training.tokenizer_module import TokenizerModule
 
 

@@ -1,6 +1,4 @@
-"""VARModule: official recipe pieces, per-scale metrics, token cache, resumable training."""
-
-import math
+"""VARModule: the official no-decay groups, training from images or a token cache, resumable training."""
 
 import lightning as L
 import pytest
@@ -13,12 +11,7 @@ from varlib.data.tokenizing import tokenize_to_cache
 from varlib.evaluation.per_scale import per_scale_metrics
 from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.training.schedules import (
-    cosine_weight_decay,
-    decay_parameter_groups,
-    lin0_lr_factor,
-    progressive_num_scales,
-)
+from varlib.training.optim_schedules import decay_parameter_groups
 from varlib.training.var_module import VARModule
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -45,19 +38,6 @@ class ImageData(L.LightningDataModule):
         return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size)
 
 
-def test_lin0_schedule_shape():
-    total, warmup = 1000, 20
-    assert lin0_lr_factor(0, warmup, total) == pytest.approx(0.005)
-    assert lin0_lr_factor(10, warmup, total) == pytest.approx(0.005 + 0.995 * 0.5)
-    assert lin0_lr_factor(warmup, warmup, total) == 1.0
-    assert lin0_lr_factor(warmup + 40, warmup, total) == 1.0  # still inside the flat 5%
-    assert lin0_lr_factor(total - 1, warmup, total, end_factor=0.1) == pytest.approx(0.1)
-    mid = lin0_lr_factor(warmup + int(0.5 * (total - 1 - warmup)), warmup, total, end_factor=0.0)
-    assert mid == pytest.approx(0.5 / 0.95, rel=1e-2)
-    assert cosine_weight_decay(0, 100, 0.05, 0.08) == pytest.approx(0.05)
-    assert cosine_weight_decay(99, 100, 0.05, 0.08) == pytest.approx(0.08)
-
-
 def test_no_decay_groups_follow_the_official_set():
     var = varlib.VAR(tiny_vae(), **TINY_VAR)
     decay, no_decay = decay_parameter_groups(var, 0.05)
@@ -68,26 +48,6 @@ def test_no_decay_groups_follow_the_official_set():
     assert {"class_emb.weight", "word_embed.weight", "head.weight", "blocks.1.attn.mat_qkv.weight"} <= decay_names
     assert not decay_names & no_decay_names
     assert len(decay_names) + len(no_decay_names) == len(list(var.parameters()))
-
-
-def test_progressive_scale_count():
-    assert progressive_num_scales(0, 10, 110, 2, 4) == 2
-    assert progressive_num_scales(60, 10, 110, 2, 4) == 3
-    assert progressive_num_scales(110, 10, 110, 2, 4) == 4
-    assert progressive_num_scales(5, 0, 0, 2, 4) == 4
-
-
-def test_per_scale_metrics_by_hand():
-    V = 4
-    targets = torch.tensor([[0, 1, 2, 3, 0]])  # scales (1, 2): 1 + 4 tokens
-    logits = torch.full((1, 5, V), -10.0)
-    logits[0, torch.arange(5), torch.tensor([0, 1, 2, 0, 0])] = 10.0  # one wrong token, in scale 1
-    m = per_scale_metrics(logits, targets, (1, 2))
-    assert m["err_avg"] == pytest.approx(20.0) and m["err_last"] == pytest.approx(25.0) and m["err_s0"] == 0.0
-    ce_wrong = 20 + math.log(1 + 3 * math.exp(-20))
-    ce_right = math.log(1 + 3 * math.exp(-20))
-    assert m["loss_last"] == pytest.approx((3 * ce_right + ce_wrong) / 4, rel=1e-5)
-    assert m["loss_avg"] == pytest.approx((4 * ce_right + ce_wrong) / 5, rel=1e-5)
 
 
 def fit(module, data, tmp_path, steps, **trainer_kwargs):

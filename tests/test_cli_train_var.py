@@ -131,6 +131,7 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     ("model.var.num_classes=2", "data has 3 classes but the model only 2"),
     ("data.batch_size=0", "batch_size must be >= 1"),
 ])
+@pytest.mark.slow  # a subprocess each, on a token cache made first
 def test_invalid_configuration_fails_before_training(tiny_cache, override, message):
     result = train(tiny_cache, "invalid", override)
     assert result.returncode != 0

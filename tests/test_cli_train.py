@@ -161,6 +161,7 @@ def test_tokenizer_ddp_sigkill_mid_epoch_in_the_gan_phase_resumes_like_an_uninte
         ("export_name=model.pt", "export_name must end with '.safetensors'"),
     ],
 )
+@pytest.mark.slow  # a subprocess each
 def test_cli_bad_config_fails_before_training(tmp_path, override, message):
     result = train(tmp_path, *QUICK, override)
     assert result.returncode != 0

@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import varlib
-from varlib.training.tokenizer_eval import CodebookUsage
-from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss, lr_multiplier
+from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss
 from varlib.training.tokenizer_module import TokenizerModule
 
 TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, patch_nums=[1, 2, 4, 8])
@@ -147,23 +146,6 @@ def test_discriminator_starts_at_its_configured_step(tmp_path, max_steps, disc_m
     assert counter.batches == (2 if not disc_moves else 3)
 
 
-def test_warmup_and_cosine_learning_rate():
-    assert [lr_multiplier(s, 4, None, "constant", 0.0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert lr_multiplier(4, 4, 14, "cosine", 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(9, 4, 14, "cosine", 0.1) == pytest.approx(0.55)
-    assert lr_multiplier(14, 4, 14, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(99, 4, 14, "cosine", 0.1) == pytest.approx(0.1)
-
-
-def test_cosine_decay_follows_whichever_of_steps_and_time_runs_out_first():
-    # Step 9 of 14 after 4 warm-up steps is halfway; half the time gone or less leaves that unchanged.
-    assert lr_multiplier(9, 4, 14, "cosine", 0.1, time_fraction=0.25) == pytest.approx(0.55)
-    assert lr_multiplier(9, 4, 14, "cosine", 0.1, time_fraction=1.0) == pytest.approx(0.1)
-    assert lr_multiplier(5, 4, None, "cosine", 0.0, time_fraction=0.5) == pytest.approx(0.5)
-    assert lr_multiplier(2, 4, 14, "cosine", 0.1, time_fraction=0.9) == pytest.approx(0.75)  # warm-up goes by steps
-    assert lr_multiplier(9, 4, 14, "constant", 0.1, time_fraction=0.9) == 1.0
-
-
 def test_learning_rate_follows_the_schedule_during_training(tmp_path):
     module = make_module(tmp_path, optim=dict(lr=1e-3, warmup_steps=4))
     trainer = make_trainer(tmp_path, max_steps=2)
@@ -228,15 +210,6 @@ def test_validation_logs_psnr_ssim_and_codebook_usage_over_the_whole_set(tmp_pat
     assert results["val/psnr"] == pytest.approx((10 * torch.log10(1 / mse_B)).mean().item(), abs=1e-3)
     assert 0 < results["val/ssim"] <= 1
     assert results["val/codebook_usage"] == pytest.approx(tokens.unique().numel() / TINY_VAE["vocab_size"])
-
-
-def test_codebook_usage_metric_counts_each_code_once():
-    usage = CodebookUsage(vocab_size=8)
-    usage.update(torch.tensor([[0, 0, 1]]))
-    usage.update(torch.tensor([1, 5]))
-    assert usage.compute().item() == pytest.approx(3 / 8)
-    with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        usage.update(torch.tensor([8]))
 
 
 # ------------------------------------------------------------------------------------------------ codebook restarts

@@ -1,4 +1,4 @@
-"""Validation helpers for tokenizer training: codebook usage over a whole split."""
+"""A tokenizer metric: the share of the codebook that a whole split uses."""
 
 from __future__ import annotations
 

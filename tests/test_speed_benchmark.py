@@ -12,7 +12,7 @@ import torch
 
 from varlib import VAR, MultiScaleVQVAE
 from varlib.models.flops import per_token_linear_params, visible_keys_per_query
-from varlib.models.schedules import PATCH_NUMS_256, PATCH_NUMS_512
+from varlib.models.patch_schedules import PATCH_NUMS_256, PATCH_NUMS_512
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--depth", "1", "--batch", "1", "--train-batch", "2", "--vae-ch", "32", "--patch-nums", "1,2,3,4",
