@@ -468,7 +468,7 @@ def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
         f"data.root={image_folder}", "data.num_workers=0", "device=cpu", f"out_dir={tmp_path / 'cache'}"])
     assert tokenize.run(config).counts == {"val": 4}
 
-    vae = varlib.load_official_vqvae(tmp_path / "vae.pth", patch_nums=(1, 2, 3, 4))
+    vae = varlib.load(tmp_path / "vae.pth", patch_nums=(1, 2, 3, 4))
     transform = ImageTransform(64, train=False)  # the official tokenizer downsamples by 16: 4 x 16 px
     images = torch.stack([transform(image) for image, _ in sorted_split_images(image_folder, "val")])
     tokens = all_rows(TokenDataset(str(tmp_path / "cache"), "val"))

@@ -10,24 +10,21 @@ from typing import Any, Mapping
 
 import torch
 
+from varlib.io import load
 from varlib.models.schedules import scale_slices
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.models.sampling import SamplingConfig
-from varlib.official import OFFICIAL_SAMPLING, load_official_vqvae
+from varlib.official import OFFICIAL_SAMPLING
 from varlib.training.ema import ModelEMA
 from varlib.training.schedules import progressive_num_scales
 from varlib.training.token_transformer_module import TokenTransformerModule, check_recipe
 
 
 def load_tokenizer(path: str) -> MultiScaleVQVAE:
-    """A frozen tokenizer from a varlib file/checkpoint or an official ``vae_ch160v4096z32.pth``."""
-    import varlib
-
-    try:
-        vae = varlib.load(path)
-    except ValueError:
-        vae = load_official_vqvae(path)
+    """A frozen tokenizer from any tokenizer file ``varlib.load`` opens (a varlib file or checkpoint, or the
+    official ``vae_ch160v4096z32.pth``)."""
+    vae = load(path)
     if not isinstance(vae, MultiScaleVQVAE):
         raise ValueError(f"{path} holds a {type(vae).__name__}, expected a tokenizer (MultiScaleVQVAE)")
     return vae.eval().requires_grad_(False)
