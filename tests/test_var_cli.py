@@ -112,6 +112,12 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     for step, loss in got_losses.items():
         assert loss == pytest.approx(want_losses[step], abs=1e-6), step
     assert_same_export(tiny_cache / f"reference_{case}", resumed_dir)
+    # varlib.load of the last checkpoint (FSDP2's is a folder) gives the weights export wrote, EMA ones included
+    exported = varlib.load(resumed_dir / "model.safetensors").state_dict()
+    from_checkpoint = varlib.load(resumed_dir / "checkpoints" / "last.ckpt").state_dict()
+    assert from_checkpoint.keys() == exported.keys()
+    for key, tensor in exported.items():
+        assert torch.equal(from_checkpoint[key], tensor), key
     reference_metrics = json.loads((tiny_cache / f"reference_{case}" / "metrics.json").read_text())
     resumed_metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert resumed_metrics["val/loss_avg"] == pytest.approx(reference_metrics["val/loss_avg"], abs=1e-6)

@@ -117,6 +117,15 @@ def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
     loaded = varlib.load(tmp_path / "var.safetensors")
     with module.ema.swap(module.var):
         assert torch.equal(loaded.head.weight, module.var.head.weight)
+    # One EMA convention: the checkpoint holds the online weights, varlib.load of it gives what export wrote.
+    trainer.save_checkpoint(tmp_path / "var.ckpt")
+    checkpoint = torch.load(tmp_path / "var.ckpt", weights_only=True)
+    assert torch.equal(checkpoint["state_dict"]["var.head.weight"], module.var.head.weight)
+    assert not torch.equal(loaded.head.weight, module.var.head.weight)
+    from_checkpoint = varlib.load(tmp_path / "var.ckpt")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(from_checkpoint.state_dict()[name], tensor), name
+    assert torch.equal(varlib.load(tmp_path / "var.ckpt", ema=False).head.weight, module.var.head.weight)
 
 
 def test_token_cache_round_trip_and_training(tmp_path):

@@ -34,6 +34,7 @@ from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.official import load_official_var, load_official_vqvae, load_strict
+from varlib.training.ema import CHECKPOINT_PREFIX as EMA_PREFIX, checkpoint_weights as ema_weights
 
 FORMAT = "varlib/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -158,13 +159,21 @@ def _read_distributed_checkpoint(folder: Path) -> tuple[dict[str, str], dict[str
     return meta, state
 
 
-def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> MultiScaleVQVAE | VAR | RasterAR:
+def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str,
+           ema: bool = True) -> MultiScaleVQVAE | VAR | RasterAR:
     """The model that ``meta`` describes (the metadata of :func:`model_metadata`), with weights from ``state``
-    (tokenizer weights under ``vae.``, transformer weights under ``var.`` or ``ar.``), in eval mode on the CPU."""
+    (tokenizer weights under ``vae.``, transformer weights under ``var.`` or ``ar.``), in eval mode on the CPU.
+
+    A checkpoint's EMA entries (``ema.*``, see :mod:`varlib.training.ema`) replace the online weights of the
+    averaged network (the tokenizer in a tokenizer checkpoint, else the transformer), unless ``ema`` is False."""
     kind = meta.get("kind")
     if kind not in ("tokenizer", *TRANSFORMER_KINDS):
         raise ValueError(f"{source}: expected a varlib model kind among 'tokenizer', "
                          f"{', '.join(repr(k) for k in TRANSFORMER_KINDS)}, got {kind!r}")
+    averaged = "vae." if kind == "tokenizer" else TRANSFORMER_KINDS[kind][1] + "."
+    # the EMA also copies non-persistent buffers, which are not in the state dict
+    weights = {averaged + name: v for name, v in ema_weights(state).items() if averaged + name in state} if ema else {}
+    state = {**{k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}, **weights}
     vae = build_tokenizer(json.loads(meta["vae_config"]), _split(state, "vae.")).eval()
     if kind == "tokenizer":
         return vae
@@ -199,7 +208,7 @@ def _build_official(state: Mapping, source: str, vae: MultiScaleVQVAE | str | os
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
          vae: MultiScaleVQVAE | str | os.PathLike | None = None,
-         patch_nums: Sequence[int] | None = None) -> MultiScaleVQVAE | VAR | RasterAR:
+         patch_nums: Sequence[int] | None = None, ema: bool = True) -> MultiScaleVQVAE | VAR | RasterAR:
     """Opens any model file varlib reads, in eval mode on ``device``; the one loader every tool calls.
 
     ``path`` is a varlib ``.safetensors`` file (:func:`save_var`, :func:`save_tokenizer`, a training module's
@@ -208,7 +217,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     official FoundationVision checkpoint (``.pth`` or ``.safetensors``): the tokenizer ``vae_ch160v4096z32.pth``,
     or a transformer such as ``var_d16.pth`` given its tokenizer as ``vae`` (a MultiScaleVQVAE or a file).
     ``patch_nums`` sets an official tokenizer's schedule (its file does not record one: 10 scales are taken
-    as the 256px schedule); varlib files keep the schedule they record.
+    as the 256px schedule); varlib files keep the schedule they record. A checkpoint of a run that kept an EMA
+    gives its averages, the weights ``export`` writes; ``ema=False`` gives the online weights instead.
 
     Returns a :class:`MultiScaleVQVAE` for a tokenizer, or a :class:`VAR` or :class:`RasterAR` (its tokenizer at
     ``.vae``) ready for ``generate``. Torch files are read with ``weights_only=True``; a file holding pickled
@@ -224,7 +234,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     else:
         meta, state = _read(path)
     if meta.get("format") == FORMAT:
-        return _build(meta, state, path).to(device)
+        return _build(meta, state, path, ema).to(device)
     return _build_official(state, path, vae, patch_nums).to(device)
 
 

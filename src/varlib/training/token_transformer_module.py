@@ -29,7 +29,7 @@ from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
-from varlib.training.ema import ModelEMA
+from varlib.training.ema import ModelEMA, pop_checkpoint_tensors
 from varlib.training.schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 
 
@@ -252,29 +252,19 @@ class TokenTransformerModule(L.LightningModule):
                 save_var(model, path)
         return Path(path)
 
-    def _ema_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"ema.params.{k}": v for k, v in self.ema.shadow_params.items()},
-                **{f"ema.buffers.{k}": v for k, v in self.ema.shadow_buffers.items()}}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The EMA tensors join the model's state dict (so a distributed checkpoint stores each rank's shard);
-        its counters go in the metadata."""
+        """The online weights stay in the state dict, the EMA's join it (see :mod:`varlib.training.ema`)."""
         checkpoint["varlib"] = model_metadata(self.vae, self.transformer)
         if self.ema is not None:
-            checkpoint["state_dict"].update(self._ema_tensors())
-            checkpoint["ema"] = {k: v for k, v in self.ema.state_dict().items() if k not in ("params", "buffers")}
+            checkpoint["state_dict"].update(self.ema.checkpoint_tensors())
+            checkpoint["ema"] = self.ema.checkpoint_counters()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state_dict = checkpoint.get("state_dict")
-        ema_keys = [k for k in (state_dict or {}) if k.startswith("ema.")]
-        ema_tensors = {k: state_dict.pop(k) for k in ema_keys}  # never reaches the strict model load
+        ema_tensors = pop_checkpoint_tensors(state_dict or {})  # never reaches the strict model load
         if self.ema is None or "ema" not in checkpoint:
             return
         if state_dict is None:  # distributed checkpoint: the strategy loaded the model; read the EMA shards in place
-            ema_tensors = self._ema_tensors()
+            ema_tensors = self.ema.checkpoint_tensors()
             dcp.load({"state_dict": ema_tensors}, checkpoint_id=self.trainer.ckpt_path)
-        self.ema.load_state_dict({
-            **checkpoint["ema"],
-            "params": {k.removeprefix("ema.params."): v for k, v in ema_tensors.items() if k.startswith("ema.params.")},
-            "buffers": {k.removeprefix("ema.buffers."): v for k, v in ema_tensors.items() if k.startswith("ema.buffers.")},
-        })
+        self.ema.load_checkpoint(checkpoint["ema"], ema_tensors)
