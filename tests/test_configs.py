@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from varlib.cli.demo import compose_config
+from varlib.cli.common import compose_config
 
 EXPERIMENTS = sorted(path.stem for path in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 

@@ -155,7 +155,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
 
     import varlib
     from varlib.cli import evaluate
-    from varlib.cli.demo import compose_config
+    from varlib.cli.common import compose_config
     from varlib.evaluation import load_adm_npz, write_adm_npz
 
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
 
 
 def test_demo_stages_are_defined_by_steps_not_by_the_clock():
-    from varlib.cli.demo import compose_config
+    from varlib.cli.common import compose_config
 
     tokenizer = compose_config("train", ["experiment=demo_tokenizer"])
     var = compose_config("train", ["experiment=var_emoji"])

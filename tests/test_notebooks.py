@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import varlib
-from varlib.cli.demo import compose_config
+from varlib.cli.common import compose_config
 from varlib.notebook import PROJECT_DIR_VARIABLE, ModelFiles, prepare_models, project_dir
 
 REPO = Path(__file__).resolve().parents[1]

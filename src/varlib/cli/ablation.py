@@ -37,7 +37,8 @@ from hydra.utils import get_object
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
-from varlib.cli.demo import compose_config, train_stage
+from varlib.cli.common import compose_config
+from varlib.cli.demo import train_stage
 from varlib.data import EmojiDataModule
 from varlib.images import image_grid, save_png
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_module
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +37,12 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 USAGE_ERROR = 2
 #: The ``precision`` settings of the inference tools.
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """A config from the packaged ``conf/`` composed as the command line would, for use outside ``@hydra.main``."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -191,9 +198,9 @@ def parse_labels(value: Any, num_classes: int, per_class: int) -> list[int]:
 
 def check_sampling_options(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
     """The ``VAR.generate`` keyword arguments from the config, validated; top_k is clipped to the vocabulary."""
-    top_k, top_p, guidance = int(cfg.top_k), float(cfg.top_p), float(cfg.cfg)
+    top_k, top_p, guidance = int(cfg.top_k), float(cfg.top_p), float(cfg.guidance)
     if top_k < 0 or not 0.0 <= top_p <= 1.0 or guidance < 0:
-        raise ValueError(f"expected top_k >= 0, top_p in [0, 1] and cfg >= 0, got {top_k}, {top_p}, {guidance}")
+        raise ValueError(f"expected top_k >= 0, top_p in [0, 1] and guidance >= 0, got {top_k}, {top_p}, {guidance}")
     if top_k > vocab_size:
         logger.info("top_k=%d clipped to the vocabulary size %d", top_k, vocab_size)
         top_k = vocab_size

@@ -31,13 +31,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
 
 import varlib
 from varlib.cli import tokenize as tokenize_cli
 from varlib.cli import train as train_cli
-from varlib.cli.common import CONFIG_MODULE
+from varlib.cli.common import compose_config
 from varlib.data import EmojiDataModule
 from varlib.evaluation.emoji_classifier import (
     calibration_points,
@@ -48,12 +46,6 @@ from varlib.evaluation.emoji_classifier import (
 from varlib.images import image_grid, save_png
 
 log = logging.getLogger(__name__)
-
-
-def compose_config(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    """A config from the packaged ``conf/`` composed as the command line would, for use outside ``@hydra.main``."""
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def train_stage(experiment: str, out_dir: Path, overrides: Sequence[str]) -> dict[str, float]:
