@@ -54,7 +54,8 @@ from official_runner import (
     import_official_models,
     official_contender,
 )
-from varlib import VAR, MultiScaleVQVAE, load_official_var, load_official_vqvae
+import varlib
+from varlib import VAR, MultiScaleVQVAE
 from varlib.models.attention import ATTN_IMPLS
 from varlib.models.flops import per_token_linear_params, visible_keys_per_query
 from varlib.models.patch_schedules import PRESETS, sequence_length, validate_patch_nums
@@ -150,12 +151,12 @@ def build_models(args: argparse.Namespace) -> tuple[MultiScaleVQVAE, VAR]:
     with torch.random.fork_rng(devices=[]):  # seeded weights without resetting the caller's global RNG
         torch.manual_seed(0)
         if args.vae_ckpt:
-            vae = load_official_vqvae(args.vae_ckpt, patch_nums=args.patch_nums)
+            vae = varlib.load(args.vae_ckpt, patch_nums=args.patch_nums)
         else:
             vae = MultiScaleVQVAE(ch=args.vae_ch, patch_nums=args.patch_nums)
         vae.eval().requires_grad_(False)
         if args.var_ckpt:
-            var = load_official_var(args.var_ckpt, vae)
+            var = varlib.load(args.var_ckpt, vae=vae)
         else:
             var = VAR(vae, depth=args.depth, num_classes=args.num_classes)
     var.attn_impl, var.activation_checkpointing = args.attn_impl, args.activation_checkpointing

@@ -15,14 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 import varlib
 from varlib.cli import edit, evaluate, sample, tokenize
-from varlib.cli.common import inference_precision, parse_label, parse_labels, resolve_precision, run_or_exit
+from varlib.cli.common import (
+    compose_config,
+    inference_precision,
+    parse_label,
+    parse_labels,
+    resolve_precision,
+    run_or_exit,
+)
 from varlib.data import ImageTransform
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset, read_index
 from varlib.evaluation import (
@@ -37,7 +43,6 @@ from varlib.evaluation import (
 from varlib.images import image_grid
 from varlib.models.editing import box_keep_mask
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DATA = Path(__file__).parent / "data"
 SIDE = 32  # tiny model resolution: last patch number 16 x downsample 2
 NUM_CLASSES = 3
@@ -63,11 +68,6 @@ class TinyExtractor(nn.Module):
 
 
 EXTRACTOR_TARGET = f"{TinyExtractor.__module__}.{TinyExtractor.__qualname__}"
-
-
-def compose_config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -143,7 +143,7 @@ def test_sample_grid_rows_per_class_files_and_per_batch_seeds(tiny, tmp_path):
 @pytest.mark.slow  # starts a Python process (imports take seconds)
 def test_sample_command_line_overrides_match_in_process_run(tiny, tmp_path):
     _, path = tiny
-    overrides = [f"checkpoint={path}", "labels=[0,1,3]", "seed=3", "cfg=2.0", "top_k=10", "device=cpu"]
+    overrides = [f"checkpoint={path}", "labels=[0,1,3]", "seed=3", "guidance=2.0", "top_k=10", "device=cpu"]
     command = [sys.executable, "-m", "varlib.cli.sample", *overrides, f"out_dir={tmp_path / 'cli'}",
                f"hydra.run.dir={tmp_path / 'hydra'}"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -178,7 +178,7 @@ def test_official_checkpoints_sample_like_the_official_code(tmp_path):
     kwargs = run["kwargs"]
     config = compose_config("sample", [
         f"official.vae={tmp_path / 'vae.pth'}", f"official.var={tmp_path / 'var.pth'}", "official.patch_nums=[1,2,3,4]",
-        f"labels={list(kwargs['label_B'])}", f"cfg={kwargs['cfg']}", f"top_k={kwargs['top_k']}",
+        f"labels={list(kwargs['label_B'])}", f"guidance={kwargs['cfg']}", f"top_k={kwargs['top_k']}",
         f"top_p={kwargs['top_p']}", f"seed={kwargs['g_seed']}", "batch_size=2", "device=cpu",
         f"out_dir={tmp_path / 'out'}"])
     result = sample.run(config)
@@ -354,6 +354,7 @@ def test_evaluate_writes_shuffled_npz_and_metrics_from_the_plugged_extractor(tin
     record = json.loads(result.metrics_path.read_text())
     assert record["metrics"] == result.metrics
     assert record["num_images"] == 12 and record["num_reference_images"] == 10 and "metrics_skipped" not in record
+    assert (record["guidance"], record["top_k"], record["top_p"]) == (1.5, 900, 0.96)  # as configured, not clipped
 
 
 def test_evaluate_reference_images_from_a_data_config(tiny, extractor_weights, image_folder, tmp_path):
@@ -468,7 +469,7 @@ def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
         f"data.root={image_folder}", "data.num_workers=0", "device=cpu", f"out_dir={tmp_path / 'cache'}"])
     assert tokenize.run(config).counts == {"val": 4}
 
-    vae = varlib.load_official_vqvae(tmp_path / "vae.pth", patch_nums=(1, 2, 3, 4))
+    vae = varlib.load(tmp_path / "vae.pth", patch_nums=(1, 2, 3, 4))
     transform = ImageTransform(64, train=False)  # the official tokenizer downsamples by 16: 4 x 16 px
     images = torch.stack([transform(image) for image, _ in sorted_split_images(image_folder, "val")])
     tokens = all_rows(TokenDataset(str(tmp_path / "cache"), "val"))

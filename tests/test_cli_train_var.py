@@ -40,7 +40,7 @@ def train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
         "experiment=var_emoji", f"paths.output_dir={tmp / out}", f"data.root={tmp / 'cache'}",
         f"model.tokenizer_path={tmp / 'tok.safetensors'}", "data.batch_size=4", "model.var.depth=2",
         "model.var.num_classes=3", "model.var.width=64", "model.var.num_heads=2", "model.var.drop_path_rate=0.1",
-        "model.var.cond_drop_rate=0.5", "model.var.init_adaln_gamma=1.0", "model.base_lr=0.5",
+        "model.var.cond_drop_rate=0.5", "model.var.init_adaln_gamma=1.0", "model.optim.base_lr=0.5",
         "trainer.max_steps=12", "trainer.max_time=null", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
         "trainer.num_sanity_val_steps=0", "logger=csv", "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null", "trainer.log_every_n_steps=1", *extra,
@@ -119,6 +119,12 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     for step, loss in got_losses.items():
         assert loss == pytest.approx(want_losses[step], abs=1e-6), step
     assert_same_export(tiny_cache / f"reference_{case}", resumed_dir)
+    # varlib.load of the last checkpoint (FSDP2's is a folder) gives the weights export wrote, EMA ones included
+    exported = varlib.load(resumed_dir / "model.safetensors").state_dict()
+    from_checkpoint = varlib.load(resumed_dir / "checkpoints" / "last.ckpt").state_dict()
+    assert from_checkpoint.keys() == exported.keys()
+    for key, tensor in exported.items():
+        assert torch.equal(from_checkpoint[key], tensor), key
     reference_metrics = json.loads((tiny_cache / f"reference_{case}" / "metrics.json").read_text())
     resumed_metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert resumed_metrics["val/loss_avg"] == pytest.approx(reference_metrics["val/loss_avg"], abs=1e-6)
@@ -150,7 +156,7 @@ def test_fsdp_trains_like_ddp_with_global_gradient_clipping_and_whole_export(tin
     checkpointing) must follow DDP step by step."""
     for trainer, checkpointing in (("ddp", False), ("fsdp", True)):
         result = train(tiny_cache, f"same_{trainer}", f"trainer={trainer}", *TWO_CPU_PROCESSES, "model.ema_decay=0.5",
-                       "model.grad_clip=0.05", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                       "model.optim.grad_clip=0.05", "trainer.max_steps=4", "trainer.val_check_interval=2",
                        "callbacks.model_checkpoint=null", f"model.activation_checkpointing={checkpointing}")
         assert result.returncode == 0, result.stderr[-3000:]
     ddp_norms = logged_column(tiny_cache / "same_ddp", "train/grad_norm")

@@ -7,6 +7,7 @@ import io
 import logging
 import tarfile
 from collections import Counter
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from varlib.configs import datamodule_config
+from varlib.configs import CONFIG_MODULE, datamodule_config
 from varlib.data import (
     EmojiDataModule,
     ImageDecodeError,
@@ -39,7 +40,7 @@ from varlib.data.emoji import (
 )
 from varlib.data.transforms import resize_shorter_side
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
+DATA_CONFIGS = files(CONFIG_MODULE) / "data"  # the packaged conf/data
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -476,7 +477,7 @@ def test_webdataset_resampled_epoch_length(shard_dir: Path) -> None:
     [("emoji", EmojiDataModule), ("imagefolder", ImageFolderDataModule), ("webdataset", WebDatasetDataModule)],
 )
 def test_configs_list_every_constructor_argument(name: str, cls: type) -> None:
-    loaded = OmegaConf.load(CONF_DIR / f"{name}.yaml")
+    loaded = OmegaConf.load(str(DATA_CONFIGS / f"{name}.yaml"))
     assert loaded.global_batch_size is None  # varlib-train's key, turned into batch_size per device
     config = datamodule_config(loaded)
     target = config.pop("_target_")

@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 
 import varlib
 from varlib.models.sampling import SamplingConfig
@@ -123,3 +124,63 @@ def test_from_pretrained_downloads_repo_ids_through_huggingface_hub(tiny_models,
     assert torch.equal(loaded.generate([0], seed=0), var.generate([0], seed=0))
     with pytest.raises(OSError, match="needs network access.*local folder works offline"):
         varlib.VAR.from_pretrained("someone/offline")
+
+
+def test_load_opens_official_files_and_says_what_a_foreign_file_holds(tiny_models, tmp_path):
+    vae, var, b = tiny_models
+    torch.save(b["vqvae_state_dict"], tmp_path / "vae.pth")
+    torch.save(b["var_state_dict"], tmp_path / "var.pth")
+    patch_nums = b["config"]["patch_nums"]
+    tokenizer = varlib.load(tmp_path / "vae.pth", patch_nums=patch_nums)
+    assert isinstance(tokenizer, varlib.MultiScaleVQVAE) and tokenizer.patch_nums == tuple(patch_nums)
+    assert torch.equal(tokenizer.decode_tokens(b["vq"]["idx_Bl"]), vae.decode_tokens(b["vq"]["idx_Bl"]))
+    for given in (tokenizer, tmp_path / "vae.pth"):  # the tokenizer as a model or as its file
+        loaded = varlib.load(tmp_path / "var.pth", vae=given, patch_nums=patch_nums)
+        assert loaded.sampling == varlib.official.OFFICIAL_SAMPLING
+        assert torch.equal(loaded.generate([1, 2], top_k=3, seed=0), var.generate([1, 2], top_k=3, seed=0))
+    varlib.save_var(var, tmp_path / "var.safetensors")
+    with pytest.raises(ValueError, match=r"vae=.*var.safetensors: expected a tokenizer, got a VAR"):
+        varlib.load(tmp_path / "var.pth", vae=tmp_path / "var.safetensors")
+
+    torch.save({"step": 3, "model": b["var_state_dict"]}, tmp_path / "wrapped.pth")
+    with pytest.raises(ValueError, match=r"not a plain state dict \(keys model, step\)"):
+        varlib.load(tmp_path / "wrapped.pth")
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"holds a state dict of 1 tensors without .*\(keys encoder.weight\)"):
+        varlib.load(tmp_path / "other.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a state dict or checkpoint \\(a mapping\\), got a list"):
+        varlib.load(tmp_path / "list.pth")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="corrupt.safetensors: expected a torch checkpoint or .safetensors file, "
+                                         "got an unreadable file"):
+        varlib.load(tmp_path / "corrupt.safetensors")
+
+
+def test_load_refuses_pickled_objects_with_its_own_message(tmp_path):
+    torch.save({"weight": torch.zeros(2), "args": SamplingConfig()}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="holds pickled Python objects") as error:
+        varlib.load(tmp_path / "pickled.pth")
+    assert "never runs pickled code" in str(error.value) and "weights_only=False" not in str(error.value)
+
+
+def test_load_opens_pretrained_folders_and_distributed_checkpoints(tiny_models, tmp_path):
+    _, var, _ = tiny_models
+    folder = var.save_pretrained(tmp_path / "var")
+    assert torch.equal(varlib.load(folder).generate([1], seed=0), var.generate([1], seed=0))
+
+    # Lightning's layout of an FSDP2 checkpoint: shards of {"state_dict": ..., "optimizer_0": ...} + meta.pt
+    checkpoint = tmp_path / "last.ckpt"
+    state = {**{f"vae.{k}": v for k, v in var.vae.state_dict().items()}, **{f"var.{k}": v for k, v in var.state_dict().items()}}
+    torch.distributed.checkpoint.save({"state_dict": state, "optimizer_0": {"step": torch.tensor(3.0)}},
+                                      checkpoint_id=checkpoint, no_dist=True)
+    torch.save({"global_step": 3, "varlib": varlib.io.model_metadata(var.vae, var)}, checkpoint / "meta.pt")
+    loaded = varlib.load(checkpoint)
+    for name, tensor in var.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    (checkpoint / "meta.pt").unlink()
+    with pytest.raises(ValueError, match="distributed checkpoint without Lightning's meta.pt"):
+        varlib.load(checkpoint)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="expected config.json"):
+        varlib.load(tmp_path / "empty")

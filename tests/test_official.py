@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import varlib
 from varlib import MultiScaleVQVAE, load_official_var, load_official_vqvae
 
 
@@ -24,10 +25,12 @@ def test_loading_rejects_other_models_and_depths(tiny_models, tmp_path):
         load_official_var(b["var_state_dict"], other_vae)
     path = tmp_path / "var.pth"
     torch.save(b["var_state_dict"], path)
-    loaded = load_official_var(path, vae)
+    loaded = varlib.load(path, vae=vae)
     assert torch.equal(loaded.head.weight, var.head.weight)
     torch.save({"model": b["var_state_dict"], "step": 3}, tmp_path / "wrapped.pth")
     with pytest.raises(ValueError, match="not a plain state dict"):
-        load_official_var(tmp_path / "wrapped.pth", vae)
+        varlib.load(tmp_path / "wrapped.pth", vae=vae)
     with pytest.raises(FileNotFoundError):
-        load_official_vqvae(tmp_path / "absent.pth")
+        varlib.load(tmp_path / "absent.pth")
+    with pytest.raises(TypeError, match=r"open checkpoint files with varlib.load\(path\)"):
+        load_official_vqvae(path)

@@ -142,6 +142,8 @@ def test_module_carries_sampling_settings_and_refuses_var_only_options():
         RasterARModule(ar=TINY_AR, vae=single_scale_vae(), activation_checkpointing=True)
     with pytest.raises(ValueError, match="grid_classes"):
         RasterARModule(ar=TINY_AR, vae=single_scale_vae(), grid_classes=-1)
+    with pytest.raises(ValueError, match=r"unknown model.loss keys \['progressive_fraction'\]"):
+        RasterARModule(ar=TINY_AR, vae=single_scale_vae(), loss=dict(progressive_fraction=0.5))
 
 
 def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
@@ -153,7 +155,7 @@ def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
     tokenize_to_cache(vae, [(images[16:], labels[16:])], tmp_path / "cache", "val", num_classes=3)
     data = TokenCacheDataModule(str(tmp_path / "cache"), batch_size=8)
     assert data.patch_nums == (SIDE,)
-    module = RasterARModule(ar=TINY_AR, vae=vae, base_lr=2.0, warmup_fraction=0.1, ema_decay=0.5)
+    module = RasterARModule(ar=TINY_AR, vae=vae, optim=dict(base_lr=2.0, warmup_fraction=0.1), ema_decay=0.5)
     trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]

@@ -311,8 +311,12 @@ def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
     online = clone_params(module.vae)
     exported = varlib.load(module.export(tmp_path / "ema.safetensors"))
     assert not torch.equal(exported.decoder.conv_out.weight, module.vae.decoder.conv_out.weight)
-    _assert_same_weights(varlib.load(path), exported)  # the checkpoint's vae.* hold the EMA weights too
+    _assert_same_weights(varlib.load(path), exported)  # varlib.load of the checkpoint gives the EMA weights too
     assert not changed(online, module.vae)  # exporting swapped the EMA weights back out
+    # One EMA convention: the checkpoint's vae.* hold the online weights, the averages sit beside them.
+    checkpoint = torch.load(path, weights_only=True)
+    assert torch.equal(checkpoint["state_dict"]["vae.decoder.conv_out.weight"], online["decoder.conv_out.weight"])
+    _assert_same_weights(varlib.load(path, ema=False), module.vae)
 
     # Validation sees the EMA weights.
     results = trainer.validate(module, datamodule=data, verbose=False)[0]

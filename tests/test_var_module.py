@@ -60,7 +60,7 @@ def fit(module, data, tmp_path, steps, **trainer_kwargs):
 
 def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
     L.seed_everything(0)
-    module = VARModule(var=TINY_VAR, vae=tiny_vae(), base_lr=2e-1, warmup_fraction=0.1, ema_decay=0.9)
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=2e-1, warmup_fraction=0.1), ema_decay=0.9)
     data = ImageData(n=8, batch_size=8)
     labels, targets, x = module.tokens_and_input(next(iter(data.val_dataloader())))
     with torch.no_grad():
@@ -77,6 +77,15 @@ def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
     loaded = varlib.load(tmp_path / "var.safetensors")
     with module.ema.swap(module.var):
         assert torch.equal(loaded.head.weight, module.var.head.weight)
+    # One EMA convention: the checkpoint holds the online weights, varlib.load of it gives what export wrote.
+    trainer.save_checkpoint(tmp_path / "var.ckpt")
+    checkpoint = torch.load(tmp_path / "var.ckpt", weights_only=True)
+    assert torch.equal(checkpoint["state_dict"]["var.head.weight"], module.var.head.weight)
+    assert not torch.equal(loaded.head.weight, module.var.head.weight)
+    from_checkpoint = varlib.load(tmp_path / "var.ckpt")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(from_checkpoint.state_dict()[name], tensor), name
+    assert torch.equal(varlib.load(tmp_path / "var.ckpt", ema=False).head.weight, module.var.head.weight)
 
 
 def test_token_cache_round_trip_and_training(tmp_path):
@@ -115,7 +124,11 @@ def test_bad_configuration_fails_early(tmp_path):
     with pytest.raises(ValueError, match="exactly one of tokenizer_path or vae"):
         VARModule(var=TINY_VAR)
     with pytest.raises(ValueError, match="base_lr > 0"):
-        VARModule(var=TINY_VAR, vae=tiny_vae(), base_lr=0)
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=0))
+    with pytest.raises(ValueError, match=r"unknown model.optim keys \['lr'\]; expected some of \['base_lr'"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=1e-4))
+    with pytest.raises(ValueError, match=r"loss.label_smoothing in \[0, 1\), got 1.0"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), loss=dict(label_smoothing=1.0))
     with pytest.raises(FileNotFoundError):
         VARModule(var=TINY_VAR, tokenizer_path=str(tmp_path / "absent.safetensors"))
 

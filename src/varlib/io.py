@@ -1,9 +1,11 @@
-"""varlib's own model files: safetensors weights plus the constructor config in the file's metadata.
+"""Model files: varlib's own (safetensors weights plus the constructor config in the file's metadata) and
+:func:`load`, the one loader of every model file varlib reads.
 
 A tokenizer file holds ``MultiScaleVQVAE`` weights; a transformer file holds the transformer (a VAR under ``var.``,
 the raster-AR baseline under ``ar.``) and its tokenizer under ``vae.``, so one file is enough to sample, and the
-transformer's recommended sampling settings (``.sampling``). :func:`load` also opens Lightning checkpoints written by varlib's training modules (read
-with ``torch.load(weights_only=True)``).
+transformer's recommended sampling settings (``.sampling``). :func:`load` also opens Lightning checkpoints written
+by varlib's training modules and the official FoundationVision checkpoints (torch files are read with
+``torch.load(weights_only=True)``).
 
 :func:`save_pretrained` / :func:`from_pretrained` share models as the Hugging Face Hub does: a folder with
 ``model.safetensors`` (the file above) and ``config.json`` (the same configs, readable); ``from_pretrained``
@@ -14,21 +16,25 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from varlib.models.raster_ar import RasterAR
 from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.official import load_strict
+from varlib.official import load_official_var, load_official_vqvae, load_strict
+from varlib.training.ema import CHECKPOINT_PREFIX as EMA_PREFIX, checkpoint_weights as ema_weights
 
 FORMAT = "varlib/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,6 +43,9 @@ CONFIG_NAME = "config.json"
 JSON_ENTRIES = ("vae_config", "var_config", "ar_config", "sampling")
 #: kind -> (transformer class, the prefix of its weights and config in files and Lightning checkpoints)
 TRANSFORMER_KINDS = {"var": (VAR, "var"), "raster_ar": (RasterAR, "ar")}
+#: what marks a distributed (torch.distributed.checkpoint) folder, and Lightning's metadata file in it
+DISTRIBUTED_CHECKPOINT_INDEX = ".metadata"
+LIGHTNING_META_NAME = "meta.pt"
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -100,31 +109,71 @@ def _split(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, state dict) of a varlib ``.safetensors`` file or Lightning checkpoint (tensors on the CPU)."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("kind") == "tokenizer":
-            state = {"vae." + k: v for k, v in state.items()}
-        return meta, state
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt.get("varlib", {}) if isinstance(ckpt, Mapping) else {}
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, Mapping) else {}
+def _preview(names, limit: int = 6) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _read(path: str) -> tuple[dict[str, str], Mapping]:
+    """(varlib metadata, content) of a ``.safetensors`` file (content: its tensors) or a torch file (content: what
+    it holds, loaded with ``weights_only=True``), on the CPU. Raises ValueError for pickled objects and for
+    unreadable files."""
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("kind") == "tokenizer":
+                state = {"vae." + k: v for k, v in state.items()}
+            return meta, state
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's own message advises weights_only=False: varlib never does
+        found = str(error).strip().splitlines()[-1]
+        raise ValueError(
+            f"{path} holds pickled Python objects, not only tensors and plain containers ({found}); varlib opens "
+            "files with torch.load(weights_only=True) and never runs pickled code: re-save the weights as "
+            "safetensors or as a plain state dict (torch.save(model.state_dict(), path))"
+        ) from None
+    except Exception as error:  # safetensors and torch raise several types for damaged files
+        raise ValueError(f"{path}: expected a torch checkpoint or .safetensors file, got an unreadable file "
+                         f"({type(error).__name__}: {error})") from error
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path}: expected a state dict or checkpoint (a mapping), got a {type(content).__name__}")
+    if "varlib" in content:  # a Lightning checkpoint of varlib's training modules
+        return dict(content["varlib"]), content.get("state_dict", {})
+    return {}, content
+
+
+def _read_distributed_checkpoint(folder: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, state dict) of a distributed Lightning checkpoint folder (FSDP2): Lightning's ``meta.pt`` holds
+    the metadata, the shards the ``state_dict`` entries, read whole (optimiser states are left on disk)."""
+    meta_path = folder / LIGHTNING_META_NAME
+    if not meta_path.is_file():
+        raise ValueError(f"{folder} is a distributed checkpoint without Lightning's {LIGHTNING_META_NAME}: expected "
+                         "a checkpoint of varlib's training modules (or its save was interrupted)")
+    meta, _ = _read(os.fspath(meta_path))
+    reader = FileSystemReader(folder)
+    entries = reader.read_metadata().state_dict_metadata
+    state = {name.removeprefix("state_dict."): torch.empty(entry.size, dtype=entry.properties.dtype)
+             for name, entry in entries.items() if name.startswith("state_dict.")}
+    dcp.load({"state_dict": state}, storage_reader=reader, no_dist=True)
     return meta, state
 
 
-def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> MultiScaleVQVAE | VAR | RasterAR:
+def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str,
+           ema: bool = True) -> MultiScaleVQVAE | VAR | RasterAR:
     """The model that ``meta`` describes (the metadata of :func:`model_metadata`), with weights from ``state``
-    (tokenizer weights under ``vae.``, transformer weights under ``var.`` or ``ar.``), in eval mode on the CPU."""
+    (tokenizer weights under ``vae.``, transformer weights under ``var.`` or ``ar.``), in eval mode on the CPU.
+
+    A checkpoint's EMA entries (``ema.*``, see :mod:`varlib.training.ema`) replace the online weights of the
+    averaged network (the tokenizer in a tokenizer checkpoint, else the transformer), unless ``ema`` is False."""
     kind = meta.get("kind")
-    if meta.get("format") != FORMAT or kind not in ("tokenizer", *TRANSFORMER_KINDS):
-        raise ValueError(
-            f"{source} is not a varlib model file (expected metadata format={FORMAT!r} and kind 'tokenizer', "
-            f"{', '.join(repr(k) for k in TRANSFORMER_KINDS)}); "
-            "official checkpoints load with load_official_vqvae / load_official_var"
-        )
+    if kind not in ("tokenizer", *TRANSFORMER_KINDS):
+        raise ValueError(f"{source}: expected a varlib model kind among 'tokenizer', "
+                         f"{', '.join(repr(k) for k in TRANSFORMER_KINDS)}, got {kind!r}")
+    averaged = "vae." if kind == "tokenizer" else TRANSFORMER_KINDS[kind][1] + "."
+    # the EMA also copies non-persistent buffers, which are not in the state dict
+    weights = {averaged + name: v for name, v in ema_weights(state).items() if averaged + name in state} if ema else {}
+    state = {**{k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}, **weights}
     vae = build_tokenizer(json.loads(meta["vae_config"]), _split(state, "vae.")).eval()
     if kind == "tokenizer":
         return vae
@@ -135,17 +184,58 @@ def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: s
     return var.eval()
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> MultiScaleVQVAE | VAR | RasterAR:
-    """Opens a varlib model file (safetensors) or a varlib Lightning checkpoint, in eval mode.
+def _build_official(state: Mapping, source: str, vae: MultiScaleVQVAE | str | os.PathLike | None,
+                    patch_nums: Sequence[int] | None) -> MultiScaleVQVAE | VAR:
+    """An official tokenizer or VAR from its state dict; anything else raises ValueError saying what it holds."""
+    if "quantize.embedding.weight" in state:
+        return load_official_vqvae(state, **({} if patch_nums is None else {"patch_nums": tuple(patch_nums)}))
+    if "class_emb.weight" in state:
+        if vae is None:
+            raise ValueError(f"{source} is not a varlib model file but an official VAR transformer state dict, "
+                             "which needs its tokenizer: varlib.load(path, vae=<tokenizer or its file>)")
+        tokenizer = vae if isinstance(vae, MultiScaleVQVAE) else load(vae, patch_nums=patch_nums)
+        if not isinstance(tokenizer, MultiScaleVQVAE):
+            raise ValueError(f"vae={vae}: expected a tokenizer, got a {type(tokenizer).__name__}")
+        return load_official_var(state, tokenizer)
+    tensors = all(isinstance(v, torch.Tensor) for v in state.values())
+    found = (f"a state dict of {len(state)} tensors without the official tokenizer's 'quantize.embedding.weight' or "
+             "transformer's 'class_emb.weight'" if tensors else "a mapping that is not a plain state dict")
+    raise ValueError(
+        f"{source} is not a varlib model file (safetensors metadata or checkpoint entry 'varlib' with format "
+        f"{FORMAT!r}) nor an official VQVAE/VAR checkpoint: it holds {found} (keys {_preview(map(str, state))})"
+    )
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+         vae: MultiScaleVQVAE | str | os.PathLike | None = None,
+         patch_nums: Sequence[int] | None = None, ema: bool = True) -> MultiScaleVQVAE | VAR | RasterAR:
+    """Opens any model file varlib reads, in eval mode on ``device``; the one loader every tool calls.
+
+    ``path`` is a varlib ``.safetensors`` file (:func:`save_var`, :func:`save_tokenizer`, a training module's
+    ``export``), a :func:`save_pretrained` folder, a Lightning checkpoint of varlib's training modules (a file,
+    or the folder of a distributed FSDP2 checkpoint, gathered whole in this one process), or an
+    official FoundationVision checkpoint (``.pth`` or ``.safetensors``): the tokenizer ``vae_ch160v4096z32.pth``,
+    or a transformer such as ``var_d16.pth`` given its tokenizer as ``vae`` (a MultiScaleVQVAE or a file).
+    ``patch_nums`` sets an official tokenizer's schedule (its file does not record one: 10 scales are taken
+    as the 256px schedule); varlib files keep the schedule they record. A checkpoint of a run that kept an EMA
+    gives its averages, the weights ``export`` writes; ``ema=False`` gives the online weights instead.
 
     Returns a :class:`MultiScaleVQVAE` for a tokenizer, or a :class:`VAR` or :class:`RasterAR` (its tokenizer at
-    ``.vae``) ready for ``generate``. Raises ValueError for files that varlib did not write.
+    ``.vae``) ready for ``generate``. Torch files are read with ``weights_only=True``; a file holding pickled
+    objects, or anything else, raises ValueError saying what it holds.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no model file at {path}")
-    meta, state = _read(path)
-    return _build(meta, state, path).to(device)
+    if os.path.isfile(os.path.join(path, DISTRIBUTED_CHECKPOINT_INDEX)):
+        meta, state = _read_distributed_checkpoint(Path(path))
+    elif os.path.isdir(path):
+        meta, state = _read_pretrained_folder(Path(path))
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"no model file or folder at {path}")
+    else:
+        meta, state = _read(path)
+    if meta.get("format") == FORMAT:
+        return _build(meta, state, path, ema).to(device)
+    return _build_official(state, path, vae, patch_nums).to(device)
 
 
 def save_pretrained(model: MultiScaleVQVAE | VAR | RasterAR, directory: str | os.PathLike) -> Path:
@@ -182,6 +272,11 @@ def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device 
     folder = Path(name_or_path)
     if not folder.is_dir():
         folder = _download(os.fspath(name_or_path), revision)
+    return _build(*_read_pretrained_folder(folder), os.fspath(folder)).to(device)
+
+
+def _read_pretrained_folder(folder: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, state dict) of a :func:`save_pretrained` folder: ``config.json`` gives the metadata."""
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -190,7 +285,7 @@ def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device 
     config = json.loads(config_path.read_text())
     meta = {k: json.dumps(v) if k in JSON_ENTRIES else v for k, v in config.items()}
     _, state = _read(os.fspath(weights_path))
-    return _build(meta, state, os.fspath(folder)).to(device)
+    return meta, state
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

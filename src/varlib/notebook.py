@@ -38,7 +38,7 @@ TINY_TOKENIZER = (
 )
 # A depth-2, width-128 VAR (0.7 M parameters); peak lr 2e-2 * 32 / 256 = 2.5e-3.
 TINY_VAR = (
-    "model.var.depth=2", "model.var.width=128", "model.var.num_heads=4", "model.base_lr=2.0e-2",
+    "model.var.depth=2", "model.var.width=128", "model.var.num_heads=4", "model.optim.base_lr=2.0e-2",
     "data.batch_size=32", "trainer.max_steps=90", "trainer.val_check_interval=90", "trainer.limit_val_batches=2",
 )
 

@@ -2,12 +2,12 @@
 
 Files (huggingface.co/FoundationVision/var): ``vae_ch160v4096z32.pth`` (the tokenizer shared by all models),
 ``var_d16/20/24/30.pth`` (256px) and ``var_d36.pth`` (512px, shared AdaLN). The architecture is inferred from
-the weights; loading uses ``torch.load(weights_only=True)`` (or safetensors) and fails on any key mismatch.
+the weights and loading fails on any key mismatch. These functions take state dicts; ``varlib.load`` opens the
+files (``torch.load(weights_only=True)`` or safetensors) and calls them.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Mapping
 
@@ -24,21 +24,15 @@ StateDict = Mapping[str, torch.Tensor]
 OFFICIAL_SAMPLING = SamplingConfig(cfg=1.5, top_k=900, top_p=0.96)
 
 
-def read_state_dict(source: str | os.PathLike | StateDict) -> dict[str, torch.Tensor]:
-    """A state dict from a mapping, a ``.safetensors`` file, or a torch file loaded with weights_only=True."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} is not a plain state dict (a mapping of names to tensors)")
-    return dict(loaded)
+def plain_state_dict(source: StateDict, what: str) -> StateDict:
+    """``source`` when it maps names to tensors; raises TypeError for paths (files open with ``varlib.load``) and
+    ValueError for other mappings."""
+    if not isinstance(source, Mapping):
+        raise TypeError(f"{what} takes a state dict, got a {type(source).__name__}; "
+                        "open checkpoint files with varlib.load(path), which reads official files too")
+    if not all(isinstance(v, torch.Tensor) for v in source.values()):
+        raise ValueError(f"{what}: expected a plain state dict (a mapping of names to tensors), got other values")
+    return source
 
 
 def load_strict(model: nn.Module, state_dict: StateDict, what: str) -> nn.Module:
@@ -84,12 +78,12 @@ def vqvae_config_from_state_dict(sd: StateDict) -> dict:
     )
 
 
-def load_official_vqvae(source: str | os.PathLike | StateDict, **overrides) -> MultiScaleVQVAE:
-    """Builds the tokenizer from an official checkpoint (path or state dict), in eval mode and frozen.
+def load_official_vqvae(source: StateDict, **overrides) -> MultiScaleVQVAE:
+    """Builds the tokenizer from an official state dict, in eval mode and frozen (``varlib.load`` opens the files).
 
     ``overrides`` replace inferred constructor arguments (e.g. ``patch_nums``).
     """
-    sd = read_state_dict(source)
+    sd = plain_state_dict(source, "load_official_vqvae")
     vae = MultiScaleVQVAE(**{**vqvae_config_from_state_dict(sd), **overrides})
     load_strict(vae, sd, "MultiScaleVQVAE")
     return vae.eval().requires_grad_(False)
@@ -118,13 +112,14 @@ def var_config_from_state_dict(sd: StateDict, vae_patch_nums=None) -> dict:
     )
 
 
-def load_official_var(source: str | os.PathLike | StateDict, vae: MultiScaleVQVAE, **overrides) -> VAR:
-    """Builds the VAR transformer from an official checkpoint on top of ``vae``, in eval mode.
+def load_official_var(source: StateDict, vae: MultiScaleVQVAE, **overrides) -> VAR:
+    """Builds the VAR transformer from an official state dict on top of ``vae``, in eval mode (``varlib.load``
+    opens the files).
 
     Depth, width, heads, classes, shared AdaLN and the patch schedule (256px or 512px) are inferred from
     the weights; ``overrides`` replace any of them. ``sampling`` is set to the official FID settings.
     """
-    sd = read_state_dict(source)
+    sd = plain_state_dict(source, "load_official_var")
     config = {**var_config_from_state_dict(sd, vae.patch_nums), **overrides}
     if config["width"] != 64 * config["depth"] and "width" not in overrides:
         raise ValueError(f"unexpected width {config['width']} for depth {config['depth']} (official: 64 * depth)")

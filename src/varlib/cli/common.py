@@ -19,13 +19,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import varlib
 from varlib.configs import CONFIG_MODULE
 from varlib.data.base import check_int_at_least
-from varlib.io import FORMAT as VARLIB_FORMAT
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 
@@ -97,26 +95,12 @@ def inference_precision(name: str, device: torch.device) -> Iterator[str]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _is_varlib_file(path: Path) -> bool:
-    """True for files written by varlib (safetensors metadata or a Lightning checkpoint's 'varlib' entry)."""
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return (f.metadata() or {}).get("format") == VARLIB_FORMAT
-        # mmap keeps the peek cheap: only the pickled structure is read, not the tensors.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # safetensors and torch raise several types for unreadable files
-        raise ValueError(f"{path}: expected a torch checkpoint or .safetensors file, got an unreadable file "
-                         f"({type(error).__name__}: {error})") from error
-    return isinstance(checkpoint, dict) and "varlib" in checkpoint
-
-
-def _existing_file(path: str | None, what: str) -> Path:
+def _existing_path(path: str | None, what: str) -> Path:
     if path is None:
         raise ValueError(f"{what} is required, got null")
     resolved = Path(str(path)).expanduser()
-    if not resolved.is_file():
-        raise FileNotFoundError(f"{what}: expected a file at {resolved}, got nothing there")
+    if not resolved.exists():
+        raise FileNotFoundError(f"{what}: expected a model file or folder at {resolved}, got nothing there")
     return resolved
 
 
@@ -137,18 +121,16 @@ def load_var_model(cfg: DictConfig, device: torch.device) -> VAR:
             f"official.var={official.get('var')!r}"
         )
     if cfg.get("checkpoint") is not None:
-        path = _existing_file(cfg.checkpoint, "checkpoint")
-        if not _is_varlib_file(path):
-            raise ValueError(f"checkpoint {path}: expected a varlib model file (varlib.save_var or a varlib "
-                             "checkpoint), got another file; official checkpoints go in official.vae and official.var")
+        path = _existing_path(cfg.checkpoint, "checkpoint")
         model = varlib.load(path)
         if not isinstance(model, VAR):
-            raise ValueError(f"checkpoint {path}: expected a VAR model file, got a {type(model).__name__} "
-                             "(a tokenizer only)")
+            raise ValueError(f"checkpoint {path}: expected a VAR model file, got a {type(model).__name__}; "
+                             "official checkpoints go in official.vae and official.var")
     else:
-        overrides = {} if official.get("patch_nums") is None else {"patch_nums": tuple(official.patch_nums)}
-        vae = varlib.load_official_vqvae(_existing_file(official.get("vae"), "official.vae"), **overrides)
-        model = varlib.load_official_var(_existing_file(official.get("var"), "official.var"), vae)
+        vae, var = _existing_path(official.get("vae"), "official.vae"), _existing_path(official.get("var"), "official.var")
+        model = varlib.load(var, vae=vae, patch_nums=official.get("patch_nums"))
+        if not isinstance(model, VAR):
+            raise ValueError(f"official.var={official.var}: expected a VAR transformer, got a {type(model).__name__}")
     logger.info("loaded VAR depth=%d width=%d classes=%d schedule=%s", model.depth, model.width,
                 model.num_classes, model.patch_nums)
     return model.to(device).eval()
@@ -157,22 +139,15 @@ def load_var_model(cfg: DictConfig, device: torch.device) -> VAR:
 def load_tokenizer(
     path: str | None, device: torch.device, patch_nums: Sequence[int] | None = None
 ) -> tuple[MultiScaleVQVAE, tuple[int, ...]]:
-    """A tokenizer and its token-map schedule from a varlib file (a tokenizer file, or a VAR file's ``.vae``
-    with the VAR's schedule) or an official VQVAE ``.pth``.
+    """A tokenizer and its token-map schedule from any file ``varlib.load`` opens: a tokenizer, or a VAR's ``.vae``
+    with the VAR's schedule (varlib files), or an official VQVAE ``.pth``.
 
-    ``patch_nums``, when given, is the schedule returned, and the official loader builds the tokenizer with it
-    (otherwise the official schedule is inferred from the weights: the 256px one).
+    ``patch_nums``, when given, is the schedule returned, and an official tokenizer is built with it (otherwise
+    the official schedule is inferred from the weights: the 256px one).
     """
-    resolved = _existing_file(path, "tokenizer")
-    if _is_varlib_file(resolved):
-        model = varlib.load(resolved)
-        vae = model.vae if isinstance(model, VAR) else model
-        schedule = model.patch_nums
-    else:
-        overrides = {} if patch_nums is None else {"patch_nums": tuple(patch_nums)}
-        vae = varlib.load_official_vqvae(resolved, **overrides)
-        schedule = vae.patch_nums
-    schedule = tuple(schedule if patch_nums is None else patch_nums)
+    model = varlib.load(_existing_path(path, "tokenizer"), patch_nums=patch_nums)
+    vae = model.vae if isinstance(model, VAR) else model
+    schedule = tuple(model.patch_nums if patch_nums is None else patch_nums)
     if len(schedule) != len(vae.patch_nums):
         raise ValueError(f"patch_nums must have as many scales as the tokenizer's {vae.patch_nums}, got {schedule}")
     return vae.to(device).eval().requires_grad_(False), schedule
@@ -209,9 +184,9 @@ def parse_labels(value: Any, num_classes: int, per_class: int) -> list[int]:
 
 def check_sampling_options(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
     """The ``VAR.generate`` keyword arguments from the config, validated; top_k is clipped to the vocabulary."""
-    top_k, top_p, guidance = int(cfg.top_k), float(cfg.top_p), float(cfg.cfg)
+    top_k, top_p, guidance = int(cfg.top_k), float(cfg.top_p), float(cfg.guidance)
     if top_k < 0 or not 0.0 <= top_p <= 1.0 or guidance < 0:
-        raise ValueError(f"expected top_k >= 0, top_p in [0, 1] and cfg >= 0, got {top_k}, {top_p}, {guidance}")
+        raise ValueError(f"expected top_k >= 0, top_p in [0, 1] and guidance >= 0, got {top_k}, {top_p}, {guidance}")
     if top_k > vocab_size:
         logger.info("top_k=%d clipped to the vocabulary size %d", top_k, vocab_size)
         top_k = vocab_size

@@ -221,7 +221,7 @@ def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: i
         reference = cfg.reference_data._target_ if cfg.get("reference_data") is not None else None
     record: dict[str, Any] = {
         "npz": str(result.npz_path), "num_images": result.num_images, "num_classes": num_classes,
-        "num_per_class": cfg.num_per_class, "cfg": cfg.cfg, "top_k": cfg.top_k, "top_p": cfg.top_p,
+        "num_per_class": cfg.num_per_class, "guidance": cfg.guidance, "top_k": cfg.top_k, "top_p": cfg.top_p,
         "seed": cfg.seed, "batch_size": cfg.batch_size, "more_smooth": cfg.more_smooth,
         "reference": reference, "num_reference_images": result.num_reference_images, "metrics": result.metrics,
     }

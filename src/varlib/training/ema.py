@@ -1,13 +1,34 @@
-"""Exponential moving average (EMA) of a model's weights, for evaluating and saving a smoothed model."""
+"""Exponential moving average (EMA) of a model's weights, for evaluating and saving a smoothed model.
+
+The one checkpoint convention of varlib's training modules: a Lightning checkpoint's ``state_dict`` holds the
+online (trained) weights, which Lightning resumes, and the EMA's averages join it as ``ema.params.<name>`` and
+``ema.buffers.<name>`` (names relative to the averaged network: the tokenizer, or the transformer), so that a
+distributed (FSDP2) checkpoint stores each rank's shard of them; the counters go in ``checkpoint["ema"]``.
+``export`` writes the averages, and ``varlib.load`` of a checkpoint gives them too (``ema=False``: the online
+weights).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
+
+CHECKPOINT_PREFIX = "ema."
+
+
+def pop_checkpoint_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Removes the EMA entries from a checkpoint's state dict (they are not the model's) and returns them."""
+    return {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(CHECKPOINT_PREFIX)]}
+
+
+def checkpoint_weights(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The EMA's parameters and buffers in a checkpoint's state dict, by name in the averaged network (empty
+    when the run kept no EMA)."""
+    return {k.split(".", 2)[2]: v for k, v in state_dict.items() if k.startswith(CHECKPOINT_PREFIX)}
 
 
 class ModelEMA:
@@ -89,6 +110,23 @@ class ModelEMA:
             "params": dict(self.shadow_params),
             "buffers": dict(self.shadow_buffers),
         }
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """The averages as checkpoint state-dict entries (the EMA's own tensors, not copies)."""
+        return {f"{CHECKPOINT_PREFIX}{key}.{name}": value
+                for key, tensors in (("params", self.shadow_params), ("buffers", self.shadow_buffers))
+                for name, value in tensors.items()}
+
+    def checkpoint_counters(self) -> dict[str, Any]:
+        """What ``checkpoint["ema"]`` holds: the settings and the update count."""
+        return {k: v for k, v in self.state_dict().items() if k not in ("params", "buffers")}
+
+    def load_checkpoint(self, counters: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+        """Restores from ``checkpoint["ema"]`` and the entries of :meth:`checkpoint_tensors`."""
+        self.load_state_dict({**counters, **{
+            key: {k.removeprefix(f"{CHECKPOINT_PREFIX}{key}."): v for k, v in tensors.items()
+                  if k.startswith(f"{CHECKPOINT_PREFIX}{key}.")}
+            for key in ("params", "buffers")}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from ``state_dict()``; names and shapes must match this EMA's model."""

@@ -18,7 +18,13 @@ from varlib.models.raster_ar import RasterAR
 from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.ema import ModelEMA
-from varlib.training.token_transformer_module import TokenTransformerModule, check_recipe
+from varlib.training.token_transformer_module import (
+    RecipeOptimConfig,
+    TokenLossConfig,
+    TokenTransformerModule,
+    check_grid,
+)
+from varlib.training.tokenizer_loss import build_config
 from varlib.training.var_module import load_tokenizer
 
 
@@ -30,6 +36,7 @@ class RasterARModule(TokenTransformerModule):
         tokenizer_path: the frozen single-scale tokenizer (varlib file or checkpoint); or pass ``vae``.
         sampling: the recommended ``generate`` settings (cfg, top_k, top_p) of validation grids and the exported
             file (default: RasterAR's, cfg 1.5 without top-k/top-p filtering).
+        loss: ``label_smoothing`` only (:class:`~varlib.training.token_transformer_module.TokenLossConfig`).
         Every other argument as :class:`~varlib.training.var_module.VARModule` (VAR's optimisation recipe). VAR's
         progressive training and activation checkpointing have no counterpart here and are not accepted.
     """
@@ -39,16 +46,8 @@ class RasterARModule(TokenTransformerModule):
         ar: Mapping[str, Any],
         tokenizer_path: str | None = None,
         vae: MultiScaleVQVAE | None = None,
-        base_lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 0.05,
-        weight_decay_end: float | None = None,
-        warmup_fraction: float = 0.02,
-        warmup_start: float = 0.005,
-        end_factor: float = 0.01,
-        flat_fraction: float = 0.05,
-        grad_clip: float = 2.0,
-        label_smoothing: float = 0.0,
+        optim: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
         ema_decay: float | None = None,
         sampling: Mapping[str, float] | None = None,
         grid_classes: int = 8,
@@ -58,7 +57,9 @@ class RasterARModule(TokenTransformerModule):
         super().__init__()
         if (tokenizer_path is None) == (vae is None):
             raise ValueError("give exactly one of tokenizer_path or vae")
-        check_recipe(base_lr, label_smoothing, warmup_fraction, grid_classes, grid_per_class)
+        self.optim_config = build_config(RecipeOptimConfig, optim, "model.optim")
+        self.loss_config = build_config(TokenLossConfig, loss, "model.loss")
+        check_grid(grid_classes, grid_per_class)
         self.save_hyperparameters(ignore=["vae"])
         self.vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
         self.ar = self.build_transformer()

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch.distributed.checkpoint import FileSystemReader
 
 from varlib.configs import compose_config, datamodule_config, device_count
+from varlib.io import DISTRIBUTED_CHECKPOINT_INDEX, LIGHTNING_META_NAME
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,15 @@ def checkpoint_problem(path: Path) -> str | None:
         if not path.is_dir():
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return None
-        if not (path / ".metadata").is_file():
-            return "the folder has no .metadata: its save was interrupted"
+        if not (path / DISTRIBUTED_CHECKPOINT_INDEX).is_file():
+            return f"the folder has no {DISTRIBUTED_CHECKPOINT_INDEX}: its save was interrupted"
         for item, storage in FileSystemReader(path).read_metadata().storage_data.items():
             shard = path / storage.relative_path
             if not shard.is_file() or shard.stat().st_size < storage.offset + storage.length:
                 return f"shard {storage.relative_path} is missing or shorter than its .metadata says (entry {item.fqn})"
-        if not (path / "meta.pt").is_file():
-            return "the folder has no meta.pt: its save was interrupted"
-        torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        if not (path / LIGHTNING_META_NAME).is_file():
+            return f"the folder has no {LIGHTNING_META_NAME}: its save was interrupted"
+        torch.load(path / LIGHTNING_META_NAME, map_location="cpu", weights_only=True)
     except Exception as error:  # torch and the checkpoint reader raise several types for damaged files
         return f"unreadable ({type(error).__name__}: {error})"
     return None

@@ -4,7 +4,8 @@ randomness, the teacher-forced cross-entropy step with per-scale metrics, EMA, F
 grid, whole-weight sampling/export and checkpoint metadata.
 
 A subclass builds its transformer with :meth:`build_transformer` in ``__init__`` (after ``save_hyperparameters``,
-whose hparams must hold the recipe arguments that :func:`check_recipe` validates), names it with
+whose hparams hold ``seed``, ``grid_classes`` and ``grid_per_class``), sets ``optim_config`` (a
+:class:`RecipeOptimConfig`) and ``loss_config`` (a :class:`TokenLossConfig`), names the transformer with
 :attr:`transformer`, and implements :meth:`tokens_and_input`. The transformer is called as
 ``transformer(labels (B,), input[:, :length-1])`` and returns logits (B, length, V); it has ``patch_nums``, ``L``,
 ``blocks``, ``num_classes``, ``sampling``, ``config`` and ``generate(labels, seed=...)``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -29,27 +31,62 @@ from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
-from varlib.training.ema import ModelEMA
+from varlib.training.ema import ModelEMA, pop_checkpoint_tensors
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
 
 
-def check_recipe(base_lr: float, label_smoothing: float, warmup_fraction: float, grid_classes: int,
-                 grid_per_class: int) -> None:
-    """Raises ValueError for recipe or sample-grid values outside their range."""
+@dataclass(frozen=True)
+class RecipeOptimConfig:
+    """The official optimisation recipe (``model.optim``).
+
+    base_lr: lr per 256 images of global batch (official 1e-4); the peak lr is base_lr * global_batch / 256.
+    betas, weight_decay, weight_decay_end: AdamW (official (0.9, 0.95), 0.05, constant); weight_decay_end, when
+        given, is reached by a cosine over training (official d30/d36: 0.08).
+    warmup_fraction, warmup_start, end_factor, flat_fraction: the 'lin0' schedule (official warm-up is 1/50 of
+        training, end_factor 0.01; the README trains d16/d20 with 0.1).
+    grad_clip: max global gradient norm (official 2.0; 0 disables), also on sharded (FSDP2) parameters.
+    """
+
+    base_lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None
+    warmup_fraction: float = 0.02
+    warmup_start: float = 0.005
+    end_factor: float = 0.01
+    flat_fraction: float = 0.05
+    grad_clip: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.base_lr <= 0 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"expected optim.base_lr > 0 and optim.warmup_fraction in [0, 1); "
+                             f"got {self.base_lr}, {self.warmup_fraction}")
+
+
+@dataclass(frozen=True)
+class TokenLossConfig:
+    """The loss (``model.loss``): cross-entropy label smoothing (official 0)."""
+
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"expected loss.label_smoothing in [0, 1), got {self.label_smoothing}")
+
+
+def check_grid(grid_classes: int, grid_per_class: int) -> None:
+    """Raises ValueError for sample-grid values outside their range."""
     if grid_classes < 0 or grid_per_class < 1:
         raise ValueError(f"expected grid_classes >= 0 and grid_per_class >= 1, got {grid_classes}, {grid_per_class}")
-    if base_lr <= 0 or not 0 <= label_smoothing < 1 or not 0 <= warmup_fraction < 1:
-        raise ValueError(
-            f"expected base_lr > 0, label_smoothing in [0, 1), warmup_fraction in [0, 1); "
-            f"got {base_lr}, {label_smoothing}, {warmup_fraction}"
-        )
 
 
 class TokenTransformerModule(L.LightningModule):
     """The shared training loop of a class-conditional token transformer on a frozen tokenizer (see module doc)."""
 
     ema = None  # a varlib.training.ema.ModelEMA of the transformer when the subclass keeps one
+    optim_config: RecipeOptimConfig
+    loss_config: TokenLossConfig
     val_metrics: PerScaleAccumulator | None = None
 
     @property
@@ -102,11 +139,11 @@ class TokenTransformerModule(L.LightningModule):
         labels, targets_BL, x_BLCv = self.tokens_and_input(batch)
         length = self.active_length()
         logits = self.transformer(labels, x_BLCv[:, : length - 1])
-        ce_BL = token_cross_entropy(logits, targets_BL[:, :length], self.hparams.label_smoothing)
+        ce_BL = token_cross_entropy(logits, targets_BL[:, :length], self.loss_config.label_smoothing)
         loss = ce_BL.mean()  # uniform weight per token, as the official recipe
         metrics = PerScaleAccumulator(self.transformer.patch_nums)
         metrics.update(logits.detach(), targets_BL[:, :length],
-                       None if self.hparams.label_smoothing else ce_BL)
+                       None if self.loss_config.label_smoothing else ce_BL)
         stats = metrics.compute() if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0 else {}
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in stats.items()})
@@ -114,14 +151,15 @@ class TokenTransformerModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer):
-        if self.hparams.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.transformer.parameters(), self.hparams.grad_clip)
+        optim = self.optim_config
+        if optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.transformer.parameters(), optim.grad_clip)
             self.log("train/grad_norm", grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
         total = self.trainer.estimated_stepping_batches
-        wd_end = self.hparams.weight_decay if self.hparams.weight_decay_end is None else self.hparams.weight_decay_end
+        wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
         for group in optimizer.param_groups:
             if group["base_weight_decay"] > 0:
-                group["weight_decay"] = cosine_weight_decay(self.global_step, total, self.hparams.weight_decay, wd_end)
+                group["weight_decay"] = cosine_weight_decay(self.global_step, total, optim.weight_decay, wd_end)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
@@ -173,14 +211,14 @@ class TokenTransformerModule(L.LightningModule):
         return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):
-        peak_lr = self.hparams.base_lr * self.global_batch_size() / 256
-        groups = decay_parameter_groups(self.transformer, self.hparams.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(self.hparams.betas),
-                                      fused=self.device.type == "cuda")
+        optim = self.optim_config
+        peak_lr = optim.base_lr * self.global_batch_size() / 256
+        groups = decay_parameter_groups(self.transformer, optim.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim.betas), fused=self.device.type == "cuda")
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = round(self.hparams.warmup_fraction * total)
+        warmup = round(optim.warmup_fraction * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lin0_lr_factor(
-            step, warmup, total, self.hparams.warmup_start, self.hparams.end_factor, self.hparams.flat_fraction))
+            step, warmup, total, optim.warmup_start, optim.end_factor, optim.flat_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_model(self):
@@ -252,29 +290,19 @@ class TokenTransformerModule(L.LightningModule):
                 save_var(model, path)
         return Path(path)
 
-    def _ema_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"ema.params.{k}": v for k, v in self.ema.shadow_params.items()},
-                **{f"ema.buffers.{k}": v for k, v in self.ema.shadow_buffers.items()}}
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The EMA tensors join the model's state dict (so a distributed checkpoint stores each rank's shard);
-        its counters go in the metadata."""
+        """The online weights stay in the state dict, the EMA's join it (see :mod:`varlib.training.ema`)."""
         checkpoint["varlib"] = model_metadata(self.vae, self.transformer)
         if self.ema is not None:
-            checkpoint["state_dict"].update(self._ema_tensors())
-            checkpoint["ema"] = {k: v for k, v in self.ema.state_dict().items() if k not in ("params", "buffers")}
+            checkpoint["state_dict"].update(self.ema.checkpoint_tensors())
+            checkpoint["ema"] = self.ema.checkpoint_counters()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state_dict = checkpoint.get("state_dict")
-        ema_keys = [k for k in (state_dict or {}) if k.startswith("ema.")]
-        ema_tensors = {k: state_dict.pop(k) for k in ema_keys}  # never reaches the strict model load
+        ema_tensors = pop_checkpoint_tensors(state_dict or {})  # never reaches the strict model load
         if self.ema is None or "ema" not in checkpoint:
             return
         if state_dict is None:  # distributed checkpoint: the strategy loaded the model; read the EMA shards in place
-            ema_tensors = self._ema_tensors()
+            ema_tensors = self.ema.checkpoint_tensors()
             dcp.load({"state_dict": ema_tensors}, checkpoint_id=self.trainer.ckpt_path)
-        self.ema.load_state_dict({
-            **checkpoint["ema"],
-            "params": {k.removeprefix("ema.params."): v for k, v in ema_tensors.items() if k.startswith("ema.params.")},
-            "buffers": {k.removeprefix("ema.buffers."): v for k, v in ema_tensors.items() if k.startswith("ema.buffers.")},
-        })
+        self.ema.load_checkpoint(checkpoint["ema"], ema_tensors)

@@ -6,9 +6,9 @@ setting count Lightning's ``global_step``, which grows by one per optimiser step
 discriminator starts, two per batch after.
 
 Checkpoints hold the autoencoder under ``vae.`` and ``checkpoint["varlib"]``, so ``varlib.load(ckpt)`` opens them.
-With EMA on, ``vae.`` holds the EMA weights (what validation and ``export`` use) and the online weights are kept
-under ``checkpoint["ema"]["online"]`` for resuming. The fixed networks (LPIPS, the rFID extractor) are rebuilt
-from the config rather than saved; the quantizer's non-persistent update count goes under
+With EMA on, ``vae.`` holds the online weights and the EMA's (what validation, ``export`` and ``varlib.load`` use)
+sit beside them as in every varlib checkpoint (see :mod:`varlib.training.ema`). The fixed networks (LPIPS, the rFID
+extractor) are rebuilt from the config rather than saved; the quantizer's non-persistent update count goes under
 ``checkpoint["vae_unsaved_buffers"]``. Only plain containers are saved, so checkpoints load with
 ``torch.load(weights_only=True)``.
 
@@ -46,7 +46,7 @@ from varlib.io import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.discriminator import PatchDiscriminator
-from varlib.training.ema import ModelEMA
+from varlib.training.ema import ModelEMA, pop_checkpoint_tensors
 from varlib.training.gan import gan_start_factor
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
@@ -333,13 +333,9 @@ class TokenizerModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FIXED_NETWORK_PREFIXES)]:
             del state[key]
-        if self.ema is not None:
-            ema_state = self.ema.state_dict()
-            online = {name: state[f"vae.{name}"] for name in ema_state["params"]}
-            for name, value in ema_state["params"].items():
-                state[f"vae.{name}"] = value.to(online[name].dtype)
-            checkpoint["ema"] = {key: ema_state[key] for key in ("decay", "warmup", "num_updates", "buffers")}
-            checkpoint["ema"]["online"] = online
+        if self.ema is not None:  # online weights in the state dict, the EMA's beside them (varlib.training.ema)
+            state.update(self.ema.checkpoint_tensors())
+            checkpoint["ema"] = self.ema.checkpoint_counters()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -347,13 +343,9 @@ class TokenizerModule(L.LightningModule):
                 self.vae.get_buffer(name).copy_(value)
         state = checkpoint["state_dict"]
         state.update({k: v for k, v in self.state_dict().items() if k.startswith(FIXED_NETWORK_PREFIXES)})
-        ema_state = checkpoint.get("ema")
-        if ema_state is None:
-            return
-        shadow = {name: state[f"vae.{name}"] for name in ema_state["online"]}
-        state.update({f"vae.{name}": value for name, value in ema_state["online"].items()})
-        if self.ema is not None:
-            self.ema.load_state_dict({**ema_state, "params": shadow})
+        ema_tensors = pop_checkpoint_tensors(state)
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_checkpoint(checkpoint["ema"], ema_tensors)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the autoencoder (EMA weights when EMA is on) as a ``.safetensors`` that ``varlib.load`` opens.

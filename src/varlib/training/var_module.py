@@ -6,31 +6,44 @@ tokenizer in fp32, or pre-tokenised ``(tokens (B,L) int64, labels (B,))`` from t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
+from varlib.io import load
 from varlib.models.patch_schedules import scale_slices
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.models.sampling import SamplingConfig
-from varlib.official import OFFICIAL_SAMPLING, load_official_vqvae
+from varlib.official import OFFICIAL_SAMPLING
 from varlib.training.ema import ModelEMA
 from varlib.training.optim_schedules import progressive_num_scales
-from varlib.training.token_transformer_module import TokenTransformerModule, check_recipe
+from varlib.training.token_transformer_module import (
+    RecipeOptimConfig,
+    TokenLossConfig,
+    TokenTransformerModule,
+    check_grid,
+)
+from varlib.training.tokenizer_loss import build_config
 
 
 def load_tokenizer(path: str) -> MultiScaleVQVAE:
-    """A frozen tokenizer from a varlib file/checkpoint or an official ``vae_ch160v4096z32.pth``."""
-    import varlib
-
-    try:
-        vae = varlib.load(path)
-    except ValueError:
-        vae = load_official_vqvae(path)
+    """A frozen tokenizer from any tokenizer file ``varlib.load`` opens (a varlib file or checkpoint, or the
+    official ``vae_ch160v4096z32.pth``)."""
+    vae = load(path)
     if not isinstance(vae, MultiScaleVQVAE):
         raise ValueError(f"{path} holds a {type(vae).__name__}, expected a tokenizer (MultiScaleVQVAE)")
     return vae.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class VARLossConfig(TokenLossConfig):
+    """VAR's loss (``model.loss``): label smoothing and progressive training, which grows the trained scales
+    from ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default)."""
+
+    progressive_fraction: float = 0.0
+    progressive_first: int = 4
 
 
 class VARModule(TokenTransformerModule):
@@ -40,14 +53,9 @@ class VARModule(TokenTransformerModule):
     Args:
         tokenizer_path: the frozen tokenizer (varlib file or official checkpoint); or pass ``vae``.
         var: ``VAR`` keyword arguments (depth, num_classes, cond_drop_rate, ...).
-        base_lr: lr per 256 images of global batch (official 1e-4); the peak lr is base_lr * global_batch / 256.
-        betas, weight_decay, weight_decay_end: AdamW (official (0.9, 0.95), 0.05, constant).
-        warmup_fraction, warmup_start, end_factor, flat_fraction: the 'lin0' schedule (official warm-up is
-            1/50 of training, end_factor 0.01; the README trains d16/d20 with 0.1).
-        grad_clip: max global gradient norm (official 2.0; 0 disables), also on sharded (FSDP2) parameters.
-        label_smoothing: cross-entropy label smoothing (official 0).
-        progressive_fraction, progressive_first: progressive training grows the trained scales from
-            ``progressive_first`` to all by ``progressive_fraction`` of training (0 = off, official default).
+        optim: the optimisation recipe, the fields of
+            :class:`~varlib.training.token_transformer_module.RecipeOptimConfig` (official defaults).
+        loss: the fields of :class:`VARLossConfig`: label smoothing and progressive training.
         ema_decay: keep an EMA of the transformer used for validation, sampling and export (None = off). Under
             FSDP2 its tensors are sharded like the parameters (DTensors) and gathered on export.
         activation_checkpointing: recompute each block's activations in the backward pass (less memory,
@@ -66,18 +74,8 @@ class VARModule(TokenTransformerModule):
         var: Mapping[str, Any],
         tokenizer_path: str | None = None,
         vae: MultiScaleVQVAE | None = None,
-        base_lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 0.05,
-        weight_decay_end: float | None = None,
-        warmup_fraction: float = 0.02,
-        warmup_start: float = 0.005,
-        end_factor: float = 0.01,
-        flat_fraction: float = 0.05,
-        grad_clip: float = 2.0,
-        label_smoothing: float = 0.0,
-        progressive_fraction: float = 0.0,
-        progressive_first: int = 4,
+        optim: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
         ema_decay: float | None = None,
         activation_checkpointing: bool = False,
         sampling: Mapping[str, float] | None = None,
@@ -88,7 +86,9 @@ class VARModule(TokenTransformerModule):
         super().__init__()
         if (tokenizer_path is None) == (vae is None):
             raise ValueError("give exactly one of tokenizer_path or vae")
-        check_recipe(base_lr, label_smoothing, warmup_fraction, grid_classes, grid_per_class)
+        self.optim_config = build_config(RecipeOptimConfig, optim, "model.optim")
+        self.loss_config = build_config(VARLossConfig, loss, "model.loss")
+        check_grid(grid_classes, grid_per_class)
         self.save_hyperparameters(ignore=["vae"])
         self.vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
         self.var = self.build_transformer()
@@ -121,10 +121,11 @@ class VARModule(TokenTransformerModule):
 
     def active_length(self) -> int:
         """Tokens trained at the current step (all of them unless progressive training is on)."""
-        if self.hparams.progressive_fraction <= 0:
+        loss = self.loss_config
+        if loss.progressive_fraction <= 0:
             return self.var.L
         total = self.trainer.estimated_stepping_batches
-        start = int(self.hparams.warmup_fraction * total)
-        n = progressive_num_scales(self.global_step, start, int(self.hparams.progressive_fraction * total),
-                                   self.hparams.progressive_first, len(self.slices))
+        start = int(self.optim_config.warmup_fraction * total)
+        n = progressive_num_scales(self.global_step, start, int(loss.progressive_fraction * total),
+                                   loss.progressive_first, len(self.slices))
         return self.slices[n - 1].stop
