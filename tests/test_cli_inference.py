@@ -22,13 +22,13 @@ from torch import nn
 import varlib
 from varlib.cli import edit, evaluate, sample, tokenize
 from varlib.cli.common import (
-    compose_config,
     inference_precision,
     parse_label,
     parse_labels,
     resolve_precision,
     run_or_exit,
 )
+from varlib.configs import compose_config
 from varlib.data import ImageTransform
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset, read_index
 from varlib.evaluation import (
