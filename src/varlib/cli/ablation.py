@@ -7,7 +7,8 @@
 Per seed, each stage through the code path of its command:
   1. ``varlib-train experiment=tokenizer_emoji`` and ``experiment=tokenizer_emoji_single_scale``: the same CNN,
      codebook, loss and steps, with the multi-scale schedule or the last scale alone;
-  2. ``varlib-tokenize`` of both (or, with ``--no-token-cache``, tokenisation on the fly while training);
+  2. ``varlib-tokenize`` of both (or, with ``--no-token-cache``, tokenisation on the fly while training, in the
+     data's own class mix);
   3. ``varlib-train experiment=var_emoji`` and ``experiment=ar_emoji``: same depth and width (so equal
      non-embedding parameters, checked), batch, steps and recipe. ``trainer.max_time`` is lifted so both run
      exactly ``trainer.max_steps``;
@@ -111,7 +112,9 @@ def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_ove
                 tokenize_cli.run(compose_config("tokenize", [f"tokenizer={tokenizer}", f"out_dir={cache}"]))
             data = [f"data.root={cache}", f"data.shuffle_seed={seed}"]
         else:
-            data = ["data=emoji", "~data.root", f"data.image_size={varlib.load(tokenizer).image_size}"]
+            # the image DataModule reads the data in its own class mix: no root, no class balance
+            data = ["data=emoji", "~data.root", "~data.class_balance",
+                    f"data.image_size={varlib.load(tokenizer).image_size}"]
         overrides = ["logger=csv", f"seed={seed}", f"model.seed={seed}", "trainer.max_time=null",
                      f"model.tokenizer_path={tokenizer}", *data, *transformer_overrides(net_overrides, key)]
         net_metrics = train_once(experiment, root / "transformer", overrides)
