@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 
 import varlib
-from varlib.configs import compose_config
+from varlib.configs import compose_config, datamodule_config
 from varlib.notebook import PROJECT_DIR_VARIABLE, ModelFiles, prepare_models, project_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,7 @@ def test_var_data_comes_from_a_finished_token_cache_else_from_images(tmp_path):
                                       *files.var_data_overrides()])
     assert images.data._target_ == "varlib.data.EmojiDataModule" and "root" not in images.data
     assert images.data.image_size == vae.image_size == 16
+    assert instantiate(datamodule_config(images.data)).image_size == 16  # no token-cache-only key left
     assert images.model.tokenizer_path == str(files.tokenizer)
 
     (files.token_cache / "index.json").write_text(json.dumps({"splits": {"train": [], "val": []}}))
