@@ -34,7 +34,6 @@ from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.official import load_official_var, load_official_vqvae, load_strict
-from varlib.training.ema import CHECKPOINT_PREFIX as EMA_PREFIX, checkpoint_weights as ema_weights
 
 FORMAT = "varlib/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,6 +46,19 @@ TRANSFORMER_KINDS = {"var": (VAR, "var"), "raster_ar": (RasterAR, "ar")}
 DISTRIBUTED_CHECKPOINT_INDEX = ".metadata"
 LIGHTNING_META_NAME = "meta.pt"
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: the prefix of the EMA's entries in a training checkpoint's state dict (the convention: see varlib.training.ema)
+EMA_PREFIX = "ema."
+
+
+def pop_ema_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Removes the EMA entries from a checkpoint's state dict (they are not the model's) and returns them."""
+    return {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(EMA_PREFIX)]}
+
+
+def ema_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EMA's parameters and buffers in a checkpoint's state dict, by name in the averaged network (empty
+    when the run kept no EMA)."""
+    return {k.split(".", 2)[2]: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX)}
 
 
 def transformer_kind(model: nn.Module) -> str:

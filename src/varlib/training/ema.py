@@ -17,18 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-CHECKPOINT_PREFIX = "ema."
-
-
-def pop_checkpoint_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Removes the EMA entries from a checkpoint's state dict (they are not the model's) and returns them."""
-    return {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(CHECKPOINT_PREFIX)]}
-
-
-def checkpoint_weights(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The EMA's parameters and buffers in a checkpoint's state dict, by name in the averaged network (empty
-    when the run kept no EMA)."""
-    return {k.split(".", 2)[2]: v for k, v in state_dict.items() if k.startswith(CHECKPOINT_PREFIX)}
+from varlib.io import EMA_PREFIX
 
 
 class ModelEMA:
@@ -113,7 +102,7 @@ class ModelEMA:
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The averages as checkpoint state-dict entries (the EMA's own tensors, not copies)."""
-        return {f"{CHECKPOINT_PREFIX}{key}.{name}": value
+        return {f"{EMA_PREFIX}{key}.{name}": value
                 for key, tensors in (("params", self.shadow_params), ("buffers", self.shadow_buffers))
                 for name, value in tensors.items()}
 
@@ -124,8 +113,8 @@ class ModelEMA:
     def load_checkpoint(self, counters: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
         """Restores from ``checkpoint["ema"]`` and the entries of :meth:`checkpoint_tensors`."""
         self.load_state_dict({**counters, **{
-            key: {k.removeprefix(f"{CHECKPOINT_PREFIX}{key}."): v for k, v in tensors.items()
-                  if k.startswith(f"{CHECKPOINT_PREFIX}{key}.")}
+            key: {k.removeprefix(f"{EMA_PREFIX}{key}."): v for k, v in tensors.items()
+                  if k.startswith(f"{EMA_PREFIX}{key}.")}
             for key in ("params", "buffers")}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -29,9 +29,9 @@ from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
-from varlib.io import model_metadata, save_var
+from varlib.io import model_metadata, pop_ema_tensors, save_var
 from varlib.models.losses import token_cross_entropy
-from varlib.training.ema import ModelEMA, pop_checkpoint_tensors
+from varlib.training.ema import ModelEMA
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
 
@@ -299,7 +299,7 @@ class TokenTransformerModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state_dict = checkpoint.get("state_dict")
-        ema_tensors = pop_checkpoint_tensors(state_dict or {})  # never reaches the strict model load
+        ema_tensors = pop_ema_tensors(state_dict or {})  # never reaches the strict model load
         if self.ema is None or "ema" not in checkpoint:
             return
         if state_dict is None:  # distributed checkpoint: the strategy loaded the model; read the EMA shards in place

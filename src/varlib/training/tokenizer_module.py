@@ -42,11 +42,11 @@ from varlib.evaluation.codebook_usage import CodebookUsage
 from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
 from varlib.images import image_grid, signed_float_to_uint8
-from varlib.io import model_metadata, save_tokenizer
+from varlib.io import model_metadata, pop_ema_tensors, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.discriminator import PatchDiscriminator
-from varlib.training.ema import ModelEMA, pop_checkpoint_tensors
+from varlib.training.ema import ModelEMA
 from varlib.training.gan import gan_start_factor
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
@@ -343,7 +343,7 @@ class TokenizerModule(L.LightningModule):
                 self.vae.get_buffer(name).copy_(value)
         state = checkpoint["state_dict"]
         state.update({k: v for k, v in self.state_dict().items() if k.startswith(FIXED_NETWORK_PREFIXES)})
-        ema_tensors = pop_checkpoint_tensors(state)
+        ema_tensors = pop_ema_tensors(state)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_checkpoint(checkpoint["ema"], ema_tensors)
 
