@@ -15,18 +15,17 @@ with ``flops_per_token`` the model's training FLOPs per token (``VAR.flops_per_t
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
-import resource
 import statistics
-import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 
@@ -98,59 +97,45 @@ def time_interleaved(fns: Sequence[Callable[[], object]], run: RunSettings, desc
     return [statistics.median(samples) for samples in seconds]
 
 
-def _current_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the CPU tensor storages that ops create while it is active, and their peak.
 
+    A storage is counted once, when an op returns it and it is none of the op's inputs' (views and in-place
+    results are not new memory), and uncounted when it is freed (storages keep their Python object alive
+    while they live, so a weak-reference finaliser marks the free)."""
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
 
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
 
-def _reset_peak_rss() -> bool:
-    """Returns freed heap memory to the OS (glibc ``malloc_trim``), so that memory an earlier measurement
-    freed is not silently reused, then resets the peak RSS (Linux: VmHWM, via /proc/self/clear_refs).
-    False where the peak cannot be reset."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_rss_bytes() -> int | None:
-    """The peak RSS since the last reset (Linux VmHWM), or None."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def exact_peak_memory(device: torch.device) -> bool:
-    """Whether :class:`PeakMemory` measures each block's own peak on ``device`` (CUDA; CPU on Linux)."""
-    return device.type == "cuda" or (_reset_peak_rss() and _hwm_rss_bytes() is not None)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in self.live and key not in inputs:
+                self.live[key] = storage.nbytes()
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(storage, self._free, key)
+        return out
 
 
 class PeakMemory:
-    """Measures how far memory rose above its level at entry, while the ``with`` block ran.
+    """Measures how far tensor memory rose above its level at entry while the ``with`` block ran.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes at entry (exact). CPU on Linux: the
-    peak RSS is reset at entry (``/proc/self/clear_refs``), so the peak RSS at exit minus the RSS at entry
-    is this block's own rise, whatever ran before (``exact`` is True). Elsewhere on CPU: the process peak
-    minus the RSS at entry, known only when the block set a new process peak (else None). Either CPU figure
-    is a lower bound when the allocator reuses memory it has not returned to the OS. ``increase_bytes`` is
-    set on exit.
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes at entry. CPU: the peak of the bytes
+    of the tensors created inside the block and still alive, counted op by op. Both count tensors, not the
+    allocator's reserve: on CPU the process RSS would also count the freed heap that glibc keeps, whose size
+    depends on the order of allocations rather than on the model. ``increase_bytes`` is set on exit.
     """
 
     def __init__(self, device: torch.device):
@@ -163,21 +148,17 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self.exact = exact_peak_memory(self.device)
-            self._base = _current_rss_bytes()
-            self._peak_before = _peak_rss_bytes()
+            self._counter = _LiveTensorBytes()
+            self._counter.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             synchronize(self.device)
             self.increase_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        elif self.exact and self._base is not None:
-            self.increase_bytes = _hwm_rss_bytes() - self._base
         else:
-            peak = _peak_rss_bytes()
-            new_peak = self._base is not None and peak > self._peak_before
-            self.increase_bytes = peak - self._base if new_peak else None
+            self._counter.__exit__(*exc)
+            self.increase_bytes = self._counter.peak
 
 
 # -- peak FLOP/s ---------------------------------------------------------------------------------
@@ -233,8 +214,8 @@ def measure_training(
 ) -> list[dict[str, float | None]]:
     """Tokens/s, seconds, peak memory increase and MFU (None without ``peak_tflops``) of a training step.
 
-    The memory figure is taken over each contender's warm-up, one contender at a time: at least one step,
-    so that it includes the gradients and AdamW state allocated by the first step.
+    The memory figure is taken over each contender's warm-up, one contender at a time: at least two steps,
+    so that it includes a backward that runs beside the gradients and AdamW state of an earlier step.
     """
     steps = []
     for contender in contenders:
@@ -243,7 +224,7 @@ def measure_training(
     memory = []
     for step in steps:
         with PeakMemory(run.device) as peak:
-            warm_up(step, run, max(1, run.warmup))
+            warm_up(step, run, max(2, run.warmup))
         memory.append(peak.increase_bytes)
     medians = time_interleaved(steps, run, "training")
     del steps

@@ -9,9 +9,9 @@ with the official code, the two implementations' calls alternate, so both see th
 - ``train_tokens_per_s``, ``train_step_s``: one step of forward + cross-entropy + backward + AdamW on
   ``--train-batch`` sequences of L tokens (tokens/s = B*L / step seconds). The teacher-forcing input is
   precomputed from random tokens (``vae.teacher_forcing_input``), so the tokenizer is not timed here.
-- ``train_peak_mem_mib``: how far memory rose above its level before training (gradients, AdamW state,
-  activations) during the warm-up steps (at least one): the CUDA allocator's peak, or on CPU the
-  peak-RSS increase when one is observable (``n/a`` otherwise; see :class:`measurements.PeakMemory`).
+- ``train_peak_mem_mib``: how far tensor memory rose above its level before training (gradients, AdamW
+  state, activations) during the warm-up steps (at least two): the CUDA allocator's peak, or on CPU the peak
+  of the live tensor bytes (see :class:`measurements.PeakMemory`).
 - ``train_mfu``: model FLOPs utilisation against the device's dense bf16 peak (``--peak-tflops``; known
   defaults for H100/H200/A100); the FLOP count is :mod:`varlib.models.flops`'s. Printed on CUDA, or wherever
   ``--peak-tflops`` is given.
@@ -42,7 +42,6 @@ from measurements import (
     Contender,
     RunSettings,
     default_peak_tflops,
-    exact_peak_memory,
     measure_sampling,
     measure_tokenizer,
     measure_training,
@@ -214,14 +213,9 @@ def run_measurements(
     return figures
 
 
-def ratios(ours: dict[str, float | None], theirs: dict[str, float | None], device: torch.device) -> dict[str, float]:
-    """varlib / official for every figure both have (> 1: varlib's figure is larger).
-
-    Memory is compared only where each run's own peak is measured (CUDA, CPU on Linux): otherwise the
-    peak-RSS increases of two runs in one process depend on which ran first.
-    """
-    comparable = [k for k in ours if ours[k] is not None and theirs.get(k) not in (None, 0)]
-    return {k: ours[k] / theirs[k] for k in comparable if exact_peak_memory(device) or k != "train_peak_mem_mib"}
+def ratios(ours: dict[str, float | None], theirs: dict[str, float | None]) -> dict[str, float]:
+    """varlib / official for every figure both have (> 1: varlib's figure is larger)."""
+    return {k: ours[k] / theirs[k] for k in ours if ours[k] is not None and theirs.get(k) not in (None, 0)}
 
 
 def _show(key: str, value: float | None) -> str:
@@ -297,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["varlib"] = figures["varlib"]
     if official is not None:
         result["official"] = figures["official"]
-        result["ratios"] = ratios(figures["varlib"], figures["official"], args.device)
+        result["ratios"] = ratios(figures["varlib"], figures["official"])
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as out:

@@ -113,18 +113,20 @@ class BlockCausalAttention:
             raise ValueError(f"expected a concrete attention implementation (dense, prefix, flex), got {impl!r}")
 
     def __call__(self, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
-                 dropout_p: float = 0.0) -> torch.Tensor:
-        """Attention output (B,H,L,c)."""
+                 dropout_p: float = 0.0) -> list[torch.Tensor]:
+        """The attention output of consecutive query ranges, (B,H,l,c) each; along L they make up the (B,H,L,c)
+        output. The prefix path returns one per group, so that the caller projects each group's output
+        without first concatenating them into a copy that the projection's backward would keep."""
         if self.impl == "dense":
-            return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=self.bias_11LL,
-                                                  dropout_p=dropout_p, scale=scale)
+            return [F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=self.bias_11LL,
+                                                   dropout_p=dropout_p, scale=scale)]
         if self.impl == "flex":
-            return _flex_attention(q_BHLc.device.type)(q_BHLc, k_BHLc, v_BHLc, block_mask=self.block_mask, scale=scale)
+            flex = _flex_attention(q_BHLc.device.type)
+            return [flex(q_BHLc, k_BHLc, v_BHLc, block_mask=self.block_mask, scale=scale)]
         queries = q_BHLc.split([b - a for a, b in self.groups], dim=2)
         keys, values = _KeyPrefixes.apply(k_BHLc, self.ends), _KeyPrefixes.apply(v_BHLc, self.ends)
-        outs = [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
                 for q, k, v, mask in zip(queries, keys, values, self.masks)]
-        return torch.cat(outs, dim=2)
 
 
 def _flex_block_mask(level_L: torch.Tensor, length: int):

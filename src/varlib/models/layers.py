@@ -93,10 +93,12 @@ class SelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)
         dropout_p = self.attn_drop if self.training else 0.0
         if attention is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)]
         else:
-            out = attention(q, k, v, self.scale, dropout_p)
-        return self.proj_drop(self.proj(rearrange(out, "B H L c -> B L (H c)")))
+            outs = attention(q, k, v, self.scale, dropout_p)
+        # q is laid out (B,L,H,c), and so is each SDPA output: the rearrange is a view, the projection keeps no copy
+        projected = [self.proj(rearrange(out, "B H l c -> B l (H c)")) for out in outs]
+        return self.proj_drop(projected[0] if len(projected) == 1 else torch.cat(projected, dim=1))
 
 
 class FeedForward(nn.Module):
