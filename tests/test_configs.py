@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra.utils import get_object
+import torch
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from varlib.configs import compose_config
@@ -37,3 +38,18 @@ def test_experiment_composes_resolves_and_names_importable_targets(experiment, t
     assert len(found) >= 3  # at least data, model and trainer are built by instantiate
     for target in found:
         assert get_object(target) is not None, target
+
+
+def test_optimizer_and_discriminator_swap_from_the_command_line(tmp_path):
+    from helpers.discriminators import GlobalDiscriminator
+
+    overrides = ["experiment=tokenizer_emoji", f"paths.output_dir={tmp_path}", "model.optimizer._target_=torch.optim.Adam",
+                 "model.loss.disc_weight=0.5", "model.discriminator._target_=helpers.discriminators.GlobalDiscriminator",
+                 "~model.discriminator.base_channels", "~model.discriminator.n_layers", "~model.discriminator.norm",
+                 "+model.discriminator.width=6"]
+    module = instantiate(compose_config("train", overrides).model)  # as varlib.training.runner builds it
+    assert isinstance(module.discriminator, GlobalDiscriminator) and module.discriminator.conv.out_channels == 6
+    optimizers = module.configure_optimizers()
+    assert [type(o) for o in optimizers] == [torch.optim.Adam, torch.optim.Adam]
+    assert optimizers[0].defaults["betas"] == (0.9, 0.9)  # the experiment's betas reach the swapped class
+    assert module.hparams["optimizer"] == {"_target_": "torch.optim.Adam", "betas": [0.9, 0.9]}

@@ -345,7 +345,8 @@ def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
         (dict(loss=dict(l2_weight=0.0)), r"l2_weight or loss.l1_weight must be > 0"),
         (dict(loss=dict(gan_weight=1.0)), r"unknown model.loss keys \['gan_weight'\]"),
         (dict(loss=dict(disc_loss="wgan")), r"disc_loss must be one of \['hinge', 'vanilla'\], got 'wgan'"),
-        (dict(optim=dict(betas=[0.5, 1.2])), r"optim.betas must be two numbers in \[0, 1\)"),
+        (dict(optimizer=dict(_target_="torch.optim.AdamWW")), r"model.optimizer._target_='torch.optim.AdamWW' cannot be built"),
+        (dict(discriminator=dict(_target_="varlib.Discriminator")), r"model.discriminator._target_='varlib.Discriminator'"),
         (dict(optim=dict(lr=0.0)), r"optim.lr must be > 0"),
         (dict(optim=dict(decay_by_time="yes")), r"optim.decay_by_time must be true or false, got 'yes'"),
         (dict(ema_decay=1.5), r"ema_decay must be null or in \(0, 1\), got 1.5"),
@@ -369,4 +370,45 @@ def test_image_size_mismatch_fails_before_training(tmp_path):
 
 def test_config_dataclasses_accept_the_defaults():
     assert TokenizerLossConfig().disc_loss == "hinge"
-    assert OptimConfig(betas=[0.5, 0.9]).betas == (0.5, 0.9)
+    assert OptimConfig(weight_decay=0.1).weight_decay == 0.1 and OptimConfig().disc_lr is None
+
+
+# ------------------------------------------------------------------------------------------------ swappable parts
+
+
+def test_swapped_optimizer_and_discriminator_train_checkpoint_as_plain_data_and_resume(tmp_path):
+    from helpers.discriminators import GlobalDiscriminator
+
+    optimizer = OmegaConf.create(dict(_target_="torch.optim.Adam", betas=[0.8, 0.9]))  # as Hydra passes it
+    discriminator = dict(_target_="helpers.discriminators.GlobalDiscriminator", width=4)
+    module = make_module(tmp_path, loss=dict(lpips_weight=0.0, disc_weight=0.5, disc_start_step=0),
+                         optimizer=optimizer, discriminator=discriminator)
+    assert isinstance(module.discriminator, GlobalDiscriminator) and module.discriminator.conv.out_channels == 4
+    disc_before = clone_params(module.discriminator)
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=RandomImages())
+    assert [type(o) for o in trainer.optimizers] == [torch.optim.Adam, torch.optim.Adam]
+    assert trainer.optimizers[0].param_groups[0]["betas"] == (0.8, 0.9)
+    # the swapped one is trained (its head bias gets no hinge gradient: real and fake terms cancel)
+    assert {"conv.weight", "head.weight"} <= changed(disc_before, module.discriminator)
+
+    path = tmp_path / "swapped.ckpt"
+    trainer.save_checkpoint(path)
+    hparams = torch.load(path, weights_only=True)["hyper_parameters"]
+    assert hparams["optimizer"] == {"_target_": "torch.optim.Adam", "betas": [0.8, 0.9]}
+    assert hparams["discriminator"] == discriminator
+    resumed = TokenizerModule.load_from_checkpoint(path, weights_only=True)
+    _assert_same_weights(resumed.discriminator, module.discriminator)
+    again = make_trainer(tmp_path, max_steps=4)
+    again.fit(resumed, datamodule=RandomImages(), ckpt_path=path)
+    assert again.global_step == 4 and [type(o) for o in again.optimizers] == [torch.optim.Adam, torch.optim.Adam]
+    assert len(again.optimizers[1].state) > 0
+
+
+def test_optimizer_arguments_that_do_not_fit_name_the_config_node(tmp_path):
+    module = make_module(tmp_path, optimizer=dict(betas=[0.5, 1.2]))
+    with pytest.raises(ValueError, match=r"bad model.optimizer config for torch.optim.adamw.AdamW .*Invalid beta"):
+        module.configure_optimizers()
+    module = make_module(tmp_path, optimizer=dict(_target_="torch.optim.SGD", betas=[0.5, 0.9]))
+    with pytest.raises(ValueError, match=r"bad model.optimizer config for torch.optim.sgd.SGD .*'betas'"):
+        module.configure_optimizers()

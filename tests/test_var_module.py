@@ -131,6 +131,11 @@ def test_bad_configuration_fails_early(tmp_path):
         VARModule(var=TINY_VAR, vae=tiny_vae(), loss=dict(label_smoothing=1.0))
     with pytest.raises(FileNotFoundError):
         VARModule(var=TINY_VAR, tokenizer_path=str(tmp_path / "absent.safetensors"))
+    with pytest.raises(ValueError, match=r"model.optimizer._target_='torch.optim.Adamw' cannot be built: expected an "
+                                         r"importable class or function such as torch.optim.AdamW"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optimizer=dict(_target_="torch.optim.Adamw"))
+    with pytest.raises(ValueError, match=r"model.optimizer must be a config node with a _target_, got 'adam'"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optimizer="adam")
 
 
 def test_validation_logs_a_class_conditional_sample_grid_and_exports_the_sampling_settings(tmp_path):
@@ -158,3 +163,16 @@ def test_validation_logs_a_class_conditional_sample_grid_and_exports_the_samplin
     assert varlib.load(tmp_path / "var.safetensors").sampling == module.var.sampling
     with pytest.raises(ValueError, match="grid_classes >= 0"):
         VARModule(var=TINY_VAR, vae=tiny_vae(), grid_classes=-1)
+
+
+def test_a_swapped_optimizer_gets_the_recipes_groups_and_lr_and_checkpoints_as_plain_data(tmp_path):
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=0.1, weight_decay=0.07, warmup_fraction=0),
+                       optimizer=dict(_target_="torch.optim.Adam", betas=[0.8, 0.9]))
+    trainer = fit(module, ImageData(n=8, batch_size=4), tmp_path, steps=2, limit_val_batches=0)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["betas"] == (0.8, 0.9)
+    assert sorted(group["base_weight_decay"] for group in optimizer.param_groups) == [0.0, 0.07]
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 4 / 256)
+    trainer.save_checkpoint(tmp_path / "adam.ckpt")
+    hparams = torch.load(tmp_path / "adam.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["optimizer"] == {"_target_": "torch.optim.Adam", "betas": [0.8, 0.9]}

@@ -23,6 +23,7 @@ from varlib.training.token_transformer_module import (
     TokenLossConfig,
     TokenTransformerModule,
     check_grid,
+    recipe_optimizer_factory,
 )
 from varlib.training.tokenizer_loss import build_config
 from varlib.training.var_module import load_tokenizer
@@ -47,6 +48,7 @@ class RasterARModule(TokenTransformerModule):
         tokenizer_path: str | None = None,
         vae: MultiScaleVQVAE | None = None,
         optim: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
         ema_decay: float | None = None,
         sampling: Mapping[str, float] | None = None,
@@ -58,6 +60,7 @@ class RasterARModule(TokenTransformerModule):
         if (tokenizer_path is None) == (vae is None):
             raise ValueError("give exactly one of tokenizer_path or vae")
         self.optim_config = build_config(RecipeOptimConfig, optim, "model.optim")
+        self.optimizer_factory = recipe_optimizer_factory(optimizer)
         self.loss_config = build_config(TokenLossConfig, loss, "model.loss")
         check_grid(grid_classes, grid_per_class)
         self.save_hyperparameters(ignore=["vae"])

@@ -5,7 +5,8 @@ grid, whole-weight sampling/export and checkpoint metadata.
 
 A subclass builds its transformer with :meth:`build_transformer` in ``__init__`` (after ``save_hyperparameters``,
 whose hparams hold ``seed``, ``grid_classes`` and ``grid_per_class``), sets ``optim_config`` (a
-:class:`RecipeOptimConfig`) and ``loss_config`` (a :class:`TokenLossConfig`), names the transformer with
+:class:`RecipeOptimConfig`), ``optimizer_factory`` (:func:`recipe_optimizer_factory` of ``model.optimizer``) and
+``loss_config`` (a :class:`TokenLossConfig`), names the transformer with
 :attr:`transformer`, and implements :meth:`tokens_and_input`. The transformer is called as
 ``transformer(labels (B,), input[:, :length-1])`` and returns logits (B, length, V); it has ``patch_nums``, ``L``,
 ``blocks``, ``num_classes``, ``sampling``, ``config`` and ``generate(labels, seed=...)``.
@@ -13,11 +14,14 @@ whose hparams hold ``seed``, ``grid_classes`` and ``grid_per_class``), sets ``op
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,6 +35,7 @@ from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import model_metadata, pop_ema_tensors, save_var
 from varlib.models.losses import token_cross_entropy
+from varlib.training.components import build_component, component_factory
 from varlib.training.ema import ModelEMA
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
@@ -38,18 +43,19 @@ from varlib.training.seeding import seed_training_step
 
 @dataclass(frozen=True)
 class RecipeOptimConfig:
-    """The official optimisation recipe (``model.optim``).
+    """The official optimisation recipe (``model.optim``): what the module computes around the optimiser that
+    ``model.optimizer`` builds.
 
     base_lr: lr per 256 images of global batch (official 1e-4); the peak lr is base_lr * global_batch / 256.
-    betas, weight_decay, weight_decay_end: AdamW (official (0.9, 0.95), 0.05, constant); weight_decay_end, when
-        given, is reached by a cosine over training (official d30/d36: 0.08).
+    weight_decay, weight_decay_end: the decay of the weight matrices' parameter group (official 0.05, constant;
+        norms, biases and embeddings take none); weight_decay_end, when given, is reached by a cosine over
+        training (official d30/d36: 0.08).
     warmup_fraction, warmup_start, end_factor, flat_fraction: the 'lin0' schedule (official warm-up is 1/50 of
         training, end_factor 0.01; the README trains d16/d20 with 0.1).
     grad_clip: max global gradient norm (official 2.0; 0 disables), also on sharded (FSDP2) parameters.
     """
 
     base_lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.05
     weight_decay_end: float | None = None
     warmup_fraction: float = 0.02
@@ -62,6 +68,16 @@ class RecipeOptimConfig:
         if self.base_lr <= 0 or not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"expected optim.base_lr > 0 and optim.warmup_fraction in [0, 1); "
                              f"got {self.base_lr}, {self.warmup_fraction}")
+
+
+#: ``model.optimizer`` when none is given: the official AdamW
+RECIPE_OPTIMIZER = {"_target_": "torch.optim.AdamW", "betas": [0.9, 0.95]}
+
+
+def recipe_optimizer_factory(spec: Mapping[str, Any] | None) -> partial:
+    """The optimiser factory of config node ``model.optimizer`` (None: :data:`RECIPE_OPTIMIZER`; a node without
+    ``_target_``: AdamW). The module calls it with the parameter groups and the peak lr."""
+    return component_factory(RECIPE_OPTIMIZER if spec is None else spec, "model.optimizer", "torch.optim.AdamW")
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,7 @@ class TokenTransformerModule(L.LightningModule):
 
     ema = None  # a varlib.training.ema.ModelEMA of the transformer when the subclass keeps one
     optim_config: RecipeOptimConfig
+    optimizer_factory: partial
     loss_config: TokenLossConfig
     val_metrics: PerScaleAccumulator | None = None
 
@@ -214,7 +231,11 @@ class TokenTransformerModule(L.LightningModule):
         optim = self.optim_config
         peak_lr = optim.base_lr * self.global_batch_size() / 256
         groups = decay_parameter_groups(self.transformer, optim.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim.betas), fused=self.device.type == "cuda")
+        factory = self.optimizer_factory
+        # fused kernels on CUDA, as the official code, unless the config chooses or the optimiser has none
+        fused = (self.device.type == "cuda" and "fused" not in factory.keywords
+                 and "fused" in inspect.signature(factory.func).parameters)
+        optimizer = build_component(factory, "model.optimizer", groups, lr=peak_lr, **({"fused": True} if fused else {}))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = round(optim.warmup_fraction * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lin0_lr_factor(

@@ -70,7 +70,8 @@ class TokenizerLossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW settings of both optimisers (``model.optim``); ``disc_lr`` None means ``lr``.
+    """What the module sets on both optimisers (``model.optim``; ``model.optimizer`` chooses their class and its
+    other arguments): ``lr`` (``disc_lr`` for the discriminator, None meaning ``lr``) and ``weight_decay``.
 
     The learning rate rises linearly over ``warmup_steps`` and then stays (``decay: constant``) or follows a
     half cosine down to ``min_lr_ratio * lr`` at the trainer's ``max_steps`` (``decay: cosine``).
@@ -82,7 +83,6 @@ class OptimConfig:
 
     lr: float = 1e-4
     disc_lr: float | None = None
-    betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     decay: str = "constant"
@@ -94,9 +94,6 @@ class OptimConfig:
         _check_number("optim.lr", self.lr, strict=True)
         if self.disc_lr is not None:
             _check_number("optim.disc_lr", self.disc_lr, strict=True)
-        if len(self.betas) != 2 or any(isinstance(b, bool) or not 0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
-        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
         _check_number("optim.weight_decay", self.weight_decay)
         _check_step("optim.warmup_steps", self.warmup_steps)
         if self.decay not in LR_DECAYS:

@@ -1,6 +1,6 @@
 """LightningModule that trains VAR's multi-scale VQ tokenizer: L2/L1 + VQ + LPIPS + PatchGAN (paper eq. 5).
 
-Manual optimisation with two AdamW optimisers: the autoencoder (encoder, decoder, codebook, phi) and the
+Manual optimisation with two optimisers (AdamW unless ``model.optimizer`` swaps it): the autoencoder (encoder, decoder, codebook, phi) and the
 discriminator, which only steps from ``loss.disc_start_step`` on. ``trainer.max_steps`` and every ``*_step``
 setting count Lightning's ``global_step``, which grows by one per optimiser step: one per batch before the
 discriminator starts, two per batch after.
@@ -45,7 +45,7 @@ from varlib.images import image_grid, signed_float_to_uint8
 from varlib.io import model_metadata, pop_ema_tensors, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.training.discriminator import PatchDiscriminator
+from varlib.training.components import build_component, component_factory
 from varlib.training.ema import ModelEMA
 from varlib.training.gan import gan_start_factor
 from varlib.training.optim_schedules import lr_multiplier
@@ -61,6 +61,9 @@ from varlib.training.tokenizer_loss import (
 
 # Fixed networks: rebuilt from the config, left out of checkpoints (the VGG trunk alone is ~60 MB).
 FIXED_NETWORK_PREFIXES = ("perceptual.", "rfid_metric.")
+#: ``model.optimizer`` and ``model.discriminator`` when none is given (VQGAN's betas, the PatchGAN)
+TOKENIZER_OPTIMIZER = {"_target_": "torch.optim.AdamW", "betas": [0.5, 0.9]}
+DISCRIMINATOR = "varlib.training.discriminator.PatchDiscriminator"
 
 
 def _construct(cls: type, kwargs: Mapping[str, Any], section: str) -> Any:
@@ -83,18 +86,24 @@ class TokenizerModule(L.LightningModule):
     Args:
         vae: MultiScaleVQVAE constructor kwargs (``model.vae``), or a built MultiScaleVQVAE.
         loss: :class:`TokenizerLossConfig` fields (loss weights, GAN start step).
-        optim: :class:`OptimConfig` fields (lr, betas, warm-up, decay, gradient clipping).
+        optim: :class:`OptimConfig` fields (lr, weight decay, warm-up, decay, gradient clipping).
+        optimizer: the optimiser of both networks as a config node ``{_target_: torch.optim.AdamW, betas: [0.5,
+            0.9], ...}`` (plain data; default :data:`TOKENIZER_OPTIMIZER`); the module calls its target with each
+            network's parameters, ``lr`` and ``weight_decay`` from ``optim``.
         perceptual: PerceptualLoss kwargs (``vgg_weights_path``, ``allow_random_backbone``). LPIPS is built when
             ``loss.lpips_weight > 0`` or when the VGG weights exist (then validation also logs ``val/lpips``).
-        discriminator: PatchDiscriminator kwargs (``base_channels``, ``n_layers``, ``norm``); built when
-            ``loss.disc_weight > 0``.
+        discriminator: the discriminator as a config node (default ``_target_``: :class:`PatchDiscriminator
+            <varlib.training.discriminator.PatchDiscriminator>`, kwargs ``base_channels``, ``n_layers``, ``norm``);
+            its target is called with ``in_channels`` and must map images (B,C,H,W) to real/fake logits. Built
+            when ``loss.disc_weight > 0``; a ``min_input_size`` attribute, when it has one, is checked against
+            the image size.
         ema_decay: None (off) or the decay of an EMA of the autoencoder weights.
         ema_warmup: ramp the EMA decay up over the first updates (see ModelEMA).
         dead_code_restart_every: None (off) or N: every N steps, re-seed codes whose per-scale EMA hit count is
             below ``dead_code_min_hits`` at every scale with latent vectors of the current batch.
         num_grid_images: reconstructions shown in TensorBoard after each validation (0: none).
-        rfid_extractor: optional FeatureExtractor (uint8 (B,3,H,W) -> (features, logits)), e.g.
-            ``varlib.evaluation.build_inception_extractor()``; validation then logs ``val/rfid``.
+        rfid_extractor: optional config node of a FeatureExtractor (uint8 (B,3,H,W) -> (features, logits)), e.g.
+            ``{_target_: varlib.evaluation.build_inception_extractor}``; validation then logs ``val/rfid``.
         channels_last: keep the autoencoder's and discriminator's conv weights channels-last (NHWC), which
             oneDNN and cuDNN run faster; the weights' values and exported files are the same.
         seed: the random draws of training step s (dropout, dead-code restarts) are seeded with
@@ -108,6 +117,7 @@ class TokenizerModule(L.LightningModule):
         vae: Mapping[str, Any] | MultiScaleVQVAE,
         loss: Mapping[str, Any] | None = None,
         optim: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
         perceptual: Mapping[str, Any] | None = None,
         discriminator: Mapping[str, Any] | None = None,
         ema_decay: float | None = None,
@@ -115,7 +125,7 @@ class TokenizerModule(L.LightningModule):
         dead_code_restart_every: int | None = None,
         dead_code_min_hits: float = 0.05,
         num_grid_images: int = 8,
-        rfid_extractor: nn.Module | None = None,
+        rfid_extractor: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         seed: int = 0,
     ) -> None:
@@ -123,6 +133,9 @@ class TokenizerModule(L.LightningModule):
         self.automatic_optimization = False
         self.loss_config = build_config(TokenizerLossConfig, loss, "model.loss")
         self.optim_config = build_config(OptimConfig, optim, "model.optim")
+        self.optimizer_factory = component_factory(
+            TOKENIZER_OPTIMIZER if optimizer is None else optimizer, "model.optimizer", "torch.optim.AdamW")
+        discriminator_factory = component_factory(discriminator, "model.discriminator", DISCRIMINATOR)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be null or in (0, 1), got {ema_decay!r}")
         if dead_code_restart_every is not None and (
@@ -137,7 +150,7 @@ class TokenizerModule(L.LightningModule):
 
         self.vae = vae if isinstance(vae, MultiScaleVQVAE) else _construct(MultiScaleVQVAE, vae, "model.vae")
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["vae", "rfid_extractor"])
+        self.save_hyperparameters(ignore=["vae"])
         for key, value in self.hparams.items():
             if isinstance(value, Container):
                 self.hparams[key] = OmegaConf.to_container(value, resolve=True)
@@ -149,12 +162,13 @@ class TokenizerModule(L.LightningModule):
         self.perceptual = _construct(PerceptualLoss, perceptual, "model.perceptual") if wants_lpips else None
         self.discriminator = None
         if self.loss_config.disc_weight > 0:
-            kwargs = {"in_channels": self.vae.in_channels, **(discriminator or {})}
-            self.discriminator = _construct(PatchDiscriminator, kwargs, "model.discriminator")
-            if self.vae.image_size < self.discriminator.min_input_size:
+            self.discriminator = build_component(discriminator_factory, "model.discriminator",
+                                                 in_channels=self.vae.in_channels)
+            min_size = getattr(self.discriminator, "min_input_size", 0)
+            if self.vae.image_size < min_size:
                 raise ValueError(
-                    f"images of {self.vae.image_size} px are too small for a discriminator with "
-                    f"n_layers={self.discriminator.n_layers}: expected >= {self.discriminator.min_input_size} px"
+                    f"images of {self.vae.image_size} px are too small for the discriminator "
+                    f"{discriminator_factory.keywords}: expected >= {min_size} px"
                 )
 
         if channels_last:
@@ -166,7 +180,11 @@ class TokenizerModule(L.LightningModule):
         lpips_metric = partial(self.perceptual, reduction="none") if pretrained_lpips else None
         self.val_metrics = ReconstructionMetrics(perceptual=lpips_metric, prefix="val/")
         self.val_codebook_usage = CodebookUsage(self.vae.vocab_size)
-        self.rfid_metric = GenerativeMetrics(rfid_extractor, num_is_splits=1) if rfid_extractor is not None else None
+        self.rfid_metric = None
+        if rfid_extractor is not None:
+            extractor_factory = component_factory(rfid_extractor, "model.rfid_extractor")
+            self.rfid_metric = GenerativeMetrics(build_component(extractor_factory, "model.rfid_extractor"),
+                                                 num_is_splits=1)
         self.ema = ModelEMA(self.vae, ema_decay, ema_warmup) if ema_decay is not None else None
         self._ema_scope = ExitStack()
 
@@ -201,13 +219,11 @@ class TokenizerModule(L.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         cfg = self.optim_config
-        optimizers = [torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)]
+        networks = [(self.vae, cfg.lr)]
         if self.discriminator is not None:
-            disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr
-            optimizers.append(
-                torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            )
-        return optimizers
+            networks.append((self.discriminator, cfg.lr if cfg.disc_lr is None else cfg.disc_lr))
+        return [build_component(self.optimizer_factory, "model.optimizer", network.parameters(), lr=lr,
+                                weight_decay=cfg.weight_decay) for network, lr in networks]
 
     # -- training ------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from varlib.training.token_transformer_module import (
     TokenLossConfig,
     TokenTransformerModule,
     check_grid,
+    recipe_optimizer_factory,
 )
 from varlib.training.tokenizer_loss import build_config
 
@@ -55,6 +56,9 @@ class VARModule(TokenTransformerModule):
         var: ``VAR`` keyword arguments (depth, num_classes, cond_drop_rate, ...).
         optim: the optimisation recipe, the fields of
             :class:`~varlib.training.token_transformer_module.RecipeOptimConfig` (official defaults).
+        optimizer: the optimiser as a config node ``{_target_: torch.optim.AdamW, betas: [0.9, 0.95], ...}``
+            (plain data); the module calls its target with the weight-decay parameter groups and the peak lr
+            (default: the official AdamW, fused on CUDA).
         loss: the fields of :class:`VARLossConfig`: label smoothing and progressive training.
         ema_decay: keep an EMA of the transformer used for validation, sampling and export (None = off). Under
             FSDP2 its tensors are sharded like the parameters (DTensors) and gathered on export.
@@ -75,6 +79,7 @@ class VARModule(TokenTransformerModule):
         tokenizer_path: str | None = None,
         vae: MultiScaleVQVAE | None = None,
         optim: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
         ema_decay: float | None = None,
         activation_checkpointing: bool = False,
@@ -87,6 +92,7 @@ class VARModule(TokenTransformerModule):
         if (tokenizer_path is None) == (vae is None):
             raise ValueError("give exactly one of tokenizer_path or vae")
         self.optim_config = build_config(RecipeOptimConfig, optim, "model.optim")
+        self.optimizer_factory = recipe_optimizer_factory(optimizer)
         self.loss_config = build_config(VARLossConfig, loss, "model.loss")
         check_grid(grid_classes, grid_per_class)
         self.save_hyperparameters(ignore=["vae"])
