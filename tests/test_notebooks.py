@@ -73,7 +73,8 @@ def test_var_data_comes_from_a_finished_token_cache_else_from_images(tmp_path):
                                       *files.var_data_overrides()])
     assert images.data._target_ == "varlib.data.EmojiDataModule" and "root" not in images.data
     assert images.data.image_size == vae.image_size == 16
-    assert instantiate(datamodule_config(images.data)).image_size == 16  # no token-cache-only key left
+    image_data = instantiate(datamodule_config(images.data))  # no token-cache-only key left
+    assert image_data.image_size == 16 and image_data.class_balance == 1.0  # var_emoji's balance reaches the images
     assert images.model.tokenizer_path == str(files.tokenizer)
 
     (files.token_cache / "index.json").write_text(json.dumps({"splits": {"train": [], "val": []}}))

@@ -4,6 +4,7 @@ mid-epoch that resumes with exactly the batches an uninterrupted run trains on."
 from __future__ import annotations
 
 import pickle
+import re
 
 import lightning as L
 import pytest
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from varlib.data.base import ImageDataModule
 from varlib.data.emoji import CachedImageDataset
-from varlib.data.resumable import ResumableLoader, ResumableSampler, SeededIndex, sample_generator
+from varlib.data.folder import ImageFolderDataModule
+from varlib.data.resumable import ClassBalancedSampler, ResumableLoader, ResumableSampler, SeededIndex, sample_generator
 from varlib.data.transforms import ImageTransform
 
 
@@ -81,6 +83,23 @@ def test_loader_state_is_the_epoch_and_the_batches_handed_out():
         ResumableLoader(list(range(12)), 3, torch.utils.data.SequentialSampler(range(12)))
 
 
+@pytest.mark.parametrize("balance,expected_shares", [(0.0, [0.6, 0.3, 0.1]), (1.0, [1 / 3] * 3), (0.5, None)])
+def test_class_balanced_rows_follow_the_balance_and_replay_by_epoch(balance, expected_shares):
+    labels_N = torch.tensor([0] * 6000 + [1] * 3000 + [2] * 1000)
+    samplers = [ClassBalancedSampler(labels_N, balance, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    rows = [list(sampler) for sampler in samplers]
+    assert [len(r) for r in rows] == [5000, 5000]
+    shares = torch.bincount(labels_N[torch.tensor(rows[0] + rows[1])], minlength=3).double() / 10_000
+    if expected_shares is None:  # count ** -0.5: shares proportional to sqrt(count)
+        expected_shares = [c ** 0.5 / sum(n ** 0.5 for n in (6000, 3000, 1000)) for c in (6000, 3000, 1000)]
+    torch.testing.assert_close(shares, torch.tensor(expected_shares, dtype=torch.float64), atol=0.015, rtol=0)
+    assert rows[0] == list(ClassBalancedSampler(labels_N, balance, num_replicas=2, rank=0, seed=3))
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != rows[0]
+    with pytest.raises(ValueError, match=r"class_balance must be a number in \[0, 1\], got 2"):
+        ClassBalancedSampler(labels_N, 2)
+
+
 # -- a Lightning run stopped mid-epoch -------------------------------------------------------------------------
 
 
@@ -95,12 +114,15 @@ def _to_pil(image_CHW: torch.Tensor):
 
 
 class NoiseImages(ImageDataModule):
-    """10 noise pictures (40 px) cropped and flipped at random to 32 px: 3 batches of 3 per epoch."""
+    """10 noise pictures (40 px) cropped and flipped at random to 32 px: 3 batches of 3 per epoch. Shuffled, each
+    its own class; with ``class_balance``, 3 classes of 7, 2 and 1 pictures drawn class-balanced."""
 
-    def __init__(self):
-        super().__init__(batch_size=3, num_workers=0, image_size=32, hflip=True, shuffle_seed=2)
+    def __init__(self, class_balance: float = 0.0):
+        super().__init__(batch_size=3, num_workers=0, image_size=32, hflip=True, shuffle_seed=2,
+                         class_balance=class_balance)
         images_NHWC = torch.randint(0, 256, (10, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        self.train_set = CachedImageDataset(images_NHWC, torch.arange(10), list(range(10)),
+        labels_N = torch.tensor([0] * 7 + [1] * 2 + [2]) if class_balance else torch.arange(10)
+        self.train_set = CachedImageDataset(images_NHWC, labels_N, list(range(10)),
                                             ImageTransform(32, train=True, hflip=True))
 
     def train_dataloader(self) -> DataLoader:
@@ -135,7 +157,7 @@ class StopAtStep(L.Callback):
             raise RuntimeError("stopped")
 
 
-def _fit(tmp_path, ckpt_path=None, stop_at: int | None = None) -> BatchRecorder:
+def _fit(tmp_path, ckpt_path=None, stop_at: int | None = None, class_balance: float = 0.0) -> BatchRecorder:
     torch.manual_seed(123 if ckpt_path is None else 456)  # a resumed run's global RNG differs from the first's
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_progress_bar=False,
@@ -143,21 +165,67 @@ def _fit(tmp_path, ckpt_path=None, stop_at: int | None = None) -> BatchRecorder:
                         callbacks=[saver] + ([StopAtStep(stop_at)] if stop_at else []))
     module = BatchRecorder()
     try:
-        trainer.fit(module, datamodule=NoiseImages(), ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=NoiseImages(class_balance), ckpt_path=ckpt_path, weights_only=True)
     except RuntimeError as error:
         assert str(error) == "stopped"
     return module
 
 
-def test_a_run_stopped_mid_epoch_resumes_with_the_batches_of_an_uninterrupted_run(tmp_path):
-    whole = _fit(tmp_path / "whole")
-    stopped = _fit(tmp_path / "stopped", stop_at=4)  # saved after step 4: epoch 1, after its first batch of 3
+@pytest.mark.parametrize("class_balance", [0.0, 1.0])
+def test_a_run_stopped_mid_epoch_resumes_with_the_batches_of_an_uninterrupted_run(tmp_path, class_balance):
+    whole = _fit(tmp_path / "whole", class_balance=class_balance)
+    # saved after step 4: epoch 1, after its first batch of 3
+    stopped = _fit(tmp_path / "stopped", stop_at=4, class_balance=class_balance)
     state = torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
     assert state["combined_loader"] == [{"epoch": 1, "batches": 1}]
-    resumed = _fit(tmp_path / "stopped", ckpt_path=tmp_path / "stopped" / "last.ckpt")
+    resumed = _fit(tmp_path / "stopped", ckpt_path=tmp_path / "stopped" / "last.ckpt", class_balance=class_balance)
     got = stopped.seen[:4] + resumed.seen
     assert len(got) == len(whole.seen) == 8
     for step, ((want_images, want_labels), (images, labels)) in enumerate(zip(whole.seen, got)):
         assert torch.equal(labels, want_labels), step
         assert torch.equal(images, want_images), step  # the same random crops and flips
     assert resumed.weight.item() == pytest.approx(whole.weight.item(), abs=1e-7)
+
+
+# -- class balance on the image DataModules -------------------------------------------------------------------
+
+
+def test_image_folder_draws_its_classes_equally_often_with_class_balance_one(tmp_path):
+    from PIL import Image
+
+    for name, count in (("a", 28), ("b", 8), ("c", 4)):  # 70% / 20% / 10%
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "train" / name / f"{i}.png")
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "a" / "0.png")
+    data = ImageFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, image_size=8, class_balance=1.0)
+    loader = data.train_dataloader()
+    assert isinstance(loader.sampler, ClassBalancedSampler)
+    labels_N = data.train_set.labels
+    assert torch.bincount(labels_N).tolist() == [28, 8, 4]
+    # one epoch's batches hold the sampler's rows
+    batch_labels = torch.cat([labels for _, labels in loader])
+    assert torch.equal(batch_labels, labels_N[torch.tensor(list(loader.sampler.epoch_rows()))])
+    drawn = []
+    for epoch in range(30):
+        loader.sampler.set_epoch(epoch)
+        drawn += list(loader.sampler)
+    shares = torch.bincount(labels_N[torch.tensor(drawn)], minlength=3).double() / len(drawn)
+    torch.testing.assert_close(shares, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.05, rtol=0)
+    unbalanced = ImageFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, image_size=8)
+    assert type(unbalanced.train_dataloader().sampler) is ResumableSampler
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "1", True])
+def test_a_class_balance_outside_0_1_fails_in_every_var_data_module(tmp_path, value):
+    from varlib.data.emoji import EmojiDataModule
+    from varlib.data.token_cache import TokenCacheDataModule
+
+    message = rf"class_balance must be a number in \[0, 1\], got {re.escape(repr(value))}"
+    with pytest.raises(ValueError, match=message):
+        EmojiDataModule(class_balance=value)
+    with pytest.raises(ValueError, match=message):
+        ImageFolderDataModule(str(tmp_path), class_balance=value)
+    with pytest.raises(ValueError, match=message):
+        TokenCacheDataModule(str(tmp_path), class_balance=value)

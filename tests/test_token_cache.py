@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from varlib.data.skipping import SkipCounter, collate_skipping_none
-from varlib.data.token_cache import FORMAT, ClassBalancedSampler, RankBlockSampler, TokenDataset, memmap_safetensors
+from varlib.data.token_cache import FORMAT, RankBlockSampler, TokenDataset, memmap_safetensors
 from varlib.data.tokenizing import tokenize_split, units_of_range
 from varlib.data.transforms import MultiCropTransform
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -76,23 +76,6 @@ def test_rank_blocks_partition_the_rows_and_replay_by_epoch():
     sampler.set_epoch(0)
     assert list(sampler) == shares[0]
     assert len(RankBlockSampler(10, block_size=1000, num_replicas=4, rank=3)) == 2  # blocks shrink to fit
-
-
-@pytest.mark.parametrize("balance,expected_shares", [(0.0, [0.6, 0.3, 0.1]), (1.0, [1 / 3] * 3), (0.5, None)])
-def test_class_balanced_rows_follow_the_balance_and_replay_by_epoch(balance, expected_shares):
-    labels_N = torch.tensor([0] * 6000 + [1] * 3000 + [2] * 1000)
-    samplers = [ClassBalancedSampler(labels_N, balance, num_replicas=2, rank=r, seed=3) for r in range(2)]
-    rows = [list(sampler) for sampler in samplers]
-    assert [len(r) for r in rows] == [5000, 5000]
-    shares = torch.bincount(labels_N[torch.tensor(rows[0] + rows[1])], minlength=3).double() / 10_000
-    if expected_shares is None:  # count ** -0.5: shares proportional to sqrt(count)
-        expected_shares = [c ** 0.5 / sum(n ** 0.5 for n in (6000, 3000, 1000)) for c in (6000, 3000, 1000)]
-    torch.testing.assert_close(shares, torch.tensor(expected_shares, dtype=torch.float64), atol=0.015, rtol=0)
-    assert rows[0] == list(ClassBalancedSampler(labels_N, balance, num_replicas=2, rank=0, seed=3))
-    samplers[0].set_epoch(1)
-    assert list(samplers[0]) != rows[0]
-    with pytest.raises(ValueError, match=r"class_balance must be a number in \[0, 1\], got 2"):
-        ClassBalancedSampler(labels_N, 2)
 
 
 class Images(Dataset):

@@ -74,9 +74,8 @@ class ModelFiles:
         if self.has_token_cache():
             return [f"data.root={self.token_cache}", f"model.tokenizer_path={self.tokenizer}"]
         image_size = varlib.load(self.tokenizer).image_size
-        # The VAR experiments set a token cache's root and class balance; the image data module takes neither.
-        return ["data=emoji", "~data.root", "~data.class_balance", f"data.image_size={image_size}",
-                f"model.tokenizer_path={self.tokenizer}"]
+        # The VAR experiments set a token cache's root, which the emoji images have not (their class balance stays).
+        return ["data=emoji", "~data.root", f"data.image_size={image_size}", f"model.tokenizer_path={self.tokenizer}"]
 
 
 def project_dir() -> Path:

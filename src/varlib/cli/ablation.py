@@ -112,9 +112,8 @@ def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_ove
                 tokenize_cli.run(compose_config("tokenize", [f"tokenizer={tokenizer}", f"out_dir={cache}"]))
             data = [f"data.root={cache}", f"data.shuffle_seed={seed}"]
         else:
-            # the image DataModule reads the data in its own class mix: no root, no class balance
-            data = ["data=emoji", "~data.root", "~data.class_balance",
-                    f"data.image_size={varlib.load(tokenizer).image_size}"]
+            # the emoji images take the experiment's class balance as its token cache would; they have no root
+            data = ["data=emoji", "~data.root", f"data.image_size={varlib.load(tokenizer).image_size}"]
         overrides = ["logger=csv", f"seed={seed}", f"model.seed={seed}", "trainer.max_time=null",
                      f"model.tokenizer_path={tokenizer}", *data, *transformer_overrides(net_overrides, key)]
         net_metrics = train_once(experiment, root / "transformer", overrides)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from varlib.data.resumable import ResumableLoader, ResumableSampler
+from varlib.data.resumable import ClassBalancedSampler, ResumableLoader, ResumableSampler, check_class_balance
 from varlib.data.skipping import SkipCounter, collate_skipping_none
 
 
@@ -34,10 +34,14 @@ class ImageDataModule(LightningDataModule):
     `(images (B, 3, image_size, image_size) float32 in [-1, 1], labels (B,) int64)`. The training order and
     augmentation of a map-style set depend only on `shuffle_seed`, the epoch and the index, and the train loader's
     position is saved in checkpoints, so a resumed run replays them, mid-epoch too (`varlib.data.resumable`).
+    `class_balance` > 0 draws the training rows class-balanced (`ClassBalancedSampler`: 1.0 = every class equally
+    often); a map-style training set then needs `labels` (an int64 tensor (N,)).
     """
 
-    def __init__(self, batch_size: int, num_workers: int, image_size: int, hflip: bool, shuffle_seed: int = 0) -> None:
+    def __init__(self, batch_size: int, num_workers: int, image_size: int, hflip: bool, shuffle_seed: int = 0,
+                 class_balance: float = 0.0) -> None:
         super().__init__()
+        self.class_balance = check_class_balance(class_balance)
         self.shuffle_seed = check_int_at_least("shuffle_seed", shuffle_seed, 0)
         self.batch_size = check_int_at_least("batch_size", batch_size, 1)
         self.num_workers = check_int_at_least("num_workers", num_workers, 0)
@@ -54,7 +58,8 @@ class ImageDataModule(LightningDataModule):
 
     def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
         """DataLoader with the shared settings. A map-style training set gets a `ResumableLoader` (seeded shuffle,
-        disjoint rank shares, full batches); an iterable one (web shards) is read in its own order."""
+        disjoint rank shares, full batches; class-balanced draws with `class_balance`); an iterable one (web
+        shards) is read in its own order."""
         settings = dict(
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -62,7 +67,10 @@ class ImageDataModule(LightningDataModule):
             collate_fn=collate_skipping_none,
         )
         if train and not isinstance(dataset, IterableDataset):
-            sampler = ResumableSampler(len(dataset), seed=self.shuffle_seed)
+            if self.class_balance:
+                sampler = ClassBalancedSampler(dataset.labels, self.class_balance, seed=self.shuffle_seed)
+            else:
+                sampler = ResumableSampler(len(dataset), seed=self.shuffle_seed)
             return ResumableLoader(dataset, self.batch_size, sampler, **settings)
         return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, **settings)
 

@@ -164,6 +164,11 @@ class CachedImageDataset(Dataset):
         self.indices = indices
         self.transform = transform
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """The label of each item, int64 (len(self),)."""
+        return self.labels_N[self.indices]
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -185,6 +190,8 @@ class EmojiDataModule(ImageDataModule):
         image_size: output resolution R.
         hflip: random horizontal flips for training.
         shuffle_seed: seeds the training order and augmentation (with the epoch and index).
+        class_balance: in [0, 1]; > 0 draws training images class-balanced, 1.0 every category equally often
+            (60% of the images are People & Body).
         val_fraction: share of images hashed into the validation split, in (0, 1).
         split_seed: seed of the hash split.
 
@@ -202,8 +209,9 @@ class EmojiDataModule(ImageDataModule):
         val_fraction: float = 0.05,
         split_seed: int = 0,
         shuffle_seed: int = 0,
+        class_balance: float = 0.0,
     ) -> None:
-        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
+        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed, class_balance)
         self.val_fraction = check_open_fraction("val_fraction", val_fraction)
         self.split_seed = check_int_at_least("split_seed", split_seed, 0)
         self.class_names = emoji_class_names()

@@ -105,6 +105,11 @@ class ImageFileDataset(Dataset):
     def skipped(self) -> int:
         return self.skip_counter.value
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """The label of each item, int64 (len(self),)."""
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -127,6 +132,7 @@ class ImageFolderDataModule(ImageDataModule):
         image_size: output resolution R of the official VAR transform.
         hflip: random horizontal flips for training.
         shuffle_seed: seeds the training order and augmentation (with the epoch and index).
+        class_balance: in [0, 1]; > 0 draws training images class-balanced, 1.0 every class equally often.
         train_dir, val_dir: split folder names under `root`.
     """
 
@@ -140,8 +146,9 @@ class ImageFolderDataModule(ImageDataModule):
         train_dir: str = "train",
         val_dir: str = "val",
         shuffle_seed: int = 0,
+        class_balance: float = 0.0,
     ) -> None:
-        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
+        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed, class_balance)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder root not found: expected a directory at {self.root}")

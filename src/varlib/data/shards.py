@@ -205,6 +205,9 @@ def shard_pipeline(
 class WebDatasetDataModule(ImageDataModule):
     """LightningDataModule streaming `(image, label)` samples from WebDataset tar shards.
 
+    Streamed in shard order through a shuffle buffer, it has no `class_balance` (drawing rows by class needs
+    random access to the labels: use a folder or a token cache of the data).
+
     Args:
         train_urls: shard spec of the training split (see module docstring).
         val_urls: shard spec of the validation split; None when there is no validation data

@@ -30,7 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from varlib.data.resumable import ResumableLoader, ResumableSampler, sample_generator
+from varlib.data.resumable import (
+    ClassBalancedSampler,
+    ResumableLoader,
+    ResumableSampler,
+    check_class_balance,
+    sample_generator,
+)
 
 FORMAT = "varlib-token-cache/1"
 SAFETENSORS_DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64}
@@ -142,27 +148,6 @@ class RankBlockSampler(ResumableSampler):
         return [mine[j] for j in order]
 
 
-class ClassBalancedSampler(ResumableSampler):
-    """Each epoch: as many rows as the data holds, drawn with replacement, row i with weight
-    ``count[label_i] ** -balance`` (0: the data's class frequencies, 1: every class equally often), seeded with
-    ``seed + epoch`` and dealt to the ranks in turn.
-
-    For small, skewed data (the emoji set is 60% one class); rows are read in random order, not in blocks.
-    """
-
-    def __init__(self, labels_N: torch.Tensor, balance: float, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0):
-        if isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0.0 <= balance <= 1.0:
-            raise ValueError(f"class_balance must be a number in [0, 1], got {balance!r}")
-        super().__init__(len(labels_N), num_replicas, rank, seed)
-        self.weights_N = torch.bincount(labels_N)[labels_N].double().pow(-balance)
-
-    def epoch_rows(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        rows = torch.multinomial(self.weights_N, self.num_samples * self.num_replicas, True, generator=generator)
-        return rows[self.rank::self.num_replicas].tolist()
-
-
 def read_index(root: str | os.PathLike) -> dict:
     path = Path(root) / "index.json"
     if not path.is_file():
@@ -190,7 +175,7 @@ class TokenCacheDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root, self.batch_size, self.num_workers, self.use_flip = root, batch_size, num_workers, use_flip
         self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
-        self.block_size, self.class_balance = block_size, class_balance
+        self.block_size, self.class_balance = block_size, check_class_balance(class_balance)
         index = read_index(root)
         self.patch_nums = tuple(index["patch_nums"])
         self.num_classes = index["num_classes"]
