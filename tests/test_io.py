@@ -1,14 +1,18 @@
 """varlib's own model files round-trip through varlib.load."""
 
+import ast
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint
 
 import varlib
+from varlib.models import hub
+from varlib.models.raster_ar import RasterAR
 from varlib.models.sampling import SamplingConfig
 
 
@@ -174,7 +178,7 @@ def test_load_opens_pretrained_folders_and_distributed_checkpoints(tiny_models, 
     state = {**{f"vae.{k}": v for k, v in var.vae.state_dict().items()}, **{f"var.{k}": v for k, v in var.state_dict().items()}}
     torch.distributed.checkpoint.save({"state_dict": state, "optimizer_0": {"step": torch.tensor(3.0)}},
                                       checkpoint_id=checkpoint, no_dist=True)
-    torch.save({"global_step": 3, "varlib": varlib.io.model_metadata(var.vae, var)}, checkpoint / "meta.pt")
+    torch.save({"global_step": 3, "varlib": varlib.models.hub.model_metadata(var.vae, var)}, checkpoint / "meta.pt")
     loaded = varlib.load(checkpoint)
     for name, tensor in var.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -184,3 +188,39 @@ def test_load_opens_pretrained_folders_and_distributed_checkpoints(tiny_models, 
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="expected config.json"):
         varlib.load(tmp_path / "empty")
+
+
+def test_file_kinds_name_their_classes_and_other_kinds_are_refused(tiny_models, tmp_path):
+    vae, var, _ = tiny_models
+    assert hub.MODEL_CLASSES == {"tokenizer": varlib.MultiScaleVQVAE, "var": varlib.VAR, "raster_ar": RasterAR}
+    assert hub.model_metadata(vae)["kind"] == "tokenizer" and hub.model_metadata(var.vae, var)["kind"] == "var"
+    folder = var.save_pretrained(tmp_path / "var")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "kind": "diffusion"}))
+    refused = "expected a varlib model kind among 'tokenizer', 'var', 'raster_ar', got 'diffusion'"
+    with pytest.raises(ValueError, match=refused):
+        varlib.load(folder)
+    with pytest.raises(ValueError, match=refused):
+        varlib.VAR.from_pretrained(folder)
+    with pytest.raises(ValueError, match="expected a VAR or RasterAR, got MultiScaleVQVAE"):
+        varlib.save_var(vae, tmp_path / "tok.safetensors")
+    with pytest.raises(ValueError, match="expected one of MultiScaleVQVAE, VAR, RasterAR, got Linear"):
+        hub.save_pretrained(torch.nn.Linear(1, 1), tmp_path / "linear")
+
+
+def test_models_import_no_varlib_module_above_them():
+    """The models are the floor: none imports varlib.io or anything else above varlib.models, not even inside a
+    function (the file format lives in models/hub.py, which the model classes register with)."""
+    within, above = [], []
+    for path in sorted((Path(varlib.__file__).parent / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = ["varlib.<relative>" if node.level > 1 else node.module or ""]
+            else:
+                continue
+            for module in filter(lambda m: m.split(".")[0] == "varlib", modules):
+                (within if module.startswith("varlib.models.") else above).append(f"{path.name}: {module}")
+    assert "vqvae.py: varlib.models.hub" in within
+    assert above == []

@@ -12,8 +12,8 @@ import re
 from typing import Mapping
 
 import torch
-import torch.nn as nn
 
+from varlib.models.hub import load_strict
 from varlib.models.patch_schedules import PRESETS, sequence_length
 from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
@@ -33,24 +33,6 @@ def plain_state_dict(source: StateDict, what: str) -> StateDict:
     if not all(isinstance(v, torch.Tensor) for v in source.values()):
         raise ValueError(f"{what}: expected a plain state dict (a mapping of names to tensors), got other values")
     return source
-
-
-def load_strict(model: nn.Module, state_dict: StateDict, what: str) -> nn.Module:
-    """Loads every key (buffers included) or raises ValueError naming the missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mis_shaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-                  for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or mis_shaped:
-        def show(items):
-            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
-        raise ValueError(
-            f"state dict does not fit {what}: missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
-            f"shape mismatches [{show(mis_shaped)}]"
-        )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
-    return model
 
 
 def _count(prefix_pattern: str, keys) -> int:

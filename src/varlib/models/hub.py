@@ -1,32 +1,248 @@
-"""``save_pretrained`` / ``from_pretrained`` on the models, in the Hugging Face Hub convention (the official
-code uses ``PyTorchModelHubMixin``). The file format lives in :mod:`varlib.io`."""
+"""varlib's model file format, and ``save_pretrained`` / ``from_pretrained`` on the models in the Hugging Face
+Hub convention (the official code uses ``PyTorchModelHubMixin``).
+
+A model file is safetensors weights plus the constructor configs in the file's metadata (:func:`model_metadata`).
+A tokenizer file holds ``MultiScaleVQVAE`` weights; a transformer file holds the transformer (a VAR under
+``var.``, the raster-AR baseline under ``ar.``) and its tokenizer under ``vae.``, so one file is enough to sample,
+and the transformer's recommended sampling settings (``.sampling``). A :func:`save_pretrained` folder holds
+``model.safetensors`` (that file) and ``config.json`` (the same configs, readable); :func:`from_pretrained` also
+takes a Hub repo id, downloaded with the optional ``huggingface_hub`` package.
+
+This module sits below the model classes: each registers itself through :class:`PretrainedMixin` under its
+``FILE_KIND``. :func:`varlib.load` (in :mod:`varlib.io`) opens these files and every other model file.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from dataclasses import asdict
 from pathlib import Path
+from typing import ClassVar, Mapping
 
 import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "varlib/1"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# metadata entries that hold JSON objects (safetensors metadata values are strings)
+JSON_ENTRIES = ("vae_config", "var_config", "ar_config", "sampling")
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: file kind -> model class, filled by PretrainedMixin subclasses that set FILE_KIND
+MODEL_CLASSES: dict[str, type[PretrainedMixin]] = {}
 
 
 class PretrainedMixin:
-    """Adds ``model.save_pretrained(dir)`` and ``Model.from_pretrained(dir_or_repo_id)`` to a varlib model."""
+    """Adds ``model.save_pretrained(dir)`` and ``Model.from_pretrained(dir_or_repo_id)`` to a varlib model.
+
+    A subclass that sets ``FILE_KIND`` ('tokenizer', 'var' or 'raster_ar') is the class model files of that
+    kind build; ``FILE_PREFIX`` names its weights (``var.``) and config (``var_config``) in files and
+    checkpoints. It has a ``config`` dict (its constructor's arguments)."""
+
+    FILE_KIND: ClassVar[str]
+    FILE_PREFIX: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "FILE_KIND" in cls.__dict__:
+            MODEL_CLASSES[cls.FILE_KIND] = cls
+
+    @classmethod
+    def from_config(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor] | None = None, **parts):
+        """The model with constructor arguments ``config`` (its ``.config``) and ``parts`` (the built
+        sub-models it takes, a transformer's ``vae``), with every weight of ``state_dict`` when given."""
+        model = cls(**parts, **config)
+        if state_dict is not None:
+            load_strict(model, state_dict, cls.__name__)
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes ``directory/model.safetensors`` and ``directory/config.json`` (see :func:`varlib.io.save_pretrained`)."""
-        from varlib.io import save_pretrained  # varlib.io builds the models, so it imports this module's users
-
+        """Writes ``directory/model.safetensors`` and ``directory/config.json`` (see :func:`save_pretrained`)."""
         return save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                         revision: str | None = None):
-        """The model saved in a local folder or a Hub repo id, in eval mode (see :func:`varlib.io.from_pretrained`).
+        """The model saved in a local folder or a Hub repo id, in eval mode (see :func:`from_pretrained`).
 
         Raises ValueError when the folder holds another kind of model (a tokenizer asked for as a VAR)."""
-        from varlib.io import from_pretrained
-
         model = from_pretrained(name_or_path, device, revision)
         if not isinstance(model, cls):
             raise ValueError(f"{name_or_path} holds a {type(model).__name__}, expected a {cls.__name__}")
         return model
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """Loads every key (buffers included) or raises ValueError naming the missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
+                  for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mis_shaped:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
+        raise ValueError(
+            f"state dict does not fit {what}: missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
+            f"shape mismatches [{show(mis_shaped)}]"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+    return model
+
+
+def model_class(kind: str | None, source: str) -> type[PretrainedMixin]:
+    """The model class of a file kind; raises ValueError naming the known kinds."""
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"{source}: expected a varlib model kind among "
+                         f"{', '.join(repr(k) for k in MODEL_CLASSES)}, got {kind!r}")
+    return MODEL_CLASSES[kind]
+
+
+def _transformer_prefix(model: nn.Module) -> str:
+    """The weight prefix of a transformer (a model file kind other than the tokenizer)."""
+    if not isinstance(model, tuple(c for k, c in MODEL_CLASSES.items() if k != "tokenizer")):
+        names = " or ".join(c.__name__ for k, c in MODEL_CLASSES.items() if k != "tokenizer")
+        raise ValueError(f"expected a {names}, got {type(model).__name__}")
+    return model.FILE_PREFIX
+
+
+def _plain_config(config: Mapping) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def _tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def model_metadata(vae: PretrainedMixin, var: PretrainedMixin | None = None) -> dict[str, str]:
+    """The metadata that makes a file loadable by :func:`varlib.load`: the tokenizer ``vae`` and, for a transformer
+    file, the transformer ``var`` (a VAR or RasterAR). Lightning modules store it in their checkpoints under
+    ``checkpoint["varlib"]`` (with weights under ``vae.`` and ``var.`` or ``ar.``)."""
+    meta = {"format": FORMAT, "kind": vae.FILE_KIND, "vae_config": json.dumps(_plain_config(vae.config))}
+    if var is not None:
+        prefix = _transformer_prefix(var)
+        meta.update({"kind": var.FILE_KIND, f"{prefix}_config": json.dumps(_plain_config(var.config)),
+                     "sampling": json.dumps(asdict(var.sampling))})
+    return meta
+
+
+def save_tokenizer(vae: PretrainedMixin, path: str | os.PathLike) -> None:
+    """Writes a tokenizer to a ``.safetensors`` file that :func:`varlib.load` turns back into a MultiScaleVQVAE."""
+    save_file(_tensors("", vae.state_dict()), os.fspath(path), metadata=model_metadata(vae))
+
+
+def save_var(var: PretrainedMixin, path: str | os.PathLike) -> None:
+    """Writes a VAR (or the raster-AR baseline) together with its tokenizer to one ``.safetensors`` file."""
+    prefix = _transformer_prefix(var) + "."
+    state = {**_tensors("vae.", var.vae.state_dict()), **_tensors(prefix, var.state_dict())}
+    save_file(state, os.fspath(path), metadata=model_metadata(var.vae, var))
+
+
+def save_pretrained(model: PretrainedMixin, directory: str | os.PathLike) -> Path:
+    """Writes ``directory/model.safetensors`` (as :func:`save_var` / :func:`save_tokenizer`) and
+    ``directory/config.json`` (format, kind, the constructor configs and, for a transformer, its sampling settings).
+
+    The folder is what :func:`from_pretrained` reads and what a Hugging Face Hub model repo holds. Returns the
+    folder.
+    """
+    if not isinstance(model, tuple(MODEL_CLASSES.values())):
+        names = ", ".join(c.__name__ for c in MODEL_CLASSES.values())
+        raise ValueError(f"expected one of {names}, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if model.FILE_KIND == "tokenizer":
+        save_tokenizer(model, directory / WEIGHTS_NAME)
+        meta = model_metadata(model)
+    else:
+        save_var(model, directory / WEIGHTS_NAME)
+        meta = model_metadata(model.vae, model)
+    config = {k: json.loads(v) if k in JSON_ENTRIES else v for k, v in meta.items()}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _split(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def build_model(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """The model that ``meta`` describes (the metadata of :func:`model_metadata`), with weights from ``state``
+    (tokenizer weights under ``vae.``, transformer weights under ``var.`` or ``ar.``), in eval mode on the CPU."""
+    cls = model_class(meta.get("kind"), source)
+    vae = MODEL_CLASSES["tokenizer"].from_config(json.loads(meta["vae_config"]), _split(state, "vae.")).eval()
+    if cls is MODEL_CLASSES["tokenizer"]:
+        return vae
+    name = cls.FILE_PREFIX
+    # files written before sampling settings existed keep the model's defaults
+    sampling = json.loads(meta["sampling"]) if "sampling" in meta else None
+    return cls.from_config(json.loads(meta[f"{name}_config"]), _split(state, f"{name}."),
+                           vae=vae.requires_grad_(False), sampling=sampling).eval()
+
+
+def unreadable_file_error(path: str, error: Exception) -> ValueError:
+    """The error for a damaged model file (safetensors and torch raise several types)."""
+    return ValueError(f"{path}: expected a torch checkpoint or .safetensors file, got an unreadable file "
+                      f"({type(error).__name__}: {error})")
+
+
+def read_safetensors(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a ``.safetensors`` file on the CPU; a tokenizer file's weights get the ``vae.``
+    prefix they have in transformer files. Raises ValueError for an unreadable file."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:
+        raise unreadable_file_error(path, error) from error
+    if meta.get("kind") == "tokenizer":
+        state = {"vae." + k: v for k, v in state.items()}
+    return meta, state
+
+
+def read_pretrained_folder(folder: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, state dict) of a :func:`save_pretrained` folder: ``config.json`` gives the metadata."""
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a varlib pretrained folder: expected {path.name} "
+                                    f"(written by varlib.save_pretrained), got nothing there")
+    config = json.loads(config_path.read_text())
+    meta = {k: json.dumps(v) if k in JSON_ENTRIES else v for k, v in config.items()}
+    _, state = read_safetensors(os.fspath(weights_path))
+    return meta, state
+
+
+def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+                    revision: str | None = None) -> nn.Module:
+    """A model from a :func:`save_pretrained` folder or a Hugging Face Hub repo id (``"user/model"``).
+
+    A local folder works offline. ``config.json`` decides the architecture and the sampling settings (edit
+    it to change the recommended ones); ``model.safetensors`` gives the weights. A repo id is downloaded with
+    ``huggingface_hub`` (``pip install 'varlib[hub]'``) at ``revision`` and needs the network (or the Hub
+    cache); both absences raise an error that says so.
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        folder = _download(os.fspath(name_or_path), revision)
+    return build_model(*read_pretrained_folder(folder), os.fspath(folder)).to(device)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of a Hub repo's config.json and model.safetensors."""
+    if os.path.isfile(repo_id):
+        raise ValueError(f"{repo_id} is a file; from_pretrained takes a folder or a Hub repo id (varlib.load opens files)")
+    if not HUB_REPO_ID.fullmatch(repo_id):
+        raise FileNotFoundError(f"no pretrained folder at {repo_id} (and it is not a Hub repo id 'user/model')")
+    try:
+        from huggingface_hub import snapshot_download  # optional dependency (varlib[hub])
+    except ImportError:
+        raise ImportError(f"{repo_id!r} is not a local folder; downloading it as a Hub repo id needs the "
+                          "huggingface_hub package (pip install 'varlib[hub]') and network access") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as error:  # huggingface_hub raises many types (offline, not found, gated, HTTP errors)
+        raise OSError(f"could not download {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: {error}); "
+                      "a repo id needs network access or a filled Hub cache, a local folder works offline") from error

@@ -38,6 +38,8 @@ class RasterAR(AdaLNTransformer):
         Other arguments as :class:`VAR`.
     """
 
+    FILE_KIND, FILE_PREFIX = "raster_ar", "ar"
+
     def __init__(
         self,
         vae: MultiScaleVQVAE,

@@ -6,7 +6,7 @@ Shapes: B batch, L = sum pn^2 tokens, C width (= D condition width), V vocabular
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,16 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
     """What VAR and the raster-AR baseline share: the official initialisation, class-label checks and the AdaLN
     head. A subclass has ``blocks`` (AdaLNSelfAttn), ``head_nm``, ``head``, ``pos_start``, ``pos_1LC``, ``depth``,
     ``width`` and ``num_classes``."""
+
+    @classmethod
+    def from_config(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor] | None = None, *,
+                    vae: MultiScaleVQVAE, sampling: Mapping | None = None):
+        """The transformer on ``vae`` (see :meth:`PretrainedMixin.from_config`); ``sampling``, the recommended
+        settings as a model file's plain mapping, replaces the defaults when given."""
+        model = super().from_config(config, state_dict, vae=vae)
+        if sampling is not None:
+            model.sampling = SamplingConfig.from_dict(sampling)
+        return model
 
     @torch.no_grad()
     def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float, init_std: float) -> None:
@@ -106,6 +116,8 @@ class VAR(AdaLNTransformer):
             storing them (training with gradients only); also a runtime setting.
         init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
     """
+
+    FILE_KIND, FILE_PREFIX = "var", "var"
 
     def __init__(
         self,

@@ -213,6 +213,8 @@ class MultiScaleVQVAE(PretrainedMixin, nn.Module):
             normalise every channel on its own.
     """
 
+    FILE_KIND, FILE_PREFIX = "tokenizer", "vae"
+
     def __init__(
         self,
         vocab_size: int = 4096,

@@ -33,7 +33,8 @@ from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
-from varlib.io import model_metadata, pop_ema_tensors, save_var
+from varlib.io import pop_ema_tensors
+from varlib.models.hub import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.training.components import build_component, component_factory
 from varlib.training.ema import ModelEMA
