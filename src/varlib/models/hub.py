@@ -208,7 +208,7 @@ def read_pretrained_folder(folder: Path) -> tuple[dict[str, str], dict[str, torc
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{folder} is not a varlib pretrained folder: expected {path.name} "
-                                    f"(written by varlib.save_pretrained), got nothing there")
+                                    f"(written by model.save_pretrained), got nothing there")
     config = json.loads(config_path.read_text())
     meta = {k: json.dumps(v) if k in JSON_ENTRIES else v for k, v in config.items()}
     _, state = read_safetensors(os.fspath(weights_path))
