@@ -4,9 +4,10 @@
     python -m varlib.cli.ablation --out outputs/ablation --seeds 0 1 [--metric MODULE.FACTORY] [--threads 1]
         [--tokenizer-override KEY=VALUE ...] [--transformer-override KEY=VALUE ...]
 
-Per seed, each stage through the code path of its command:
-  1. ``varlib-train experiment=tokenizer_emoji`` and ``experiment=tokenizer_emoji_single_scale``: the same CNN,
-     codebook, loss and steps, with the multi-scale schedule or the last scale alone;
+Per seed, each stage through the code path of its command (VAR's half is ``make demo``'s training, so the two
+share their figures):
+  1. ``varlib-train experiment=demo_tokenizer``, and the same with the last scale alone (``model.vae.patch_nums``
+     ``=[8]``, one phi convolution) for the baseline: the same CNN, codebook, loss and steps;
   2. ``varlib-tokenize`` of both (or, with ``--no-token-cache``, tokenisation on the fly while training, in the
      data's own class mix);
   3. ``varlib-train experiment=var_emoji`` and ``experiment=ar_emoji``: same depth and width (so equal
@@ -50,7 +51,7 @@ from varlib.training.runner import train_experiment
 SampleMetric = Callable[[torch.Tensor, torch.Tensor], dict]
 MetricFactory = Callable[[torch.Tensor, torch.Tensor], SampleMetric]
 #: model name -> (tokenizer experiment, transformer experiment, the transformer's key under model.)
-MODELS = {"var": ("tokenizer_emoji", "var_emoji", "var"), "raster_ar": ("tokenizer_emoji_single_scale", "ar_emoji", "ar")}
+MODELS = {"var": ("demo_tokenizer", "var_emoji", "var"), "raster_ar": ("demo_tokenizer", "ar_emoji", "ar")}
 TIMING_BATCHES = (1, 16)
 SHOWN_PER_CLASS = 8  # samples per class in <run>/samples.png (one row per class)
 
@@ -98,8 +99,8 @@ def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_ove
                use_token_cache: bool) -> dict[str, dict]:
     """Stages 1-3 for one seed; returns per model its tokenizer metrics, transformer metrics and file paths."""
     # The baseline's tokenizer is VAR's with the last scale alone, whatever the overrides make VAR's schedule.
-    side = compose_config("train", ["experiment=tokenizer_emoji", *tokenizer_overrides]).model.vae.patch_nums[-1]
-    last_scale_only = {"var": [], "raster_ar": [f"model.vae.patch_nums=[{side}]"]}
+    side = compose_config("train", ["experiment=demo_tokenizer", *tokenizer_overrides]).model.vae.patch_nums[-1]
+    last_scale_only = {"var": [], "raster_ar": [f"model.vae.patch_nums=[{side}]", "model.vae.share_quant_resi=1"]}
     runs = {}
     for name, (tok_experiment, experiment, key) in MODELS.items():
         root = out / f"seed{seed}" / name
@@ -110,11 +111,11 @@ def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_ove
             cache = root / "token_cache"
             if not (cache / "index.json").is_file():
                 tokenize_cli.run(compose_config("tokenize", [f"tokenizer={tokenizer}", f"out_dir={cache}"]))
-            data = [f"data.root={cache}", f"data.shuffle_seed={seed}"]
+            data = [f"data.root={cache}"]
         else:
             # the emoji images take the experiment's class balance as its token cache would; they have no root
             data = ["data=emoji", "~data.root", f"data.image_size={varlib.load(tokenizer).image_size}"]
-        overrides = ["logger=csv", f"seed={seed}", f"model.seed={seed}", "trainer.max_time=null",
+        overrides = ["logger=csv", f"seed={seed}", "trainer.max_time=null",
                      f"model.tokenizer_path={tokenizer}", *data, *transformer_overrides(net_overrides, key)]
         net_metrics = train_once(experiment, root / "transformer", overrides)
         batch_size = compose_config("train", [f"experiment={experiment}", *overrides]).data.batch_size
