@@ -40,6 +40,14 @@ def test_experiment_composes_resolves_and_names_importable_targets(experiment, t
         assert get_object(target) is not None, target
 
 
+@pytest.mark.parametrize("experiment", ["demo_tokenizer", "var_emoji", "ar_emoji"])
+def test_the_run_seed_seeds_the_model_steps_and_the_data_order(experiment):
+    for seed in (0, 7):
+        cfg = compose_config("train", [f"experiment={experiment}", f"seed={seed}"])
+        assert (cfg.model.seed, cfg.data.shuffle_seed) == (seed, seed)
+    assert compose_config("train", ["experiment=var_emoji", "seed=7", "data.shuffle_seed=2"]).data.shuffle_seed == 2
+
+
 def test_optimizer_and_discriminator_swap_from_the_command_line(tmp_path):
     from helpers.discriminators import GlobalDiscriminator
 
