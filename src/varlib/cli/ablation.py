@@ -99,7 +99,8 @@ def train_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_ove
                use_token_cache: bool) -> dict[str, dict]:
     """Stages 1-3 for one seed; returns per model its tokenizer metrics, transformer metrics and file paths."""
     # The baseline's tokenizer is VAR's with the last scale alone, whatever the overrides make VAR's schedule.
-    side = compose_config("train", ["experiment=demo_tokenizer", *tokenizer_overrides]).model.vae.patch_nums[-1]
+    var_tokenizer = MODELS["var"][0]
+    side = compose_config("train", [f"experiment={var_tokenizer}", *tokenizer_overrides]).model.vae.patch_nums[-1]
     last_scale_only = {"var": [], "raster_ar": [f"model.vae.patch_nums=[{side}]", "model.vae.share_quant_resi=1"]}
     runs = {}
     for name, (tok_experiment, experiment, key) in MODELS.items():
