@@ -48,6 +48,13 @@ def test_the_run_seed_seeds_the_model_steps_and_the_data_order(experiment):
     assert compose_config("train", ["experiment=var_emoji", "seed=7", "data.shuffle_seed=2"]).data.shuffle_seed == 2
 
 
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_the_scaling_sweep_ties_width_and_heads_to_the_depth(depth):
+    cfg = compose_config("train", ["experiment=var_emoji_scaling", f"model.var.depth={depth}"])
+    assert (cfg.model.var.width, cfg.model.var.num_heads) == (32 * depth, depth)
+    assert compose_config("train", ["experiment=var_emoji_scaling", "model.var.width=48"]).model.var.width == 48
+
+
 def test_optimizer_and_discriminator_swap_from_the_command_line(tmp_path):
     from helpers.discriminators import GlobalDiscriminator
 

@@ -98,6 +98,25 @@ def test_fit_compute_frontier_recovers_the_envelope_power_law():
     assert frontier.fit.r == pytest.approx(-1.0, abs=1e-12)
 
 
+def test_skip_fraction_leaves_each_runs_early_plateau_out_of_the_frontier():
+    alpha, beta = -0.05, 1e-12
+    # Each run starts on a plateau (the first 2 of 10 evaluations, at 10% and 20% of its compute), then follows the law.
+    runs = []
+    for final_compute in (1e16, 1e17, 1e18):
+        compute = np.linspace(0.1, 1.0, 10) * final_compute
+        loss = power_law(compute, alpha, beta)
+        loss[:2] = 2.0 * power_law(compute[0], alpha, beta)
+        runs.append((compute, loss))
+    with_plateau = fit_compute_frontier(runs)
+    assert with_plateau.fit.r > -0.99 and with_plateau.compute[0] == pytest.approx(1e15)
+    skipped = fit_compute_frontier(runs, skip_fraction=0.25)
+    assert skipped.compute.min() == pytest.approx(3e15)
+    assert skipped.fit.alpha == pytest.approx(alpha, rel=1e-9) and skipped.fit.r == pytest.approx(-1.0, abs=1e-12)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="skip_fraction must be in"):
+            fit_compute_frontier(runs, skip_fraction=bad)
+
+
 def test_training_flops_is_six_n_d():
     assert training_flops(310e6, 680 * 1_000_000) == 6 * 310e6 * 680e6
     with pytest.raises(ValueError):
@@ -199,3 +218,9 @@ def test_fit_sweep_writes_strict_json_fits_and_plots(tmp_path):
     assert fits["N/loss_last"] == pytest.approx(
         {"alpha": direct.alpha, "beta": direct.beta, "log10_beta": direct.log10_beta, "r": direct.r})
     assert len(list((tmp_path / "out").glob("scaling_*.png"))) == 8
+    assert stored["skip_fraction"] == 0.0
+    skipped = fit_sweep([tmp_path / "sweep"], tmp_path / "skipped", skip_fraction=0.5)
+    assert json.loads((tmp_path / "skipped" / "fits.json").read_text())["skip_fraction"] == 0.5
+    direct = fit_compute_frontier(runs, "loss_avg", skip_fraction=0.5).fit
+    assert skipped["C/loss_avg"]["alpha"] == direct.alpha != fits["C/loss_avg"]["alpha"]
+    assert skipped["N/loss_avg"] == fits["N/loss_avg"]

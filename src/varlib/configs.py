@@ -1,5 +1,5 @@
 """varlib's packaged Hydra configs from Python: composing them as the command line does, the ``num_processes``
-resolver they use, and the data config a DataModule's constructor accepts.
+and ``mul`` resolvers they use, and the data config a DataModule's constructor accepts.
 
 The configs ship inside the package (``src/varlib/conf`` links to the repository's ``conf/``), so every entry point
 finds them from any directory; users add their own folders with ``--config-dir`` or ``hydra.searchpath``.
@@ -7,6 +7,7 @@ finds them from any directory; users add their own folders with ``--config-dir``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ def device_count(devices: Any, accelerator: str) -> int:
 OmegaConf.register_new_resolver(
     "num_processes", lambda devices, num_nodes, accelerator: device_count(devices, accelerator) * int(num_nodes),
     replace=True)
+# ${mul:32,${model.var.depth}}: a value tied to another, e.g. a width that scales with the depth in a --multirun sweep
+OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)
 
 
 def datamodule_config(data: DictConfig) -> DictConfig:

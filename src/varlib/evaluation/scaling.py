@@ -277,17 +277,31 @@ class FrontierFit:
 
 
 def fit_compute_frontier(
-    runs: Sequence[ScalingRecord | tuple[Sequence[float], Sequence[float]]], metric: str = "loss_last"
+    runs: Sequence[ScalingRecord | tuple[Sequence[float], Sequence[float]]],
+    metric: str = "loss_last",
+    skip_fraction: float = 0.0,
 ) -> FrontierFit:
     """Pool all runs' (compute, metric) points, keep the Pareto frontier, fit L = (beta C)^alpha to it.
 
     ``runs`` are ScalingRecords (``metric`` selects the curve) or plain (compute (T,), loss (T,)) pairs.
+    ``skip_fraction`` in [0, 1) leaves out each run's points below that fraction of its final compute: the start
+    of training (warm-up, and the plateau where a model predicts the most frequent token) is a transient that
+    lies on no power law, and its flat error rates would bend the frontier's fit.
     """
-    curves = [run.points(metric) if isinstance(run, ScalingRecord) else run for run in runs]
+    if not 0.0 <= skip_fraction < 1.0:
+        raise ValueError(f"skip_fraction must be in [0, 1), got {skip_fraction}")
+    curves = []
+    for run in runs:
+        compute, loss = run.points(metric) if isinstance(run, ScalingRecord) else run
+        compute, loss = np.asarray(compute, dtype=np.float64).ravel(), np.asarray(loss, dtype=np.float64).ravel()
+        if compute.shape != loss.shape:
+            raise ValueError(f"expected compute and loss of one length, got {compute.size} and {loss.size}")
+        kept = compute >= skip_fraction * compute.max(initial=0.0)
+        curves.append((compute[kept], loss[kept]))
     if not curves:
         raise ValueError("expected at least one run")
-    compute = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c, _ in curves])
-    loss = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for _, v in curves])
+    compute = np.concatenate([c for c, _ in curves])
+    loss = np.concatenate([v for _, v in curves])
     frontier = pareto_frontier(compute, loss)
     return FrontierFit(fit_power_law(compute[frontier], loss[frontier]), compute[frontier], loss[frontier])
 
@@ -328,11 +342,13 @@ def plot_scaling_vs_params(
 
 
 def plot_scaling_vs_compute(
-    runs: Sequence[ScalingRecord], metric: str = "loss_last", save_path: str | Path | None = None
+    runs: Sequence[ScalingRecord], metric: str = "loss_last", save_path: str | Path | None = None,
+    skip_fraction: float = 0.0,
 ) -> Figure:
     """Each run's ``metric`` curve vs training compute C (log-log), the Pareto frontier and its power-law fit
-    (paper Fig. 6). Returns the figure; writes a PNG if ``save_path`` is given."""
-    frontier = fit_compute_frontier(runs, metric)
+    (paper Fig. 6), the frontier taken without each run's first ``skip_fraction`` (see ``fit_compute_frontier``).
+    Returns the figure; writes a PNG if ``save_path`` is given."""
+    frontier = fit_compute_frontier(runs, metric, skip_fraction)
     figure = Figure(figsize=(5, 4))
     ax = figure.add_subplot()
     for run in runs:
