@@ -1,4 +1,8 @@
-"""A tiny random feature extractor standing in for Inception in tests (also in subprocess runs)."""
+"""A tiny random feature extractor standing in for Inception in tests (also in subprocess runs), and one that can
+kill its process."""
+
+import os
+import signal
 
 import torch
 from torch import nn
@@ -25,3 +29,19 @@ def random_uint8_images(num: int, seed: int, size: int = 16) -> torch.Tensor:
     """``num`` seeded random uint8 images (num, 3, size, size): inputs for the tiny extractor."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (num, 3, size, size), generator=generator, dtype=torch.uint8)
+
+
+class KillableExtractor(TinyExtractor):
+    """The tiny extractor that SIGKILLs its own process on its call number n + 1 when the environment holds
+    ``KILL_EXTRACTOR=rank:n`` for this process's RANK: a hard stop in the middle of an evaluation run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rank, _, after = os.environ.get("KILL_EXTRACTOR", "-1:0").partition(":")
+        if int(rank) == int(os.environ.get("RANK", 0)) and self.calls >= int(after):
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.calls += 1
+        return super().forward(images_BCHW)

@@ -8,6 +8,7 @@ config value) into one logged message and exit status 2 instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,14 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} was requested but CUDA is not available (use device=cpu or auto)")
+    return device
+
+
+def rank_device(device: torch.device, rank: int, world_size: int) -> torch.device:
+    """The device of process ``rank``: with several processes, a CUDA device without an index becomes
+    ``cuda:LOCAL_RANK`` (torchrun sets it; else ``rank``) modulo the visible GPUs; any other device as given."""
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return device
 
 
@@ -195,18 +204,24 @@ def check_sampling_options(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
 
 def generate_in_batches(
     var: VAR, labels: Sequence[int], batch_size: int, seed: int, options: dict[str, Any], desc: str = "sampling",
-    precision: str = "fp32",
+    precision: str = "fp32", batches: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """Yields ``(images (b,3,H,W) in [0,1] on the CPU, their labels)`` for consecutive chunks of ``labels``.
 
     Batch i is sampled with seed ``seed + i``, so a run is reproducible for a fixed batch_size (images
-    depend on how labels are grouped, because a batch shares one random stream). Only the sampling runs
-    in ``precision`` (see :func:`inference_precision`), not what the caller does with the images.
+    depend on how labels are grouped, because a batch shares one random stream). ``batches`` (indices i,
+    default all) selects which chunks are sampled, in that order: a share of the run gives the same images
+    as the whole. Only the sampling runs in ``precision`` (see :func:`inference_precision`), not what the
+    caller does with the images.
     """
     check_int_at_least("batch_size", batch_size, 1)
     device = var.class_emb.weight.device
-    starts = range(0, len(labels), batch_size)
-    for index, start in enumerate(tqdm(starts, desc=desc, unit="batch")):
+    num_batches = -(-len(labels) // batch_size)
+    indices = range(num_batches) if batches is None else list(batches)
+    if any(not 0 <= index < num_batches for index in indices):
+        raise ValueError(f"batch indices must lie in [0, {num_batches}), got {list(indices)}")
+    for index in tqdm(indices, desc=desc, unit="batch"):
+        start = index * batch_size
         chunk = list(labels[start:start + batch_size])
         with inference_precision(precision, device):
             images = var.generate(chunk, seed=seed + index, **options).float().cpu()

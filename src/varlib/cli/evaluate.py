@@ -1,13 +1,21 @@
-"""``varlib-evaluate``: generate the evaluation set (the paper's protocol) and score it.
+"""``varlib-evaluate``: generate the evaluation set (the paper's protocol) and score it, on one or several processes.
 
-Steps: draw ``num_per_class`` images of each class 0..num_classes-1 (batch i with seed + i), stream
-them into a shuffled ADM ``.npz`` (``AdmNpzWriter``), and pass the same uint8 pixels through the feature
-extractor (``inception._target_``, the ADM-compatible Inception-v3 by default; any
-``varlib.evaluation.FeatureExtractor`` can be plugged in). Metrics go to ``metrics_json``:
+Steps: draw ``num_per_class`` images of each class 0..num_classes-1 in batches of ``batch_size`` (batch i with
+seed + i), pass their uint8 pixels through the feature extractor (``inception._target_``, the ADM-compatible
+Inception-v3 by default; any ``varlib.evaluation.FeatureExtractor`` can be plugged in), and write each batch with
+its features as one shard file in ``shard_dir`` (atomically: a temporary name, then a rename). Then the shards are
+merged, in batch order, into a shuffled ADM ``.npz`` (``AdmNpzWriter``) and the metrics go to ``metrics_json``:
 
 * always (with an extractor): Inception Score, its chunks taken in the ``.npz`` row order;
 * with real images (``reference_npz``, e.g. ADM's ``VIRTUAL_imagenet256_labeled.npz``, or a data config
   under ``reference_data``): FID and improved precision/recall as well.
+
+Under ``torchrun`` (RANK and WORLD_SIZE set) process r of W samples the batches r, r + W, ...: the batches and
+their seeds do not depend on W, so any number of processes writes the same shards, ``.npz`` and metrics. A gloo
+process group only provides the barrier after which rank 0 merges (``shard_dir`` must be on a file system every
+rank sees). A killed run, started again with the same settings, keeps the shards it finished and samples the
+rest; shards written with other settings stop the run with the differences listed. After a successful merge the
+shards are deleted.
 
 When the Inception weights are absent the run warns, skips the metrics, and still writes the ``.npz``
 (score it with the ADM TensorFlow evaluator). Configuration: ``conf/evaluate.yaml``.
@@ -17,15 +25,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import hydra
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning import LightningDataModule
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,12 +51,14 @@ from varlib.cli.common import (
     load_var_model,
     model_resolution,
     parse_labels,
+    rank_device,
     resolve_device,
     resolve_precision,
     run_or_exit,
 )
 from varlib.configs import datamodule_config
 from varlib.data.base import check_int_at_least, images_from_batch
+from varlib.data.tokenizing import distributed_rank
 from varlib.evaluation import (
     AdmNpzWriter,
     fid_from_features,
@@ -55,6 +71,10 @@ from varlib.evaluation import (
 )
 
 logger = logging.getLogger(__name__)
+
+SHARD_FORMAT = "varlib-evaluation-shard-1"
+# The barrier before the merge waits for the slowest rank's share (an hour or more at the paper's 50,000 images).
+BARRIER_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -79,7 +99,8 @@ class FeatureCollector:
         self.logits: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def add(self, images_uint8_BCHW: torch.Tensor) -> None:
+    def extract(self, images_uint8_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B,D), logits (B,K)) float32 on the CPU of uint8 images (B,3,H,W)."""
         output = self.extractor(images_uint8_BCHW.to(self.device))
         batch = images_uint8_BCHW.shape[0]
         if (not isinstance(output, (tuple, list)) or len(output) != 2
@@ -87,8 +108,12 @@ class FeatureCollector:
             got = [tuple(t.shape) for t in output] if isinstance(output, (tuple, list)) else type(output).__name__
             raise ValueError(f"the feature extractor must return (features (B,D), logits (B,K)) for B={batch}, "
                              f"got {got}")
-        self.features.append(output[0].float().cpu())
-        self.logits.append(output[1].float().cpu())
+        return output[0].float().cpu(), output[1].float().cpu()
+
+    def add(self, images_uint8_BCHW: torch.Tensor) -> None:
+        features_BD, logits_BK = self.extract(images_uint8_BCHW)
+        self.features.append(features_BD)
+        self.logits.append(logits_BK)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (N,D), logits (N,K)) of everything added."""
@@ -167,10 +192,119 @@ def check_counts(num_fake: int, num_is_splits: int, pr_k: int) -> None:
         )
 
 
-def run(cfg: DictConfig) -> EvaluationResult:
-    """Generates, writes the shuffled ``.npz`` and ``metrics_json``, and returns both (see module docstring)."""
-    device = resolve_device(cfg.device)
-    resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
+def shard_path(shard_dir: Path, batch: int) -> Path:
+    return shard_dir / f"batch-{batch:06d}.safetensors"
+
+
+def run_signature(cfg: DictConfig, num_classes: int, options: dict[str, Any], precision: str, resolution: int,
+                  with_features: bool) -> dict[str, Any]:
+    """What a shard's contents depend on; a resumed run must match it exactly."""
+    model = cfg.checkpoint if cfg.get("checkpoint") is not None else OmegaConf.to_container(cfg.official)
+    inception = None if cfg.inception is None else OmegaConf.to_container(cfg.inception, resolve=True)
+    return {"format": SHARD_FORMAT, "model": model, "num_classes": num_classes, "num_per_class": cfg.num_per_class,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "sampling": options, "precision": precision,
+            "resolution": resolution, "inception": inception if with_features else None}
+
+
+def check_shard(path: Path, signature: dict[str, Any]) -> None:
+    """Raises ValueError when the shard at ``path`` was written with settings other than ``signature``'s."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as shard:
+            found = json.loads((shard.metadata() or {}).get("varlib", "{}"))
+    except Exception as error:  # a damaged shard: say which file and how to go on
+        raise ValueError(f"{path}: expected an evaluation shard, got an unreadable file ({type(error).__name__}: "
+                         f"{error}); delete it to sample its batch again") from error
+    if found != signature:
+        changed = ", ".join(f"{key}: {found.get(key)!r} -> {signature.get(key)!r}"
+                            for key in sorted(set(found) | set(signature)) if found.get(key) != signature.get(key))
+        raise ValueError(f"{path} was written by an evaluation with other settings ({changed}): use another "
+                         "out_dir (or shard_dir), or delete its shards to start again")
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], signature: dict[str, Any]) -> None:
+    """Writes one batch's shard under a temporary name, then renames it: a killed run leaves no partial shard."""
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
+              metadata={"varlib": json.dumps(signature, sort_keys=True)})
+    os.replace(partial, path)
+
+
+@contextmanager
+def process_group(world_size: int) -> Iterator[None]:
+    """A gloo process group (for the barrier only) when several processes run and none exists yet."""
+    if world_size == 1 or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def sample_shards(var, labels: list[int], cfg: DictConfig, options: dict[str, Any], precision: str,
+                  extractor: FeatureCollector | None, shard_dir: Path, signature: dict[str, Any], rank: int,
+                  world_size: int) -> None:
+    """Samples the batches of this rank (rank, rank + world_size, ...) that have no finished shard yet."""
+    num_batches = -(-len(labels) // cfg.batch_size)
+    mine = range(rank, num_batches, world_size)
+    todo = []
+    for batch in mine:
+        path = shard_path(shard_dir, batch)
+        if path.is_file():
+            check_shard(path, signature)
+        else:
+            todo.append(batch)
+    if len(todo) < len(mine):
+        logger.info("rank %d: %d of its %d batches were already sampled", rank, len(mine) - len(todo), len(mine))
+    generated = generate_in_batches(var, labels, cfg.batch_size, cfg.seed, options, precision=precision,
+                                    desc=f"generating [{rank}/{world_size}]", batches=todo)
+    for batch, (images_BCHW, chunk) in zip(todo, generated):
+        images_uint8_BCHW = unit_float_to_uint8(images_BCHW)
+        tensors = {"images": images_uint8_BCHW.permute(0, 2, 3, 1), "labels": torch.tensor(chunk)}
+        if extractor is not None:
+            tensors["features"], tensors["logits"] = extractor.extract(images_uint8_BCHW)
+        write_shard(shard_path(shard_dir, batch), tensors, signature)
+
+
+def merge_shards(cfg: DictConfig, labels: list[int], resolution: int, shard_dir: Path, signature: dict[str, Any],
+                 collector: FeatureCollector | None) -> Path:
+    """Writes every shard's images, in batch order, to the shuffled ``.npz``; their features go to ``collector``."""
+    num_batches = -(-len(labels) // cfg.batch_size)
+    with AdmNpzWriter(cfg.npz, len(labels), resolution, resolution, seed=cfg.seed) as writer:
+        for batch in tqdm(range(num_batches), desc="merging shards", unit="batch"):
+            path = shard_path(shard_dir, batch)
+            if not path.is_file():
+                raise FileNotFoundError(f"expected the shard of batch {batch} at {path} after every rank finished, "
+                                        "got nothing there: is shard_dir on a file system all ranks share?")
+            check_shard(path, signature)
+            shard = load_file(path)
+            expected = labels[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
+            if shard["labels"].tolist() != expected:
+                raise ValueError(f"{path}: expected the labels {expected}, got {shard['labels'].tolist()}")
+            writer.add(shard["images"].numpy())
+            if collector is not None:
+                collector.features.append(shard["features"])
+                collector.logits.append(shard["logits"])
+    return writer.path
+
+
+def remove_shards(shard_dir: Path, num_batches: int) -> None:
+    """Deletes the run's shards (and partial files a killed run left), then ``shard_dir`` if it is empty."""
+    for batch in range(num_batches):
+        path = shard_path(shard_dir, batch)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)
+    if not any(shard_dir.iterdir()):
+        shard_dir.rmdir()
+
+
+def run(cfg: DictConfig) -> EvaluationResult | None:
+    """Samples this process's share of the shards; rank 0 then writes the shuffled ``.npz`` and ``metrics_json``
+    and returns both, the other ranks return None (see module docstring)."""
+    rank, world_size = distributed_rank()
+    device = rank_device(resolve_device(cfg.device), rank, world_size)
+    precision = resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     var = load_var_model(cfg, device)
     num_classes = var.num_classes if cfg.num_classes is None else cfg.num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= var.num_classes:
@@ -178,42 +312,47 @@ def run(cfg: DictConfig) -> EvaluationResult:
                          f"got {num_classes!r}")
     labels = parse_labels(None, num_classes, cfg.num_per_class)
     options = check_sampling_options(cfg, var.vocab_size)
+    check_int_at_least("batch_size", cfg.batch_size, 1)
     check_int_at_least("extract_batch_size", cfg.extract_batch_size, 1)
     resolution = model_resolution(var)
-    reference = open_reference(cfg, resolution)
+    reference = open_reference(cfg, resolution) if rank == 0 else None
 
     extractor, skipped = build_extractor(cfg)
-    fakes = None
+    collector = None
     if extractor is not None:
         check_counts(len(labels), cfg.num_is_splits, cfg.pr_k)
-        fakes = FeatureCollector(extractor, device)
-    with AdmNpzWriter(cfg.npz, len(labels), resolution, resolution, seed=cfg.seed) as writer:
-        for images_BCHW, _ in generate_in_batches(var, labels, cfg.batch_size, cfg.seed, options, desc="generating",
-                                                  precision=cfg.precision):
-            images_uint8_BCHW = unit_float_to_uint8(images_BCHW)
-            writer.add(images_uint8_BCHW)
-            if fakes is not None:
-                fakes.add(images_uint8_BCHW)
-    logger.info("wrote %d shuffled samples to %s", len(labels), writer.path)
+        collector = FeatureCollector(extractor, device)
+    shard_dir = Path(cfg.shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    signature = run_signature(cfg, num_classes, options, precision, resolution, collector is not None)
+    with process_group(world_size):
+        sample_shards(var, labels, cfg, options, precision, collector, shard_dir, signature, rank, world_size)
+        if world_size > 1:
+            dist.barrier()
+    if rank != 0:
+        return None
+    npz_path = merge_shards(cfg, labels, resolution, shard_dir, signature, collector)
+    logger.info("wrote %d shuffled samples to %s", len(labels), npz_path)
 
-    result = EvaluationResult(writer.path, Path(cfg.metrics_json), len(labels), skipped=skipped)
-    if fakes is not None:
-        fake_features, fake_logits = fakes.result()
+    result = EvaluationResult(npz_path, Path(cfg.metrics_json), len(labels), skipped=skipped)
+    if collector is not None:
+        fake_features, fake_logits = collector.result()
         # The chunks the ADM evaluator takes from the shuffled .npz (class-sorted chunks would deflate IS).
         order = torch.from_numpy(shuffle_permutation(len(labels), cfg.seed))
         result.metrics["is_mean"], result.metrics["is_std"] = inception_score(fake_logits[order], cfg.num_is_splits)
         if reference is not None:
-            real_features = reference_features(cfg, reference, fakes.extractor, device)
+            real_features = reference_features(cfg, reference, collector.extractor, device)
             result.num_reference_images = real_features.shape[0]
             result.metrics["fid"] = fid_from_features(real_features, fake_features)
             result.metrics["precision"], result.metrics["recall"] = precision_recall(
                 real_features, fake_features, cfg.pr_k)
         logger.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
-    write_metrics_json(cfg, result, num_classes)
+    write_metrics_json(cfg, result, num_classes, world_size)
+    remove_shards(shard_dir, -(-len(labels) // cfg.batch_size))
     return result
 
 
-def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: int) -> None:
+def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: int, processes: int) -> None:
     """Writes the metrics together with the settings that produced them to ``result.metrics_path``."""
     if cfg.reference_npz is not None:
         reference = str(cfg.reference_npz)
@@ -223,7 +362,8 @@ def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: i
         "npz": str(result.npz_path), "num_images": result.num_images, "num_classes": num_classes,
         "num_per_class": cfg.num_per_class, "guidance": cfg.guidance, "top_k": cfg.top_k, "top_p": cfg.top_p,
         "seed": cfg.seed, "batch_size": cfg.batch_size, "more_smooth": cfg.more_smooth,
-        "reference": reference, "num_reference_images": result.num_reference_images, "metrics": result.metrics,
+        "reference": reference, "num_reference_images": result.num_reference_images, "processes": processes,
+        "metrics": result.metrics,
     }
     if result.skipped is not None:
         record["metrics_skipped"] = result.skipped

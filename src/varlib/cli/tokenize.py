@@ -14,13 +14,11 @@ re-run skips finished shards (see ``varlib.data.tokenizing``). Configuration: ``
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-import torch
 from torch.utils.data import DataLoader, Subset
 
 from varlib.cli.common import (
@@ -28,6 +26,7 @@ from varlib.cli.common import (
     inference_precision,
     instantiate_config,
     load_tokenizer,
+    rank_device,
     resolve_device,
     resolve_precision,
     run_or_exit,
@@ -102,8 +101,7 @@ def run(cfg: DictConfig) -> TokenizeResult:
     rank, world_size = distributed_rank()
     device = resolve_device(cfg.device)
     resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
-    if device.type == "cuda" and device.index is None and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    device = rank_device(device, rank, world_size)
     requested = None if cfg.patch_nums is None else validate_patch_nums(list(cfg.patch_nums))
     vae, patch_nums = load_tokenizer(cfg.tokenizer, device, requested)
     resolution = patch_nums[-1] * vae.downsample
