@@ -432,7 +432,8 @@ def test_webdataset_bad_labels_and_truncated_shard(tmp_path: Path) -> None:
     cut = data.index(b"k3.png") + 512 + 40  # inside the data of member k3.png
     (tmp_path / "cut.tar").write_bytes(data[:cut])
     urls = [str(tmp_path / "labels.tar"), f"pipe:cat {tmp_path / 'cut.tar'}"]
-    datamodule = WebDatasetDataModule(urls, urls, num_classes=8, batch_size=8, num_workers=0, image_size=8)
+    datamodule = WebDatasetDataModule(urls, urls, num_classes=8, batch_size=8, num_workers=0, image_size=8,
+                                      indexed=False)
     labels = [label for _, labels in datamodule.val_dataloader() for label in labels.tolist()]
     assert labels == [1, 0, 1, 2]  # 'a', then the samples before the cut
     # 3 bad labels, then the truncated shard reports its cut member and its broken tail.
@@ -459,12 +460,17 @@ def test_webdataset_config_errors(shard_dir: Path) -> None:
         WebDatasetDataModule(shard, resampled=True)
     with pytest.raises(ValueError, match="val_urls"):
         WebDatasetDataModule(shard).val_dataloader()
+    with pytest.raises(ValueError, match="resampled=True, samples_per_epoch=10 with indexed=true"):
+        WebDatasetDataModule(shard, resampled=True, samples_per_epoch=10)
+    with pytest.raises(ValueError, match="indexed reading needs local shard files, got 'pipe:cat x.tar'"):
+        WebDatasetDataModule("pipe:cat x.tar")
 
 
 def test_webdataset_resampled_epoch_length(shard_dir: Path) -> None:
     shards = str(shard_dir / "*.tar")
     datamodule = WebDatasetDataModule(
-        shards, num_classes=8, batch_size=2, num_workers=0, image_size=8, resampled=True, samples_per_epoch=10
+        shards, num_classes=8, batch_size=2, num_workers=0, image_size=8, resampled=True, samples_per_epoch=10,
+        indexed=False,
     )
     assert sum(len(labels) for _, labels in datamodule.train_dataloader()) == 10
 

@@ -5,6 +5,11 @@ A shard is a tar file whose members are grouped into samples by basename: `00012
 brace patterns (`shard-{000000..000099}.tar`), '::'-separated lists, `pipe:` shell commands, or
 fsspec URLs (`s3://...`, `gs://...`, `hf://...`; the matching fsspec backend must be installed).
 
+Training reads local shards by index (`IndexedShardDataset`, through webdataset's indexed reader `wids`): the
+samples form one map-style set, shuffled, shared among ranks and resumed mid-epoch at the exact sample like the
+other map-style sets (`varlib.data.resumable`). Remote or `pipe:` shards are streamed instead (`indexed=False`):
+shard order and a shuffle buffer, no mid-epoch resume. Validation is always streamed.
+
 Bad data never stops the stream: unreadable shards, undecodable images, missing or out-of-range
 labels are passed to `CountingHandler`, which counts them in a `SkipCounter`, logs a warning
 naming the sample and its shard, and continues. Bad samples are dropped before batching, so
@@ -14,8 +19,10 @@ batches stay full. A truncated shard typically counts twice: its cut member and 
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
+from collections import OrderedDict
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -23,12 +30,14 @@ from urllib.request import url2pathname
 import fsspec
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from wids.wids import IndexedTarSamples
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from varlib.data.base import ImageDataModule, check_int_at_least
 from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
 from varlib.data.transforms import ImageTransform
 
@@ -156,7 +165,10 @@ class ShardSampleDecoder:
             raise BadSampleError(what, f"label {label} outside [0, {self.num_classes})")
         return label
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, sample: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``generator`` draws the random augmentation (None: torch's global generator)."""
         what = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
         image_key = next((key for key in self.image_keys if key in sample), None)
         if image_key is None:
@@ -166,7 +178,91 @@ class ShardSampleDecoder:
             image = decode_rgb_image(sample[image_key])
         except ImageDecodeError as error:
             raise BadSampleError(what, str(error)) from None
-        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+        image_CHW = self.transform(image) if generator is None else self.transform(image, generator)
+        return image_CHW, torch.tensor(label, dtype=torch.int64)
+
+
+def local_shard_path(url: str) -> str:
+    """The file of a local shard URL (a path or file://); ValueError for any other."""
+    parsed = urlparse(url)
+    if parsed.scheme not in LOCAL_SCHEMES:
+        raise ValueError(f"indexed reading needs local shard files, got {url!r}: copy the shards to a local disk, or "
+                         "stream them with indexed=false (a resumed run then starts its epoch again)")
+    return url2pathname(parsed.path) if parsed.scheme == "file" else os.path.expanduser(url)
+
+
+class IndexedShardDataset(Dataset):
+    """The samples of local WebDataset shards as one map-style set: row i is the i-th sample in shard order.
+
+    Each shard's members are listed once (``wids.wids.IndexedTarSamples``, over a memory map); a row is then read
+    by index, so any order (a seeded shuffle shared among ranks) costs the same and a resumed run starts at its
+    row. Item ``i`` is ``(image (3, R, R) in [-1, 1], label () int64)``, augmented with the generator of a
+    :class:`~varlib.data.resumable.SeededIndex`, or None for a bad sample (counted in ``skip_counter``). A shard
+    that cannot be listed is counted once and left out.
+
+    Args:
+        urls: local shard paths (or file:// URLs).
+        decoder: raw sample dict -> (image, label).
+        skip_counter: where bad samples and shards are counted.
+        open_shards: how many shards each process keeps open (least recently used ones are closed).
+    """
+
+    def __init__(self, urls: Sequence[str], decoder: ShardSampleDecoder, skip_counter: SkipCounter,
+                 open_shards: int = 64) -> None:
+        self.decoder = decoder
+        self.skip_counter = skip_counter
+        self.open_shards = check_int_at_least("open_shards", open_shards, 1)
+        self.paths: list[str] = []
+        lengths = []
+        for url in urls:
+            path = local_shard_path(url)
+            try:
+                shard = IndexedTarSamples(path=path)
+            except Exception as error:  # any unreadable tar: count it, train on the others
+                skip_counter.record(f"shard {url}", f"cannot list its samples ({type(error).__name__}: {error})")
+                continue
+            lengths.append(len(shard))
+            shard.close()
+            self.paths.append(path)
+        if not self.paths or sum(lengths) == 0:
+            raise ValueError(f"expected samples in the shards {list(urls)[:3]}..., got none that can be read")
+        self.starts = torch.tensor([0, *lengths]).cumsum(0)
+        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:  # open shards stay in the process that opened them
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def shard(self, number: int) -> IndexedTarSamples:
+        if number in self._open:
+            self._open.move_to_end(number)
+        else:
+            self._open[number] = IndexedTarSamples(path=self.paths[number])
+            if len(self._open) > self.open_shards:
+                self._open.popitem(last=False)[1].close()
+        return self._open[number]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} outside [0, {len(self)})")
+        number = int(torch.searchsorted(self.starts, int(index), right=True)) - 1
+        path = self.paths[number]
+        try:
+            entries = self.shard(number)[int(index) - int(self.starts[number])]
+        except Exception as error:  # a member cut short or damaged since the listing
+            self.skip_counter.record(f"row {int(index)} of {path}", f"{type(error).__name__}: {error}")
+            return None
+        # wids names entries by their extension with its dot and hands them as file objects
+        sample = {key if key.startswith("__") else key[1:]: value.getvalue() if isinstance(value, io.BytesIO)
+                  else value for key, value in entries.items()}
+        sample["__url__"] = path
+        try:
+            return self.decoder(sample, sample_generator(index))
+        except BadSampleError as error:
+            self.skip_counter.record(error.what, error.reason)
+            return None
 
 
 def shard_pipeline(
@@ -203,10 +299,13 @@ def shard_pipeline(
 
 
 class WebDatasetDataModule(ImageDataModule):
-    """LightningDataModule streaming `(image, label)` samples from WebDataset tar shards.
+    """LightningDataModule of `(image, label)` samples from WebDataset tar shards.
 
-    Streamed in shard order through a shuffle buffer, it has no `class_balance` (drawing rows by class needs
-    random access to the labels: use a folder or a token cache of the data).
+    Training with `indexed=True` (local shards) reads them by index (`IndexedShardDataset`): the order and
+    augmentation depend only on (shuffle_seed, epoch, row), and a run killed mid-epoch resumes at the next sample,
+    every rank and worker included (`varlib.data.resumable`). With `indexed=False` the shards are streamed (any
+    URL) in shard order through a shuffle buffer, and a resumed run starts its epoch again. There is no
+    `class_balance` (drawing rows by class needs every label first: use a folder or a token cache of the data).
 
     Args:
         train_urls: shard spec of the training split (see module docstring).
@@ -218,11 +317,14 @@ class WebDatasetDataModule(ImageDataModule):
         hflip: random horizontal flips for training.
         label_key: sample key with the integer label ('cls'); None gives every sample label 0.
         image_keys: sample keys tried in order for the encoded image.
-        shuffle_buffer: training sample shuffle buffer size (0 disables).
-        resampled: draw training shards with replacement (recommended for multi-GPU runs, where
-            ranks must see equally many batches); requires samples_per_epoch.
-        samples_per_epoch: training samples per epoch over all ranks and workers; None streams each
-            rank's shards once per epoch.
+        indexed: read local training shards by index (exact resume); False streams them.
+        shuffle_seed: seeds the indexed training order and augmentation (with the epoch and row).
+        open_shards: indexed shards each process keeps open.
+        shuffle_buffer: streamed training sample shuffle buffer size (0 disables).
+        resampled: stream training shards drawn with replacement (recommended for multi-GPU streams,
+            where ranks must see equally many batches); requires samples_per_epoch and indexed=False.
+        samples_per_epoch: streamed training samples per epoch over all ranks and workers; None streams
+            each rank's shards once per epoch.
     """
 
     def __init__(
@@ -239,8 +341,11 @@ class WebDatasetDataModule(ImageDataModule):
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         samples_per_epoch: int | None = None,
+        indexed: bool = True,
+        shuffle_seed: int = 0,
+        open_shards: int = 64,
     ) -> None:
-        super().__init__(batch_size, num_workers, image_size, hflip)
+        super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
         self.num_classes = check_int_at_least("num_classes", num_classes, 1)
         self.class_names = [str(index) for index in range(num_classes)]
         self.shuffle_buffer = check_int_at_least("shuffle_buffer", shuffle_buffer, 0)
@@ -248,6 +353,13 @@ class WebDatasetDataModule(ImageDataModule):
             check_int_at_least("samples_per_epoch", samples_per_epoch, 1)
         if resampled and samples_per_epoch is None:
             raise ValueError("resampled=True streams forever: set samples_per_epoch to an int >= 1, got None")
+        if not isinstance(indexed, bool):
+            raise ValueError(f"indexed must be a bool, got {indexed!r}")
+        if indexed and (resampled or samples_per_epoch is not None):
+            raise ValueError("resampled and samples_per_epoch apply to streamed shards (indexed=false), got "
+                             f"resampled={resampled}, samples_per_epoch={samples_per_epoch} with indexed=true")
+        self.indexed = indexed
+        self.open_shards = check_int_at_least("open_shards", open_shards, 1)
         if not image_keys or isinstance(image_keys, str):
             raise ValueError(f"image_keys must be a non-empty list of sample keys, got {image_keys!r}")
         self.resampled = resampled
@@ -255,6 +367,9 @@ class WebDatasetDataModule(ImageDataModule):
         self.label_key = label_key
         self.image_keys = tuple(image_keys)
         self.train_urls = resolve_shard_urls(train_urls)
+        if indexed:
+            for url in self.train_urls:
+                local_shard_path(url)
         self.val_urls = None if val_urls is None else resolve_shard_urls(val_urls)
 
     def _decoder(self, train: bool) -> ShardSampleDecoder:
@@ -265,6 +380,10 @@ class WebDatasetDataModule(ImageDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
+        if self.indexed:
+            dataset = IndexedShardDataset(self.train_urls, self._decoder(True), self.skip_counters["train"],
+                                          self.open_shards)
+            return self.make_loader(dataset, train=True)
         handler = CountingHandler(self.skip_counters["train"])
         pipeline = shard_pipeline(
             self.train_urls, self._decoder(True), handler, True, self.shuffle_buffer, self.resampled
