@@ -1,17 +1,19 @@
 """Resuming a WebDataset training stream mid-epoch: what it costs with webdataset's streaming pipeline and with
-webdataset's indexed reader ``wids``, on local shards.
+reading the shards by index (varlib's ``IndexedShardDataset``; webdataset's ``wids`` reader too when installed).
 
 Writes ``--shards`` tar shards of ``--per-shard`` JPEG samples (``--side`` px), then measures on one thread:
 
-* ``stream samples/s``: the streaming pipeline varlib had (shuffled shard order, shuffle buffer, decode + transform);
-* ``stream resume s``: what a replay resume costs at mid-epoch: the raw samples before that position read again
-  through the shard order and shuffle buffer, without decoding (the only way to rebuild a shuffle buffer's state);
-* ``index s``: listing every shard's samples once (wids' ``IndexedTarSamples``), the cost of a random-access set;
-* ``indexed samples/s``: the same decode + transform reading the samples in a global seeded permutation through
-  ``wids.ShardListDataset`` (every shard kept open; ``indexed samples/s lru10``: its default of 10 open shards);
-* ``indexed resume s``: a fresh indexed set reading its first batch at mid-epoch (the sampler skips the rest).
+* ``stream samples/s``: the streaming pipeline (``indexed=false``: shuffled shard order, shuffle buffer,
+  decode + transform);
+* ``stream resume s``: what a replay resume would cost at mid-epoch: the raw samples before that position read
+  again through the shard order and shuffle buffer, without decoding (the only way to rebuild a shuffle buffer);
+* ``index s``: listing every shard's samples (``IndexedShardDataset`` does it when the train loader is built);
+* ``indexed samples/s``: the same decode + transform, the samples read in a global seeded permutation;
+* ``indexed resume s``: a fresh indexed set (listing included) reading 64 samples from mid-epoch on;
+* ``wids samples/s (n shards open)``: the same permutation through ``wids.ShardListDataset`` (when ``wids`` is
+  installed), all shards kept open, then its default of 10.
 
-    .venv/bin/python benchmarks/shard_resume.py --shards 16 --per-shard 256 --side 128
+    .venv/bin/python benchmarks/shard_resume.py --shards 32 --per-shard 256 --side 128
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
+from varlib.data.resumable import SeededIndex
+from varlib.data.shards import CountingHandler, IndexedShardDataset, ShardSampleDecoder, shard_pipeline
 from varlib.data.skipping import SkipCounter
 from varlib.data.transforms import ImageTransform
 
@@ -67,8 +70,10 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import wids  # the optional reader measured against the stream
-
+    try:
+        import wids  # webdataset's indexed reader, measured when installed
+    except ImportError:
+        wids = None
     decoder = ShardSampleDecoder(ImageTransform(args.image_size, train=True, hflip=True), num_classes=10)
     total = args.shards * args.per_shard
     figures: dict[str, float] = {"samples": total}
@@ -84,27 +89,33 @@ def main() -> None:
         seconds, _ = timed(lambda: sum(1 for _, _ in zip(range(total // 2), raw)))
         figures["stream resume s"] = round(seconds, 3)
 
-        seconds, lengths = timed(lambda: [wids.wids.compute_num_samples(u) for u in urls])
+        seconds, _ = timed(lambda: IndexedShardDataset(urls, decoder, SkipCounter()))
         figures["index s"] = round(seconds, 3)
-        shard_list = [{"url": u, "nsamples": n} for u, n in zip(urls, lengths)]
-
-        def indexed(lru_size: int):
-            return wids.ShardListDataset(shard_list, localname=lambda url: url, lru_size=lru_size, transformations=[])
-
-        def read(dataset, rows) -> int:
-            # wids names entries by their extension with its dot and hands them as file objects
-            for row in rows:
-                sample = dataset[int(row)]
-                decoder({key.lstrip("."): value.getvalue() if isinstance(value, io.BytesIO) else value
-                         for key, value in sample.items()})
-            return len(rows)
-
         order = np.random.default_rng(0).permutation(total)
-        for lru_size, name in ((args.shards, "indexed samples/s"), (10, "indexed samples/s lru10")):
-            seconds, count = timed(lambda: read(indexed(lru_size), order))
-            figures[name] = round(count / seconds, 1)
-        seconds, _ = timed(lambda: read(indexed(args.shards), order[total // 2:total // 2 + 64]))
-        figures["indexed resume s (first 64 samples)"] = round(seconds, 3)
+
+        def read(rows) -> int:
+            dataset = IndexedShardDataset(urls, decoder, SkipCounter())
+            return sum(1 for row in rows if dataset[SeededIndex(int(row), int(row))] is not None)
+
+        seconds, count = timed(lambda: read(order))
+        figures["indexed samples/s"] = round(count / seconds, 1)
+        seconds, _ = timed(lambda: read(order[total // 2:total // 2 + 64]))
+        figures["indexed resume s"] = round(seconds, 3)
+        if wids is not None:
+            lengths = [wids.wids.compute_num_samples(url) for url in urls]
+            shard_list = [{"url": url, "nsamples": n} for url, n in zip(urls, lengths)]
+
+            def read_wids(lru_size: int) -> int:
+                dataset = wids.ShardListDataset(shard_list, localname=str, lru_size=lru_size, transformations=[])
+                for row in order:  # wids hands entries as file objects named by their extension with its dot
+                    sample = dataset[int(row)]
+                    decoder({key.lstrip("."): value.getvalue() if isinstance(value, io.BytesIO) else value
+                             for key, value in sample.items()})
+                return total
+
+            for lru_size in (args.shards, 10):
+                seconds, count = timed(lambda: read_wids(lru_size))
+                figures[f"wids samples/s ({lru_size} shards open)"] = round(count / seconds, 1)
     print(json.dumps({"settings": vars(args), "figures": figures}, indent=1))
 
 

@@ -49,13 +49,12 @@ def decoder(num_classes: int) -> ShardSampleDecoder:
 
 def test_indexed_rows_are_the_samples_in_shard_order_with_seeded_augmentation(tmp_path):
     paths = write_shards(tmp_path, 3, 4)
-    dataset = IndexedShardDataset(paths, decoder(12), SkipCounter(), open_shards=2)
+    dataset = IndexedShardDataset(paths, decoder(12), SkipCounter())
     assert len(dataset) == 12
     assert [int(dataset[i][1]) for i in range(12)] == list(range(12))
     for row in (0, 5, 11):  # the augmentation is drawn from the index's seed: the same image every time
         first, again = dataset[SeededIndex(row, 7)][0], dataset[SeededIndex(row, 7)][0]
         assert first.shape == (3, 16, 16) and torch.equal(first, again)
-    assert len(dataset._open) == 2  # least recently used shards were closed
     with pytest.raises(IndexError, match=r"row 12 outside \[0, 12\)"):
         dataset[12]
 

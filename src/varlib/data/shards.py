@@ -5,7 +5,7 @@ A shard is a tar file whose members are grouped into samples by basename: `00012
 brace patterns (`shard-{000000..000099}.tar`), '::'-separated lists, `pipe:` shell commands, or
 fsspec URLs (`s3://...`, `gs://...`, `hf://...`; the matching fsspec backend must be installed).
 
-Training reads local shards by index (`IndexedShardDataset`, through webdataset's indexed reader `wids`): the
+Training reads local shards by index (`IndexedShardDataset`, each file's offset listed once): the
 samples form one map-style set, shuffled, shared among ranks and resumed mid-epoch at the exact sample like the
 other map-style sets (`varlib.data.resumable`). Remote or `pipe:` shards are streamed instead (`indexed=False`):
 shard order and a shuffle buffer, no mid-epoch resume. Validation is always streamed.
@@ -19,21 +19,20 @@ batches stay full. A truncated shard typically counts twice: its cut member and 
 from __future__ import annotations
 
 import glob
-import io
 import math
 import os
-from collections import OrderedDict
+import tarfile
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import fsspec
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
-from wids.wids import IndexedTarSamples
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from varlib.data.base import ImageDataModule, check_int_at_least
 from varlib.data.images import ImageDecodeError, decode_rgb_image
@@ -191,73 +190,87 @@ def local_shard_path(url: str) -> str:
     return url2pathname(parsed.path) if parsed.scheme == "file" else os.path.expanduser(url)
 
 
+def list_shard_members(path: str) -> Iterator[tuple[str, str, int, int]]:
+    """``(key, extension, data offset, size)`` of each file in an uncompressed tar, in order (webdataset's naming:
+    ``a/000123.seg.png`` is key ``a/000123``, extension ``seg.png``; names without an extension are left out)."""
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            key, extension = base_plus_ext(info.name)
+            if info.isfile() and key is not None:
+                yield key, extension, info.offset_data, info.size
+
+
 class IndexedShardDataset(Dataset):
     """The samples of local WebDataset shards as one map-style set: row i is the i-th sample in shard order.
 
-    Each shard's members are listed once (``wids.wids.IndexedTarSamples``, over a memory map); a row is then read
-    by index, so any order (a seeded shuffle shared among ranks) costs the same and a resumed run starts at its
-    row. Item ``i`` is ``(image (3, R, R) in [-1, 1], label () int64)``, augmented with the generator of a
+    Every shard's file offsets are listed once (``tarfile``); a row is then read with ``os.pread``, so any order (a
+    seeded shuffle over all shards, shared among ranks) costs the same, nothing stays open, and a resumed run
+    starts at its row. The listing is kept in numpy arrays (24 bytes per file), shared by forked workers. Item
+    ``i`` is ``(image (3, R, R) in [-1, 1], label () int64)``, augmented with the generator of a
     :class:`~varlib.data.resumable.SeededIndex`, or None for a bad sample (counted in ``skip_counter``). A shard
-    that cannot be listed is counted once and left out.
+    that cannot be listed (a truncated or compressed tar) is counted once and left out.
 
     Args:
-        urls: local shard paths (or file:// URLs).
+        urls: local shard paths (or file:// URLs) of uncompressed tars.
         decoder: raw sample dict -> (image, label).
         skip_counter: where bad samples and shards are counted.
-        open_shards: how many shards each process keeps open (least recently used ones are closed).
     """
 
-    def __init__(self, urls: Sequence[str], decoder: ShardSampleDecoder, skip_counter: SkipCounter,
-                 open_shards: int = 64) -> None:
+    def __init__(self, urls: Sequence[str], decoder: ShardSampleDecoder, skip_counter: SkipCounter) -> None:
         self.decoder = decoder
         self.skip_counter = skip_counter
-        self.open_shards = check_int_at_least("open_shards", open_shards, 1)
         self.paths: list[str] = []
-        lengths = []
+        self.extensions: list[str] = []
+        extension_ids: dict[str, int] = {}
+        files: list[tuple[int, int, int]] = []  # (offset, size, extension id) of each file
+        sample_starts, sample_shards = [], []  # each sample's first file and its shard
+        first_error = None
         for url in urls:
             path = local_shard_path(url)
             try:
-                shard = IndexedTarSamples(path=path)
-            except Exception as error:  # any unreadable tar: count it, train on the others
-                skip_counter.record(f"shard {url}", f"cannot list its samples ({type(error).__name__}: {error})")
+                listing = list(list_shard_members(path))
+            except (tarfile.TarError, OSError) as error:
+                first_error = first_error or f"{url}: {type(error).__name__}: {error}"
+                skip_counter.record(f"shard {url}", f"cannot list its files ({type(error).__name__}: {error})")
                 continue
-            lengths.append(len(shard))
-            shard.close()
+            last_key = None
+            for key, extension, offset, size in listing:
+                if key != last_key:
+                    sample_starts.append(len(files))
+                    sample_shards.append(len(self.paths))
+                    last_key = key
+                files.append((offset, size, extension_ids.setdefault(extension, len(extension_ids))))
             self.paths.append(path)
-        if not self.paths or sum(lengths) == 0:
-            raise ValueError(f"expected samples in the shards {list(urls)[:3]}..., got none that can be read")
-        self.starts = torch.tensor([0, *lengths]).cumsum(0)
-        self._open: OrderedDict[int, IndexedTarSamples] = OrderedDict()
+        if not sample_starts:
+            raise ValueError(f"expected samples in the shards {list(urls)[:3]}{'...' if len(urls) > 3 else ''}, "
+                             f"got none that can be read (first error: {first_error})")
+        self.extensions = list(extension_ids)
+        self.files = np.array(files, dtype=np.int64).reshape(-1, 3)
+        self.sample_starts = np.array([*sample_starts, len(files)], dtype=np.int64)
+        self.sample_shards = np.array(sample_shards, dtype=np.int32)
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getstate__(self) -> dict[str, Any]:  # open shards stay in the process that opened them
-        return {**self.__dict__, "_open": OrderedDict()}
-
-    def shard(self, number: int) -> IndexedTarSamples:
-        if number in self._open:
-            self._open.move_to_end(number)
-        else:
-            self._open[number] = IndexedTarSamples(path=self.paths[number])
-            if len(self._open) > self.open_shards:
-                self._open.popitem(last=False)[1].close()
-        return self._open[number]
+        return len(self.sample_shards)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} outside [0, {len(self)})")
-        number = int(torch.searchsorted(self.starts, int(index), right=True)) - 1
-        path = self.paths[number]
+        path = self.paths[self.sample_shards[index]]
+        what = f"row {int(index)} of {path}"
+        sample: dict[str, Any] = {"__key__": f"row {int(index)}", "__url__": path}
         try:
-            entries = self.shard(number)[int(index) - int(self.starts[number])]
-        except Exception as error:  # a member cut short or damaged since the listing
-            self.skip_counter.record(f"row {int(index)} of {path}", f"{type(error).__name__}: {error}")
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                for offset, size, extension in self.files[self.sample_starts[index]:self.sample_starts[index + 1]]:
+                    data = os.pread(descriptor, int(size), int(offset))
+                    if len(data) != size:
+                        raise OSError(f"expected {size} bytes at offset {offset}, got {len(data)}: the file shrank")
+                    sample[self.extensions[extension]] = data
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            self.skip_counter.record(what, f"{type(error).__name__}: {error}")
             return None
-        # wids names entries by their extension with its dot and hands them as file objects
-        sample = {key if key.startswith("__") else key[1:]: value.getvalue() if isinstance(value, io.BytesIO)
-                  else value for key, value in entries.items()}
-        sample["__url__"] = path
         try:
             return self.decoder(sample, sample_generator(index))
         except BadSampleError as error:
@@ -319,7 +332,6 @@ class WebDatasetDataModule(ImageDataModule):
         image_keys: sample keys tried in order for the encoded image.
         indexed: read local training shards by index (exact resume); False streams them.
         shuffle_seed: seeds the indexed training order and augmentation (with the epoch and row).
-        open_shards: indexed shards each process keeps open.
         shuffle_buffer: streamed training sample shuffle buffer size (0 disables).
         resampled: stream training shards drawn with replacement (recommended for multi-GPU streams,
             where ranks must see equally many batches); requires samples_per_epoch and indexed=False.
@@ -343,7 +355,6 @@ class WebDatasetDataModule(ImageDataModule):
         samples_per_epoch: int | None = None,
         indexed: bool = True,
         shuffle_seed: int = 0,
-        open_shards: int = 64,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
         self.num_classes = check_int_at_least("num_classes", num_classes, 1)
@@ -359,7 +370,6 @@ class WebDatasetDataModule(ImageDataModule):
             raise ValueError("resampled and samples_per_epoch apply to streamed shards (indexed=false), got "
                              f"resampled={resampled}, samples_per_epoch={samples_per_epoch} with indexed=true")
         self.indexed = indexed
-        self.open_shards = check_int_at_least("open_shards", open_shards, 1)
         if not image_keys or isinstance(image_keys, str):
             raise ValueError(f"image_keys must be a non-empty list of sample keys, got {image_keys!r}")
         self.resampled = resampled
@@ -381,8 +391,7 @@ class WebDatasetDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.indexed:
-            dataset = IndexedShardDataset(self.train_urls, self._decoder(True), self.skip_counters["train"],
-                                          self.open_shards)
+            dataset = IndexedShardDataset(self.train_urls, self._decoder(True), self.skip_counters["train"])
             return self.make_loader(dataset, train=True)
         handler = CountingHandler(self.skip_counters["train"])
         pipeline = shard_pipeline(
