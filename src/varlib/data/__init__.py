@@ -2,7 +2,7 @@
 
 - `EmojiDataModule`: embedded default dataset (Twemoji PNGs, 9 emoji-category classes), no download.
 - `ImageFolderDataModule`: ImageNet / OpenImages style `root/{train,val}/<class>/*.jpg` or flat folders.
-- `WebDatasetDataModule`: streaming tar shards (local, glob, brace, `pipe:`, fsspec URLs).
+- `WebDatasetDataModule`: tar shards (local, glob, brace, `pipe:`, fsspec URLs), local training shards read by index.
 
 All yield batches `(images (B, 3, R, R) float32 in [-1, 1], labels (B,) int64)`; unreadable
 samples are skipped and counted in each DataModule's `skipped` property.

@@ -1,4 +1,4 @@
-"""Streaming datasets from WebDataset tar shards.
+"""Datasets from WebDataset tar shards, read by index (local training shards) or streamed.
 
 A shard is a tar file whose members are grouped into samples by basename: `000123.jpg` and
 `000123.cls` form one sample with keys 'jpg' and 'cls'. Shard specs may be local paths, globs,
@@ -220,7 +220,6 @@ class IndexedShardDataset(Dataset):
         self.decoder = decoder
         self.skip_counter = skip_counter
         self.paths: list[str] = []
-        self.extensions: list[str] = []
         extension_ids: dict[str, int] = {}
         files: list[tuple[int, int, int]] = []  # (offset, size, extension id) of each file
         sample_starts, sample_shards = [], []  # each sample's first file and its shard
