@@ -376,9 +376,6 @@ class WebDatasetDataModule(ImageDataModule):
         self.label_key = label_key
         self.image_keys = tuple(image_keys)
         self.train_urls = resolve_shard_urls(train_urls)
-        if indexed:
-            for url in self.train_urls:
-                local_shard_path(url)
         self.val_urls = None if val_urls is None else resolve_shard_urls(val_urls)
 
     def _decoder(self, train: bool) -> ShardSampleDecoder:
