@@ -1,4 +1,5 @@
-"""Shared fixtures: the official tiny parity bundles (made by running the official VAR code)."""
+"""Shared fixtures: the official tiny parity bundles (made by running the official VAR code), and the torch thread
+count restored after every test (a test that sets it must not change the tests after it)."""
 
 from pathlib import Path
 
@@ -6,6 +7,13 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_bundle(name: str) -> dict:

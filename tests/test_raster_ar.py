@@ -147,7 +147,6 @@ def test_module_carries_sampling_settings_and_refuses_var_only_options():
 
 
 def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
-    torch.set_num_threads(1)
     vae = single_scale_vae()
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(24, 3, 2 * SIDE, 2 * SIDE, generator=g) * 2 - 1, torch.arange(24) % 3

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 import varlib
 from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss
@@ -208,7 +209,8 @@ def test_validation_logs_psnr_ssim_and_codebook_usage_over_the_whole_set(tmp_pat
         tokens = torch.cat([vae.encode_tokens(x)[-1] for x in data.val_images.split(4)])
     mse_B = ((recon + 1) / 2 - (data.val_images + 1) / 2).pow(2).flatten(1).mean(1)
     assert results["val/psnr"] == pytest.approx((10 * torch.log10(1 / mse_B)).mean().item(), abs=1e-3)
-    assert 0 < results["val/ssim"] <= 1
+    want_ssim = structural_similarity_index_measure((recon + 1) / 2, (data.val_images + 1) / 2, data_range=1.0)
+    assert results["val/ssim"] == pytest.approx(want_ssim.item(), abs=1e-5)
     assert results["val/codebook_usage"] == pytest.approx(tokens.unique().numel() / TINY_VAE["vocab_size"])
 
 
