@@ -176,3 +176,47 @@ def test_a_swapped_optimizer_gets_the_recipes_groups_and_lr_and_checkpoints_as_p
     trainer.save_checkpoint(tmp_path / "adam.ckpt")
     hparams = torch.load(tmp_path / "adam.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["optimizer"] == {"_target_": "torch.optim.Adam", "betas": [0.8, 0.9]}
+
+
+class TokenData(L.LightningDataModule):
+    """Random token rows (B, L) of the tiny schedule with labels, as a token cache gives them."""
+
+    def __init__(self, n=8, batch_size=4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tokens = torch.randint(0, 32, (n, sum(pn * pn for pn in PATCH_NUMS)), generator=g)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.tokens, self.labels), batch_size=self.batch_size, shuffle=True)
+
+
+class RecordSteps(L.Callback):
+    """Per training step: the transformer's input, its logits, the batch and the loss the step returned."""
+
+    def __init__(self):
+        self.calls, self.steps = [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.var.register_forward_hook(lambda module, args, logits: self.calls.append((args[1], logits.detach())))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        x_BlCv, logits = self.calls.pop()
+        self.steps.append((batch[0], x_BlCv, logits, outputs["loss"].detach()))
+
+
+def test_progressive_training_trains_the_growing_prefix_of_scales(tmp_path):
+    """8 steps, warm-up 0.2 (1 step), progressive 0.5 (until step 4) from 1 scale: scales 1, 1, 2, 3, 4, 4, 4, 4,
+    i.e. 1, 1, 5, 14, 30, ... tokens (schedule 1,2,3,4); each step's loss is the cross-entropy over that prefix."""
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=0.1, warmup_fraction=0.2),
+                       loss=dict(progressive_fraction=0.5, progressive_first=1))
+    recorder = RecordSteps()
+    fit(module, TokenData(), tmp_path, steps=8, limit_val_batches=0, callbacks=[recorder])
+    assert [logits.shape[1] for _, _, logits, _ in recorder.steps] == [1, 1, 5, 14, 30, 30, 30, 30]
+    for step, (tokens_BL, x_BlCv, logits, loss) in enumerate(recorder.steps):
+        length = logits.shape[1]
+        full_input = module.vae.teacher_forcing_input([tokens_BL[:, sl] for sl in module.slices], PATCH_NUMS)
+        assert torch.equal(x_BlCv, full_input[:, : length - 1]), step
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens_BL[:, :length].flatten())
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6), step
