@@ -37,6 +37,7 @@ from varlib.evaluation import (
     load_adm_npz,
     precision_recall,
     shuffle_permutation,
+    signed_float_to_uint8,
     to_uint8_nhwc,
     write_adm_npz,
 )
@@ -367,8 +368,22 @@ def test_evaluate_reference_images_from_a_data_config(tiny, extractor_weights, i
         f"inception._target_={EXTRACTOR_TARGET}", f"inception.weights_path={weights}"])
     result = evaluate.run(config)
     assert result.num_reference_images == 4  # the val split: 2 classes x 2 images
-    assert set(result.metrics) == {"is_mean", "is_std", "fid", "precision", "recall"}
-    assert all(np.isfinite(v) for v in result.metrics.values())
+
+    # the same figures computed directly: the val images centre-cropped to the model's side, the written samples
+    transform = ImageTransform(SIDE, train=False)
+    real_BCHW = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(image_folder.glob("val/*/*.png"))])
+    samples_BCHW = torch.from_numpy(load_adm_npz(result.npz_path)).permute(0, 3, 1, 2)
+    extractor = TinyExtractor(str(weights)).eval()
+    with torch.no_grad():
+        real_features, _ = extractor(signed_float_to_uint8(real_BCHW))
+        fake_features, fake_logits = extractor(samples_BCHW)
+    is_mean, is_std = inception_score(fake_logits, 2)
+    precision, recall = precision_recall(real_features, fake_features, 3)
+    expected = {"is_mean": is_mean, "is_std": is_std, "fid": fid_from_features(real_features, fake_features),
+                "precision": precision, "recall": recall}
+    assert result.metrics.keys() == expected.keys()
+    for name, value in expected.items():
+        assert result.metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
 def test_evaluate_without_inception_weights_still_writes_the_npz(tiny, tmp_path):
