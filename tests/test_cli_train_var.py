@@ -5,6 +5,7 @@ in-loop FID/IS equal on 1 and 2 processes; invalid configurations fail before tr
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from helpers.cli import assert_usage_error
 
 import varlib
 from varlib.data.tokenizing import tokenize_to_cache
@@ -140,9 +143,7 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
 @pytest.mark.slow  # a subprocess each, on a token cache made first
 def test_invalid_configuration_fails_before_training(tiny_cache, override, message):
     result = train(tiny_cache, "invalid", override)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert not (tiny_cache / "invalid" / "checkpoints").exists()
+    assert_usage_error(result, message, tiny_cache / "invalid")
 
 
 def logged_column(run_dir: Path, column: str) -> dict[int, float]:
@@ -173,6 +174,34 @@ def test_fsdp_trains_like_ddp_with_global_gradient_clipping_and_whole_export(tin
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=key)
     var = varlib.load(tiny_cache / "same_fsdp" / "model.safetensors")
     assert isinstance(var, varlib.VAR) and var.depth == 2
+
+
+@pytest.mark.slow  # two processes
+def test_fsdp_shards_every_parameter_across_processes_and_runs_its_bf16_policy(tiny_cache):
+    """trainer=fsdp at its default precision (bf16-mixed) on 2 CPU processes (gloo): every transformer parameter is an
+    fp32 DTensor sharded on dim 0, each rank holding its chunk of the rows (about half of every parameter, half of
+    all elements); the blocks compute with bf16 weights gathered from the shards and the gradients are fp32."""
+    out = tiny_cache / "fsdp_shards"
+    result = train(tiny_cache, "fsdp_shards", "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.model_checkpoint=null",
+                   "+callbacks.sharding._target_=helpers.callbacks.RecordSharding", f"+callbacks.sharding.out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((out / f"sharding_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0]["params"].keys() == records[1]["params"].keys()
+    for rank, record in enumerate(records):
+        assert record["world_size"] == 2
+        assert record["forward_dtypes"] == ["torch.bfloat16"] and record["grad_dtypes"] == ["torch.float32"]
+        for name, param in record["params"].items():
+            assert param["dtensor"] and param["placements"] == "(Shard(dim=0),)", name
+            assert param["dtype"] == "torch.float32", name
+            rows = param["shape"][0]
+            row_size = math.prod(param["shape"][1:])
+            first = -(-rows // 2)  # torch.chunk's split of dim 0: ceil(rows / 2), then the rest
+            assert param["local"] == row_size * (first if rank == 0 else rows - first), name
+        local = sum(param["local"] for param in record["params"].values())
+        total = sum(math.prod(param["shape"]) for param in record["params"].values())
+        assert abs(local / total - 0.5) < 0.02, (rank, local, total)
+    assert math.isfinite(json.loads((tiny_cache / "fsdp_shards" / "metrics.json").read_text())["val/loss_avg"])
 
 
 @pytest.fixture(scope="module")

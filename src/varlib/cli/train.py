@@ -5,7 +5,8 @@
     varlib-train --multirun experiment=tokenizer_emoji model.optim.lr=1e-4,3e-4
 
 A run writes to ``outputs/<task_name>/`` (multirun: ``multirun/<task_name>/<job number>/``), so running the same
-command again resumes where it stopped. What a run builds, resumes, writes and exports:
+command again resumes where it stopped. A bad configuration exits with status 2 and one logged message, before
+anything is written (:func:`~varlib.cli.common.run_or_exit`). What a run builds, resumes, writes and exports:
 :mod:`varlib.training.runner`, whose :func:`~varlib.training.runner.train` this wraps.
 """
 
@@ -14,13 +15,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from varlib.cli.common import CONFIG_PATH
+from varlib.cli.common import CONFIG_PATH, run_or_exit
 from varlib.training.runner import train
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, float]:
-    return train(cfg)
+    return run_or_exit(train, cfg)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.distributed.checkpoint import FileSystemReader
 
+from varlib.cli.common import instantiate_config
 from varlib.configs import compose_config, datamodule_config, device_count
 from varlib.io import DISTRIBUTED_CHECKPOINT_INDEX, LIGHTNING_META_NAME
 
@@ -35,7 +35,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Builds every entry of a named group such as ``cfg.callbacks``; entries set to null are skipped."""
     if group is None:
         return []
-    return [instantiate(node) for node in group.values() if node is not None]
+    return [instantiate_config(node) for node in group.values() if node is not None]
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -130,13 +130,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(cfg.cpu_threads)
 
     apply_global_batch_size(cfg)
-    datamodule = instantiate(datamodule_config(cfg.data))
-    model = instantiate(cfg.model)
+    datamodule = instantiate_config(datamodule_config(cfg.data))
+    model = instantiate_config(cfg.model)
     if not callable(getattr(model, "export", None)):
         raise ValueError(f"cfg.model must build a LightningModule with an export(path) method, got {type(model).__name__}")
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate_config(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     checkpoint = resume_checkpoint(checkpoint_dir, cfg.resume)
     if checkpoint is not None:
