@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.varlib-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast test-gpu demo bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -17,6 +17,12 @@ test: $(STAMP)
 ## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+## the CUDA-only paths (tests/gpu: FlexAttention's backward, auto -> flex, bf16 FSDP2, fused AdamW, the compiled
+## sampler) on a machine with a GPU; any Python with CUDA torch, einops, safetensors, tqdm, numpy and pytest will do:
+## make test-gpu PY=python3 (varlib is imported from src/)
+test-gpu:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -q -m gpu tests/gpu
 
 demo: $(STAMP)
 	$(PY) -m varlib.cli.demo
