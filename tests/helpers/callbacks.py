@@ -1,9 +1,12 @@
-"""Callbacks that simulate failures in subprocess training runs."""
+"""Callbacks for subprocess training runs: simulated failures, and records of what the run did."""
 
+import json
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
+from torch.distributed.tensor import DTensor
 
 
 class KillAtStep(L.Callback):
@@ -17,3 +20,37 @@ class KillAtStep(L.Callback):
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
+
+
+class RecordSharding(L.Callback):
+    """Writes ``<out>/sharding_rank<r>.json`` per process: for every transformer parameter, whether it is a DTensor,
+    its placements, local element count, global shape and dtype at the first step; the dtypes of the first block's
+    parameters inside its forward (FSDP2 gathers them, in the mixed-precision policy's dtype); the gradients' dtypes."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+        self.record: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.record:
+            return
+        params = {}
+        for name, param in pl_module.transformer.named_parameters():
+            is_dtensor = isinstance(param, DTensor)
+            params[name] = {"dtensor": is_dtensor, "placements": str(param.placements) if is_dtensor else None,
+                            "local": param.to_local().numel() if is_dtensor else param.numel(),
+                            "shape": list(param.shape), "dtype": str(param.dtype)}
+        self.record = {"world_size": trainer.world_size, "params": params, "forward_dtypes": []}
+        pl_module.transformer.blocks[0].register_forward_pre_hook(self._record_forward_dtypes)
+
+    def _record_forward_dtypes(self, block, args):
+        if not self.record["forward_dtypes"]:
+            self.record["forward_dtypes"] = sorted({str(p.dtype) for p in block.parameters()})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.record.setdefault("grad_dtypes", sorted({str(p.grad.dtype) for p in pl_module.transformer.parameters()
+                                                      if p.grad is not None}))
+
+    def on_train_end(self, trainer, pl_module):
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"sharding_rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

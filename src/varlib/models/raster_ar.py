@@ -113,8 +113,9 @@ class RasterAR(AdaLNTransformer):
         return self
 
     def embed_tokens(self, tokens_Bl: torch.Tensor) -> torch.Tensor:
-        """word_embed of the frozen code vectors: (B,l) token indices -> (B,l,C)."""
-        return self.word_embed(self.vae.quantize.embedding(tokens_Bl).float())
+        """word_embed of the frozen code vectors: (B,l) token indices -> (B,l,C), in the weights' dtype (fp32, or
+        bf16 under FSDP2's bf16 mixed precision)."""
+        return self.word_embed(self.vae.quantize.embedding(tokens_Bl).to(self.word_embed.weight.dtype))
 
     def start_input(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """Position 0's input, the class embedding + pos_start + pos_1LC[0]: (B,D) -> (B,1,C)."""

@@ -246,8 +246,9 @@ class VAR(AdaLNTransformer):
 
     def embed_token_inputs(self, x_BlCv: torch.Tensor, start: int) -> torch.Tensor:
         """Code-vector inputs of tokens [start, start + l) to the width plus their level/position embedding:
-        (B,l,Cvae) -> (B,l,C)."""
-        return self.word_embed(x_BlCv.float()) + self.level_position_embedding(start, start + x_BlCv.shape[1])
+        (B,l,Cvae) -> (B,l,C). In the weights' dtype: fp32, or bf16 under FSDP2's bf16 mixed precision."""
+        x_BlCv = x_BlCv.to(self.word_embed.weight.dtype)
+        return self.word_embed(x_BlCv) + self.level_position_embedding(start, start + x_BlCv.shape[1])
 
     def embed_next_scale(self, next_BCpp: torch.Tensor, scale_index: int) -> torch.Tensor:
         """The input of scale ``scale_index`` from its (B,Cvae,pn,pn) down-sampled f_hat: (B,pn*pn,C)."""

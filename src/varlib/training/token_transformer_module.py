@@ -246,13 +246,13 @@ class TokenTransformerModule(L.LightningModule):
     def configure_model(self):
         """FSDP2 under ``ModelParallelStrategy``: shard every block, then the root, and the EMA like them.
 
-        With bf16 precision on CUDA the gathered weights are cast to bf16 and gradients reduced in fp32; the
-        sharded master weights, the optimiser state and the EMA stay fp32.
+        With bf16 precision (on CUDA, or on CPU processes under gloo) the gathered weights are cast to bf16 and
+        gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32.
         """
         if self.device_mesh is None or getattr(self, "_sharded", False):
             return
         mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
-        bf16 = str(self.trainer.precision).startswith("bf16") and self.device.type == "cuda"
+        bf16 = str(self.trainer.precision).startswith("bf16")
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in self.transformer.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
