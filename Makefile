@@ -25,7 +25,7 @@ test-gpu:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -q -m gpu tests/gpu
 
 demo: $(STAMP)
-	$(PY) -m varlib.cli.demo
+	$(VENV)/bin/varlib-demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py

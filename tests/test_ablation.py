@@ -1,4 +1,4 @@
-"""`python -m varlib.cli.ablation` at varlib.notebook's tiny size: both tokenizers and transformers train with equal
+"""`varlib-ablation` at varlib.pipeline's tiny size: both tokenizers and transformers train with equal
 budgets, the figures land in results.json/results.md, the emoji classifier scores the samples by default and a
 pluggable sample metric replaces it."""
 
@@ -9,8 +9,14 @@ import torch
 
 from helpers.runs import untrained_validation
 
-from varlib.cli.ablation import main, markdown_table, sample_figures, transformer_overrides
-from varlib.notebook import TINY_ABLATION_TOKENIZER, TINY_ABLATION_TRANSFORMER
+from varlib.cli import ablation
+from varlib.configs import compose_config
+from varlib.pipeline import (
+    TINY_ABLATION_TOKENIZER,
+    TINY_ABLATION_TRANSFORMER,
+    ablation_table,
+    sample_figures,
+)
 
 
 def nearest_mean_metric(reference_images, reference_labels):
@@ -25,11 +31,6 @@ def nearest_mean_metric(reference_images, reference_labels):
     return metric
 
 
-def test_transformer_overrides_route_model_net_keys():
-    assert transformer_overrides(["model.net.depth=2", "trainer.max_steps=3"], "ar") == ["model.ar.depth=2",
-                                                                                         "trainer.max_steps=3"]
-
-
 def test_table_flattens_nested_figures_and_gives_calibration_points_rows():
     points = {"real": {"class_accuracy": 0.7, "feature_distance": 0.05},
               "blurred_8x8": {"class_accuracy": 0.33, "feature_distance": 12.7}}
@@ -41,7 +42,7 @@ def test_table_flattens_nested_figures_and_gives_calibration_points_rows():
     model = {"tokenizer": {"psnr": 20.0, "ssim": 0.7}, "tokens_per_image": 130, "non_embedding_params": 10,
              "steps": 5, "training_images": 40, "samples": samples, "seconds_per_image_b1": 0.1,
              "seconds_per_image_b16": 0.01}
-    rows = markdown_table({"0": {"var": model}}).splitlines()
+    rows = ablation_table({"0": {"var": model}}).splitlines()
     assert len(rows) == 2 + 1 + 2
     assert rows[0].split(" | ")[8:12] == ["class_accuracy", "feature_distance", "halfway_progress/class_accuracy",
                                           "halfway_progress/feature_distance"]
@@ -51,14 +52,12 @@ def test_table_flattens_nested_figures_and_gives_calibration_points_rows():
 
 @pytest.mark.slow
 def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, capsys):
-    # a peak lr of 1e-2 (base 0.32 at batch 8) for both transformers, so that 5 steps move their held-out loss
-    args = ["--out", str(tmp_path), "--seeds", "3", "--per-class", "2", "--no-token-cache", "--threads", "1",
-            "--transformer-override", "model.optim.base_lr=0.32"]
-    for override in TINY_ABLATION_TOKENIZER:
-        args += ["--tokenizer-override", override]
-    for override in TINY_ABLATION_TRANSFORMER:
-        args += ["--transformer-override", override]
-    main(args)  # the default sample metric: the demo's emoji classifier protocol
+    # a peak lr of 1e-2 for both transformers, so that 5 steps move their held-out loss
+    cfg = compose_config("ablation", [f"out_dir={tmp_path}", "seeds=[3]", "per_class=2", "token_cache=false",
+                                      "cpu_threads=1"])
+    transformer_overrides = [*TINY_ABLATION_TRANSFORMER, "model.optim.lr=1e-2"]
+    cfg.tokenizer_overrides, cfg.transformer_overrides = list(TINY_ABLATION_TOKENIZER), transformer_overrides
+    ablation.run(cfg)  # the default sample metric: the demo's emoji classifier protocol
     report = json.loads((tmp_path / "results.json").read_text())
     var, ar = report["results"]["3"]["var"], report["results"]["3"]["raster_ar"]
     assert var["tokens_per_image"] == 85 and ar["tokens_per_image"] == 64
@@ -72,11 +71,11 @@ def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, 
             tokenizer_overrides += ["model.vae.patch_nums=[8]", "model.vae.share_quant_resi=1"]
         before = untrained_validation(tokenizer_overrides)
         assert model["tokenizer"]["psnr"] > before["val/psnr"] + 0.2, (name, before["val/psnr"], model["tokenizer"])
-        experiment, key = {"var": ("var_emoji", "var"), "raster_ar": ("ar_emoji", "ar")}[name]
+        experiment = {"var": "var_emoji", "raster_ar": "ar_emoji"}[name]
         tokenizer = tmp_path / "seed3" / name / "tokenizer" / "model.safetensors"
         before = untrained_validation([
             f"experiment={experiment}", "seed=3", f"model.tokenizer_path={tokenizer}", "data=emoji", "~data.root",
-            "data.image_size=32", *transformer_overrides(TINY_ABLATION_TRANSFORMER, key)])
+            "data.image_size=32", *transformer_overrides])
         assert model["val_loss_last"] < before["val/loss_last"] - 0.5, (name, before["val/loss_last"], model)
         assert 0 < model["tokenizer"]["codebook_usage"] <= 1
         emoji = model["samples"]
@@ -85,13 +84,15 @@ def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, 
         assert emoji["calibration"]["real"]["class_accuracy"] > emoji["calibration"]["noise"]["class_accuracy"]
         assert model["seconds_per_image_b1"] > 0 and model["seconds_per_image_b16"] > 0
     assert var["samples"]["calibration"] == ar["samples"]["calibration"]  # one reference set for both
+    assert var["sampling"] == ar["sampling"] == {"cfg": 2.0, "top_k": 50, "top_p": 0.75}  # the experiments' own
     assert (tmp_path / "seed3" / "raster_ar" / "samples.png").is_file()
     table = (tmp_path / "results.md").read_text()
-    assert table == markdown_table(report["results"]) and "*blurred_8x8* (calibration)" in table
+    assert table == ablation_table(report["results"]) and "*blurred_8x8* (calibration)" in table
     assert table in capsys.readouterr().out
 
     # the pluggable metric, on the same trained models (finished stages are reused, not retrained)
-    main([*args, "--metric", f"{__name__}.nearest_mean_metric"])
+    cfg.metric = f"{__name__}.nearest_mean_metric"
+    ablation.run(cfg)
     rerun = json.loads((tmp_path / "results.json").read_text())["results"]["3"]
     for name in ("var", "raster_ar"):
         samples = rerun[name]["samples"]

@@ -22,10 +22,8 @@ from torch import nn
 import varlib
 from varlib.cli import edit, evaluate, sample, tokenize
 from varlib.cli.common import (
-    inference_precision,
     parse_label,
     parse_labels,
-    resolve_precision,
     run_or_exit,
 )
 from varlib.configs import compose_config
@@ -42,7 +40,9 @@ from varlib.evaluation import (
     write_adm_npz,
 )
 from varlib.images import image_grid
+from varlib.inference import inference_precision, resolve_precision
 from varlib.models.editing import box_keep_mask
+from varlib.models.sampling import SamplingConfig, sample_per_class
 
 DATA = Path(__file__).parent / "data"
 SIDE = 32  # tiny model resolution: last patch number 16 x downsample 2
@@ -123,9 +123,9 @@ def test_sample_grid_rows_per_class_files_and_per_batch_seeds(tiny, tmp_path):
     assert [p.name for p in result.image_paths] == [f"{i:05d}_class{c}.png" for i, c in enumerate(result.labels)]
     images = [read_png(p) for p in result.image_paths]
     assert all(image.shape == (SIDE, SIDE, 3) for image in images)
-    # Batch i is sampled with seed 5 + i: labels [0,0,1,1] then [2,2].
-    expected = np.concatenate([to_uint8_nhwc(var.generate([0, 0, 1, 1], cfg=1.5, top_k=20, top_p=0.96, seed=5)),
-                               to_uint8_nhwc(var.generate([2, 2], cfg=1.5, top_k=20, top_p=0.96, seed=6))])
+    # Class c is sampled with seed 5 + 1000 c (one batch of 2 each), top_k from the command, the rest the model's.
+    expected = np.concatenate([to_uint8_nhwc(var.generate([c, c], top_k=20, seed=5 + 1000 * c))
+                               for c in range(NUM_CLASSES)])
     np.testing.assert_array_equal(np.stack(images), expected)
 
     grid = read_png(result.grid_path)
@@ -141,10 +141,29 @@ def test_sample_grid_rows_per_class_files_and_per_batch_seeds(tiny, tmp_path):
         assert first.read_bytes() == second.read_bytes()
 
 
+def test_sample_without_sampling_keys_uses_the_model_files_settings(tiny, tmp_path, monkeypatch):
+    """No cfg/top_k/top_p on the command line: the file's own ``sampling``, the images of ``sample_per_class``."""
+    var, _ = tiny
+    own = SamplingConfig(cfg=3.0, top_k=4, top_p=0.6)
+    assert own != SamplingConfig()
+    monkeypatch.setattr(var, "sampling", own)
+    path = tmp_path / "own_sampling.safetensors"
+    varlib.save_var(var, path)
+    loaded = varlib.load(path)
+    assert loaded.sampling == own
+    result = sample.run(compose_config("sample", [f"checkpoint={path}", "per_class=3", "batch_size=2", "seed=7",
+                                                  "device=cpu", f"out_dir={tmp_path / 'cli'}"]))
+    cli_NHWC = np.stack([read_png(p) for p in result.image_paths])
+    np.testing.assert_array_equal(cli_NHWC, to_uint8_nhwc(sample_per_class(loaded, 3, seed=7, batch_size=2)))
+    # ... which are not the images of SamplingConfig's defaults (what a config value would have forced)
+    defaults_NHWC = to_uint8_nhwc(sample_per_class(loaded, 3, seed=7, batch_size=2, cfg=1.5, top_k=900, top_p=0.96))
+    assert (cli_NHWC != defaults_NHWC).any()
+
+
 @pytest.mark.slow  # starts a Python process (imports take seconds)
 def test_sample_command_line_overrides_match_in_process_run(tiny, tmp_path):
     _, path = tiny
-    overrides = [f"checkpoint={path}", "labels=[0,1,3]", "seed=3", "guidance=2.0", "top_k=10", "device=cpu"]
+    overrides = [f"checkpoint={path}", "labels=[0,1,3]", "seed=3", "cfg=2.0", "top_k=10", "device=cpu"]
     command = [sys.executable, "-m", "varlib.cli.sample", *overrides, f"out_dir={tmp_path / 'cli'}",
                f"hydra.run.dir={tmp_path / 'hydra'}"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -179,7 +198,7 @@ def test_official_checkpoints_sample_like_the_official_code(tmp_path):
     kwargs = run["kwargs"]
     config = compose_config("sample", [
         f"official.vae={tmp_path / 'vae.pth'}", f"official.var={tmp_path / 'var.pth'}", "official.patch_nums=[1,2,3,4]",
-        f"labels={list(kwargs['label_B'])}", f"guidance={kwargs['cfg']}", f"top_k={kwargs['top_k']}",
+        f"labels={list(kwargs['label_B'])}", f"cfg={kwargs['cfg']}", f"top_k={kwargs['top_k']}",
         f"top_p={kwargs['top_p']}", f"seed={kwargs['g_seed']}", "batch_size=2", "device=cpu",
         f"out_dir={tmp_path / 'out'}"])
     result = sample.run(config)
@@ -246,13 +265,13 @@ def test_edit_box_matches_the_api_and_keeps_the_outside(tiny, photo, tmp_path):
     image_13HW = ImageTransform(SIDE, train=False)(Image.open(photo).convert("RGB")).unsqueeze(0)
     keep_HW = box_keep_mask(SIDE, BOX, inpainting=True)
     torch.testing.assert_close(result.keep_mask, keep_HW)
-    expected = var.edit(image_13HW, keep_HW, [1], cfg=3.0, top_k=32, top_p=0.95, seed=0)
+    expected = var.edit(image_13HW, keep_HW, [1], seed=0)  # the model's own sampling settings
     np.testing.assert_array_equal(edited, to_uint8_nhwc(expected)[0])
 
     # The kept tokens are the input's own: away from the box the edit stays near the reconstruction,
     # much nearer than a free sample does, and the box itself changes more than the outside.
     reconstruction = to_uint8_nhwc(var.vae.decode_tokens(var.vae.encode_tokens(image_13HW)).add(1).div(2))[0]
-    free_sample = to_uint8_nhwc(var.generate([1], cfg=3.0, top_k=32, top_p=0.95, seed=0))[0]
+    free_sample = to_uint8_nhwc(var.generate([1], seed=0))[0]
     error_edit = np.abs(edited.astype(float) - reconstruction).mean(-1) / 255
     error_free = np.abs(free_sample.astype(float) - reconstruction).mean(-1) / 255
     box = ~keep_HW.bool().numpy()
@@ -355,7 +374,7 @@ def test_evaluate_writes_shuffled_npz_and_metrics_from_the_plugged_extractor(tin
     record = json.loads(result.metrics_path.read_text())
     assert record["metrics"] == result.metrics
     assert record["num_images"] == 12 and record["num_reference_images"] == 10 and "metrics_skipped" not in record
-    assert (record["guidance"], record["top_k"], record["top_p"]) == (1.5, 900, 0.96)  # as configured, not clipped
+    assert (record["cfg"], record["top_k"], record["top_p"]) == (1.5, 900, 0.96)  # the model's, not clipped
 
 
 def test_evaluate_reference_images_from_a_data_config(tiny, extractor_weights, image_folder, tmp_path):

@@ -122,9 +122,10 @@ def test_tokenizer_ddp_sigkill_mid_epoch_in_the_gan_phase_resumes_like_an_uninte
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     resumed_dir = tmp_path / "resumed"
-    run = (*TOKENIZER_DDP, f"paths.output_dir={resumed_dir}")
-    killed = train_with_helpers(tmp_path, *run, "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
-                                "+callbacks.kill.step=6")  # after batch 4; the GAN started at batch 3
+    # the same command twice: killed after batch 4 (the GAN started at batch 3), then resumed
+    run = (*TOKENIZER_DDP, f"paths.output_dir={resumed_dir}", "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
+           "+callbacks.kill.step=6")
+    killed = train_with_helpers(tmp_path, *run)
     assert killed.returncode != 0 and not (resumed_dir / "model.safetensors").exists()
     last = resumed_dir / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)

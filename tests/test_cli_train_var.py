@@ -1,14 +1,17 @@
 """`varlib-train` for VAR end to end in subprocesses: SIGKILL mid-run then the same command resumes and
 matches an uninterrupted run, on one process and on DDP and FSDP2 with 2 CPU processes (gloo), EMA on and off,
-killed at an epoch's end and in its middle;
-in-loop FID/IS equal on 1 and 2 processes; invalid configurations fail before training."""
+killed at an epoch's end and in its middle, with the logged history and the scaling record kept whole; SIGTERM
+to a 2-process run saves and exits cleanly, and the same command ends like an uninterrupted run; a changed command
+stops before training; in-loop FID/IS equal on 1 and 2 processes; invalid configurations fail before training."""
 
 import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,20 +41,31 @@ def tiny_cache(tmp_path_factory):
     return tmp
 
 
-def train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+def train_command(tmp: Path, out: str, *extra: str, experiment: str = "var_emoji") -> tuple[list[str], dict[str, str]]:
+    """The command line of a tiny VAR run on the tiny cache, and its environment."""
     overrides = [
-        "experiment=var_emoji", f"paths.output_dir={tmp / out}", f"data.root={tmp / 'cache'}",
+        f"experiment={experiment}", f"paths.output_dir={tmp / out}", f"data.root={tmp / 'cache'}",
         f"model.tokenizer_path={tmp / 'tok.safetensors'}", "data.batch_size=4", "model.var.depth=2",
         "model.var.num_classes=3", "model.var.width=64", "model.var.num_heads=2", "model.var.drop_path_rate=0.1",
-        "model.var.cond_drop_rate=0.5", "model.var.init_adaln_gamma=1.0", "model.optim.base_lr=0.5",
+        "model.var.cond_drop_rate=0.5", "model.var.init_adaln_gamma=1.0", "model.optim.lr=7.8125e-3",
         "trainer.max_steps=12", "trainer.max_time=null", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
         "trainer.num_sanity_val_steps=0", "logger=csv", "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null", "trainer.log_every_n_steps=1", *extra,
     ]
     # tests/ for the helper callbacks and extractor, after whatever PYTHONPATH selects the varlib under test
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT / "tests")]))}
-    return subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return [sys.executable, "-m", "varlib.cli.train", *overrides], env
+
+
+def train(tmp: Path, out: str, *extra: str, experiment: str = "var_emoji") -> subprocess.CompletedProcess:
+    command, env = train_command(tmp, out, *extra, experiment=experiment)
+    return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def logged_train_steps(run_dir: Path) -> list[int]:
+    """The step of every train/loss row of metrics.csv, in file order (repeats included)."""
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return [int(row["step"]) for row in rows if row.get("train/loss")]
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -94,8 +108,9 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     resumed_dir = tiny_cache / f"resumed_{case}"
-    killed = train(tiny_cache, resumed_dir.name, *extra, "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
-                   f"+callbacks.kill.step={kill_step}")
+    # the same command twice: killed once (helpers.callbacks.KillAtStep), then resumed
+    extra = (*extra, "+callbacks.kill._target_=helpers.callbacks.KillAtStep", f"+callbacks.kill.step={kill_step}")
+    killed = train(tiny_cache, resumed_dir.name, *extra)
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = resumed_dir / "checkpoints" / "last.ckpt"
     sharded = case.startswith("fsdp")
@@ -118,7 +133,7 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     # Same batches (order seeded by epoch, mid-epoch position saved with the loader), label-dropout/drop-path masks
     # (seeded by step), optimizer state and EMA.
     want_losses, got_losses = step_losses(tiny_cache / f"reference_{case}"), step_losses(resumed_dir)
-    assert sorted(got_losses) == list(range(kill_step, 12))
+    assert logged_train_steps(resumed_dir) == list(range(12))  # the history of both segments, each step once
     for step, loss in got_losses.items():
         assert loss == pytest.approx(want_losses[step], abs=1e-6), step
     assert_same_export(tiny_cache / f"reference_{case}", resumed_dir)
@@ -241,3 +256,90 @@ def test_in_loop_fid_is_identical_on_one_and_two_processes_under_ddp_and_fsdp(ti
         assert metrics["fsdp"][key] == pytest.approx(metrics["one"][key], rel=1e-6, abs=1e-9), key
     assert metrics["one"]["val/fid"] > 0 and metrics["one"]["val/is"] >= 1.0
     assert 0 < metrics["one"]["val/precision"] <= 1 and 0 < metrics["one"]["val/recall"] <= 1
+
+
+@pytest.mark.slow
+def test_killed_scaling_run_keeps_every_logged_step_and_validation_point_once(tiny_cache):
+    """Killed at step 7, two steps after a periodic checkpoint (every 5 steps, besides validation every 4): the resumed
+    run drops what the killed one logged after its checkpoint and logs it again; the scaling record's points travel
+    in the checkpoint. The record equals an uninterrupted run's."""
+    scaling = ("callbacks.step_checkpoint.every_n_steps=5", "model.var.width=64", "model.var.num_heads=2")
+    reference = train(tiny_cache, "scaling_reference", *scaling, experiment="var_emoji_scaling")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    resumed_dir = tiny_cache / "scaling_resumed"
+    scaling = (*scaling, "+callbacks.kill._target_=helpers.callbacks.KillAtStep", "+callbacks.kill.step=7")
+    killed = train(tiny_cache, resumed_dir.name, *scaling, experiment="var_emoji_scaling")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5  # periodic
+    assert logged_train_steps(resumed_dir) == list(range(7))  # steps 5 and 6 were logged after the checkpoint
+    resumed = train(tiny_cache, resumed_dir.name, *scaling, experiment="var_emoji_scaling")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert logged_train_steps(resumed_dir) == list(range(12)) == logged_train_steps(tiny_cache / "scaling_reference")
+    want_losses, got_losses = step_losses(tiny_cache / "scaling_reference"), step_losses(resumed_dir)
+    for step, loss in got_losses.items():
+        assert loss == pytest.approx(want_losses[step], abs=1e-6), step
+    want = json.loads((tiny_cache / "scaling_reference" / "scaling_record.json").read_text())
+    got = json.loads((resumed_dir / "scaling_record.json").read_text())
+    assert len(got["compute"]) == 3  # validations at steps 4, 8 and 12, each once
+    assert got == want  # one thread (var_emoji_scaling's cpu_threads=1): the same floats, bit for bit
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_saves_exits_cleanly_and_the_same_command_ends_like_an_uninterrupted_one(
+        tiny_cache):
+    extra = ("trainer=ddp", *TWO_CPU_PROCESSES, "trainer.max_steps=16")
+    reference = train(tiny_cache, "sigterm_reference", *extra)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tiny_cache / "sigterm_resumed"
+    command, env = train_command(tiny_cache, run_dir.name, *extra)
+    process = subprocess.Popen(command, cwd=tiny_cache, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "csv" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and any(step >= 5 for step in logged_train_steps(run_dir))):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # rank 0, as SLURM or a spot instance would warn the job
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 6 <= stopped_at < 16 and logged_train_steps(run_dir) == list(range(stopped_at))
+    assert not (run_dir / "model.safetensors").exists()
+
+    resumed = train(tiny_cache, run_dir.name, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    assert logged_train_steps(run_dir) == list(range(16))
+    assert_same_export(tiny_cache / "sigterm_reference", run_dir)
+
+
+@pytest.mark.slow
+def test_a_changed_command_stops_before_training_and_resume_force_or_false_go_on(tiny_cache):
+    run_dir = tiny_cache / "changed"
+    first = train(tiny_cache, run_dir.name, "trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    saved = checkpoint.read_bytes()
+
+    changed = train(tiny_cache, run_dir.name, "trainer.max_steps=8", "model.var.depth=3", "model.optim.lr=1e-3")
+    output = changed.stdout + changed.stderr
+    assert changed.returncode == 2, output[-3000:]
+    assert "model.var.depth: 2 -> 3" in output and "model.optim.lr: 0.0078125 -> 0.001" in output
+    assert "max_steps" not in output.split("differs from the run")[1]  # may change on resume
+    assert "resume=false" in output and "resume=force" in output
+    assert "Traceback" not in output and "state_dict" not in output
+    assert checkpoint.read_bytes() == saved
+
+    forced = train(tiny_cache, run_dir.name, "trainer.max_steps=6", "model.optim.lr=1e-3", "resume=force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "resume=force: continuing with changed settings" in forced.stdout + forced.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
+    assert logged_train_steps(run_dir) == list(range(6))
+
+    fresh = train(tiny_cache, run_dir.name, "trainer.max_steps=2", "model.var.depth=3", "resume=false")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resuming from" not in fresh.stdout + fresh.stderr
+    assert varlib.load(run_dir / "model.safetensors").depth == 3
+    assert logged_train_steps(run_dir) == [0, 1]  # a fresh run's history starts again

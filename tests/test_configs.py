@@ -68,3 +68,32 @@ def test_optimizer_and_discriminator_swap_from_the_command_line(tmp_path):
     assert [type(o) for o in optimizers] == [torch.optim.Adam, torch.optim.Adam]
     assert optimizers[0].defaults["betas"] == (0.9, 0.9)  # the experiment's betas reach the swapped class
     assert module.hparams["optimizer"] == {"_target_": "torch.optim.Adam", "betas": [0.9, 0.9]}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_model_spells_its_optim_settings_alike(experiment):
+    """One spelling and meaning: ``model.optim.lr`` is the peak lr of every model, and ``grad_clip: null`` is off."""
+    from varlib.training.configs import OptimConfig, RecipeOptimConfig, build_config
+
+    model = OmegaConf.to_container(compose_config("train", [f"experiment={experiment}"]).model, resolve=True)
+    assert "lr" in model["optim"] and "base_lr" not in model["optim"]
+    config_class = OptimConfig if "vae" in model else RecipeOptimConfig
+    settings = build_config(config_class, {**model["optim"], "grad_clip": None}, "model.optim")
+    assert settings.grad_clip is None and settings.lr == model["optim"]["lr"] > 0
+
+
+def test_the_raster_ar_experiment_is_var_emoji_on_another_tokenizer():
+    """ar_emoji extends var_emoji: the network under the same key (model.var), the same shape, recipe, sampling,
+    data and steps; only the model class, tokenizer, token cache and name differ."""
+    var, ar = ({"model": OmegaConf.to_container(config.model, resolve=True),
+                "data": OmegaConf.to_container(config.data, resolve=True),
+                "trainer": OmegaConf.to_container(config.trainer)}  # resolved by Hydra at run time (paths)
+               for config in (compose_config("train", [f"experiment={name}"]) for name in ("var_emoji", "ar_emoji")))
+    assert ar["model"]["_target_"].endswith("RasterARModule") and var["model"]["_target_"].endswith("VARModule")
+    shared = ("depth", "num_classes", "width", "num_heads", "drop_path_rate", "init_adaln_gamma", "cond_drop_rate")
+    assert {k: ar["model"]["var"][k] for k in shared} == {k: var["model"]["var"][k] for k in shared}
+    for key in ("optim", "optimizer", "sampling", "ema_decay", "grid_classes"):
+        assert ar["model"][key] == var["model"][key], key
+    assert ar["trainer"] == var["trainer"]
+    assert {k: v for k, v in ar["data"].items() if k != "root"} == {k: v for k, v in var["data"].items() if k != "root"}
+    assert ar["data"]["root"] != var["data"]["root"] and ar["model"]["tokenizer_path"] != var["model"]["tokenizer_path"]

@@ -12,8 +12,6 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.runs import untrained_validation
-
 from varlib.evaluation import GenerativeMetrics, fid_from_features
 from varlib.evaluation.emoji_classifier import (
     EMOJI_CLASSIFIER_WEIGHTS,
@@ -74,7 +72,7 @@ def test_shipped_calibration_orders_real_blurred_noise():
 
 
 def test_emoji_metric_on_the_held_out_set_reproduces_the_shipped_calibration(classifier):
-    from varlib.cli.demo import held_out_images
+    from varlib.pipeline import held_out_images
 
     images, labels = held_out_images(32)
     metric = emoji_metric(images, labels, per_class=50, seed=0, classifier=classifier)
@@ -212,28 +210,3 @@ def test_demo_stages_are_defined_by_steps_not_by_the_clock():
         assert cfg.trainer.max_time is None and cfg.trainer.max_steps > 0
         assert cfg.callbacks.progress_bar._target_ == "varlib.training.progress.StepProgressBar"
     assert tokenizer.model.optim.decay_by_time is False
-
-
-@pytest.mark.slow
-def test_tiny_demo_writes_samples_and_classifier_figures(tmp_path):
-    import json
-
-    from varlib.cli.demo import run_demo
-
-    tokenizer_overrides = ["trainer.max_steps=3", "model.vae.ch=16", "cpu_threads=1"]
-    var_overrides = ["trainer.max_steps=3", "trainer.val_check_interval=3", "cpu_threads=1"]
-    metrics = run_demo(tmp_path, tokenizer_overrides, var_overrides, per_class=2, scored_per_class=3)
-    assert (tmp_path / "samples.png").is_file()
-    # both stages against their untrained selves (same configs and seed 0; measured: +1.1 dB, loss_avg -0.44)
-    before = untrained_validation(["experiment=demo_tokenizer", "seed=0", *tokenizer_overrides])
-    assert metrics["psnr"] > before["val/psnr"] + 0.5, (before["val/psnr"], metrics["psnr"])
-    before = untrained_validation(["experiment=var_emoji", "seed=0", f"data.root={tmp_path / 'token_cache'}",
-                                   f"model.tokenizer_path={tmp_path / 'tokenizer' / 'model.safetensors'}",
-                                   *var_overrides])
-    assert metrics["loss_avg"] < before["val/loss_avg"] - 0.2, (before["val/loss_avg"], metrics["loss_avg"])
-    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-    emoji = metrics["emoji_classifier"]
-    assert emoji["per_class"] == 3 and set(emoji["calibration"]) == {"real", "blurred_8x8", "noise"}
-    assert 0.0 <= emoji["class_accuracy"] <= 1.0 and emoji["feature_distance"] >= 0.0
-    assert emoji["halfway_progress"] == pytest.approx(halfway_progress(emoji, emoji["calibration"]), nan_ok=True)
-    assert set(metrics["seconds"]) == {"tokenizer", "tokenize", "var", "sample", "score", "total"}

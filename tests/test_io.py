@@ -42,7 +42,7 @@ def test_save_pretrained_round_trip_gives_equal_outputs(tiny_models, tmp_path, m
     vae, var, b = tiny_models
     monkeypatch.setattr(var, "sampling", SamplingConfig(cfg=2.5, top_k=7, top_p=0.9))
     folder = var.save_pretrained(tmp_path / "var")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["kind"] == "var" and config["var_config"]["depth"] == var.depth
     assert config["sampling"] == {"cfg": 2.5, "top_k": 7, "top_p": 0.9}

@@ -10,6 +10,7 @@ import sys
 import sysconfig
 import tomllib
 import venv
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import varlib
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_CONFIGS = {"varlib-train": "train", "varlib-sample": "sample", "varlib-evaluate": "evaluate",
-               "varlib-edit": "edit", "varlib-tokenize": "tokenize", "varlib-reference": "reference"}
+               "varlib-edit": "edit", "varlib-tokenize": "tokenize", "varlib-reference": "reference",
+               "varlib-demo": "demo", "varlib-ablation": "ablation", "varlib-scaling": "scaling",
+               "varlib-app": "app"}
 
 
 def test_version_matches_the_installed_metadata():
@@ -53,9 +56,8 @@ def test_runtime_dependencies_are_imported_by_the_package():
     assert "scipy" not in names
 
 
-def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
-    """Builds varlib's wheel from a copy of the sources and installs it (no dependencies) into a new virtual
-    environment that reuses this interpreter's installed packages (torch, Lightning, ...) through a .pth file."""
+def _build_wheel(tmp_path: Path) -> Path:
+    """varlib's wheel, built from a copy of the sources (pyproject, README, src, conf)."""
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -65,8 +67,13 @@ def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", str(source), "-w", str(dist)], check=True, cwd=tmp_path)
-    wheel = next(dist.glob("varlib-*.whl"))
+    return next(dist.glob("varlib-*.whl"))
 
+
+def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
+    """Builds varlib's wheel and installs it (no dependencies) into a new virtual environment that reuses this
+    interpreter's installed packages (torch, Lightning, ...) through a .pth file."""
+    wheel = _build_wheel(tmp_path)
     env_dir = tmp_path / "env"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -79,6 +86,19 @@ def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                     "--no-index", str(wheel)], check=True, cwd=tmp_path)
     return env_dir
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_config_file_of_the_tree(tmp_path):
+    """Every file of conf/ at any depth (hydra/launcher/slurm.yaml is three levels down), byte for byte."""
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as wheel:
+        packaged = {name.removeprefix("varlib/conf/"): wheel.read(name) for name in wheel.namelist()
+                    if name.startswith("varlib/conf/")}
+    tree = {path.relative_to(REPO / "conf").as_posix(): path.read_bytes() for path in (REPO / "conf").rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts}
+    assert "hydra/launcher/slurm.yaml" in tree and len(tree) > 30
+    assert sorted(packaged) == sorted(tree)
+    assert packaged == tree
 
 
 @pytest.mark.slow
@@ -104,8 +124,15 @@ def test_wheel_in_a_fresh_environment_runs_every_cli_from_any_directory(tmp_path
     assert job_config("varlib-sample", "batch_size=3")["batch_size"] == 3
     assert job_config("varlib-evaluate")["num_per_class"] == 50
     assert job_config("varlib-edit", "mode=outpaint")["mode"] == "outpaint"
+    app = job_config("varlib-app", "port=7999")  # the command's config loads without the app extra installed
+    assert (app["host"], app["port"]) == ("127.0.0.1", 7999)
     tokenize = job_config("varlib-tokenize", "data=imagefolder")
     assert tokenize["data"]["_target_"].endswith("ImageFolderDataModule") and tokenize["shard_size"] > 0
+    assert job_config("varlib-demo", "seed=1")["tokenizer"]["experiment"] == "demo_tokenizer"
+    assert job_config("varlib-scaling", "sources=sweep")["skip_fraction"] == 0.0
+    help_text = subprocess.run([env_dir / "bin" / "varlib-ablation", "--help"], capture_output=True, text=True,
+                               cwd=elsewhere, env=env, check=True).stdout
+    assert "transformer_overrides: []" in help_text  # the packaged config, comments included
 
     # A user's own config folder adds experiments next to the packaged ones.
     user_conf = tmp_path / "my_configs"

@@ -136,16 +136,16 @@ def test_sampling_settings_fill_generate_and_travel_with_pretrained_folders(tmp_
 
 
 def test_module_carries_sampling_settings_and_refuses_var_only_options():
-    module = RasterARModule(ar=TINY_AR, vae=single_scale_vae(), sampling={"cfg": 3.0, "top_k": 5})
-    assert module.transformer is module.ar and module.ar.sampling == SamplingConfig(3.0, 5, 0.0)
+    module = RasterARModule(var=TINY_AR, vae=single_scale_vae(), sampling={"cfg": 3.0, "top_k": 5})
+    assert module.transformer is module.ar and module.ar.sampling == SamplingConfig(cfg=3.0, top_k=5)  # top_p: the default
     with module.full_weights() as plain:  # unsharded: the module's own transformer
         assert plain is module.ar
     with pytest.raises(TypeError, match="activation_checkpointing"):
-        RasterARModule(ar=TINY_AR, vae=single_scale_vae(), activation_checkpointing=True)
+        RasterARModule(var=TINY_AR, vae=single_scale_vae(), activation_checkpointing=True)
     with pytest.raises(ValueError, match="grid_classes"):
-        RasterARModule(ar=TINY_AR, vae=single_scale_vae(), grid_classes=-1)
+        RasterARModule(var=TINY_AR, vae=single_scale_vae(), grid_classes=-1)
     with pytest.raises(ValueError, match=r"unknown model.loss keys \['progressive_fraction'\]"):
-        RasterARModule(ar=TINY_AR, vae=single_scale_vae(), loss=dict(progressive_fraction=0.5))
+        RasterARModule(var=TINY_AR, vae=single_scale_vae(), loss=dict(progressive_fraction=0.5))
 
 
 def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
@@ -156,7 +156,7 @@ def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
     tokenize_to_cache(vae, [(images[16:], labels[16:])], tmp_path / "cache", "val", num_classes=3)
     data = TokenCacheDataModule(str(tmp_path / "cache"), batch_size=8)
     assert data.patch_nums == (SIDE,)
-    module = RasterARModule(ar=TINY_AR, vae=vae, optim=dict(base_lr=2.0, warmup_fraction=0.1), ema_decay=0.5)
+    module = RasterARModule(var=TINY_AR, vae=vae, optim=dict(lr=0.0625, warmup_fraction=0.1), ema_decay=0.5)
     trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -171,7 +171,7 @@ def test_module_learns_from_a_single_scale_token_cache_and_exports(tmp_path):
 def test_module_rejects_a_multi_scale_cache(tmp_path):
     vae = single_scale_vae(patch_nums=(1, 2, SIDE))
     tokenize_to_cache(vae, [(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))], tmp_path, "train", num_classes=3)
-    module = RasterARModule(ar=TINY_AR, vae=single_scale_vae())
+    module = RasterARModule(var=TINY_AR, vae=single_scale_vae())
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(ValueError, match=r"data patch_nums \(1, 2, 4\) does not match the model's \(4,\)"):
@@ -189,8 +189,8 @@ def test_training_through_the_cli_improves_on_the_untrained_model(tmp_path):
         tokenize_to_cache(vae, [(images, labels)], tmp_path / "cache", split, num_classes=3)
     overrides = [
         "experiment=ar_emoji", f"paths.output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'cache'}",
-        f"model.tokenizer_path={tmp_path / 'tok.safetensors'}", "data.batch_size=4", "model.ar.depth=2",
-        "model.ar.num_classes=3", "model.ar.width=32", "model.ar.num_heads=2", "model.optim.base_lr=4.0",
+        f"model.tokenizer_path={tmp_path / 'tok.safetensors'}", "data.batch_size=4", "model.var.depth=2",
+        "model.var.num_classes=3", "model.var.width=32", "model.var.num_heads=2", "model.optim.lr=0.0625",
         "model.optim.warmup_fraction=0.1", "trainer.max_steps=12", "trainer.max_time=null",
         "trainer.val_check_interval=12", "trainer.num_sanity_val_steps=0", "logger=csv",
         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "cpu_threads=1",

@@ -59,6 +59,20 @@ def test_two_node_experiment_sets_48_images_per_gpu_and_an_indivisible_batch_fai
     assert untouched.data.batch_size == 32
 
 
+def test_single_node_experiment_uses_every_visible_gpu_and_keeps_the_global_batch(monkeypatch):
+    cfg = compose_train("experiment=var_d16_imagenet256")
+    assert cfg.trainer.devices == "auto" and cfg.trainer.accelerator == "gpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    apply_global_batch_size(cfg)
+    assert cfg.data.batch_size == 192  # 768 / 4 visible GPUs
+    cfg = compose_train("experiment=var_d16_imagenet256", "trainer.devices=2")
+    apply_global_batch_size(cfg)
+    assert cfg.data.batch_size == 384
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="trainer.devices='auto' with trainer.accelerator='gpu': expected a visible GPU"):
+        apply_global_batch_size(compose_train("experiment=var_d16_imagenet256"))
+
+
 def test_fsdp_config_is_fsdp2_over_every_process():
     cfg = compose_train("experiment=var_emoji", "trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2")
     assert cfg.trainer.strategy._target_ == "lightning.pytorch.strategies.ModelParallelStrategy"

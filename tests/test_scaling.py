@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from varlib.cli.scaling import fit_sweep
-from varlib.evaluation import (
+from varlib.evaluation import scaling as scaling_module
+from varlib.evaluation.scaling import (
     SCALING_RECORD_FILENAME,
     ScalingRecord,
     fit_compute_frontier,
@@ -21,6 +24,7 @@ from varlib.evaluation import (
     training_flops,
     write_scaling_record,
 )
+from varlib.pipeline import fit_sweep
 
 
 def power_law(x, alpha, beta):
@@ -224,3 +228,21 @@ def test_fit_sweep_writes_strict_json_fits_and_plots(tmp_path):
     direct = fit_compute_frontier(runs, "loss_avg", skip_fraction=0.5).fit
     assert skipped["C/loss_avg"]["alpha"] == direct.alpha != fits["C/loss_avg"]["alpha"]
     assert skipped["N/loss_avg"] == fits["N/loss_avg"]
+
+
+def test_training_imports_neither_the_scaling_fits_nor_plotting():
+    """The training path (``varlib-train``, the Lightning modules, ``varlib.evaluation``) leaves the scaling
+    module unimported, and the scaling module imports matplotlib only to plot. (Lightning itself imports
+    matplotlib through torchmetrics when it is installed; varlib adds nothing to that.)"""
+    code = (
+        "import sys\n"
+        "import varlib.cli.train, varlib.evaluation, varlib.training.runner\n"
+        "import varlib.training.var_module, varlib.training.raster_ar_module, varlib.training.tokenizer_module\n"
+        "print(sorted(m for m in sys.modules if m.startswith('varlib.evaluation.scaling')))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "[]"
+    source = Path(scaling_module.__file__).read_text()
+    top_level = [line for line in source.splitlines() if line.startswith(("import matplotlib", "from matplotlib"))]
+    assert top_level == []

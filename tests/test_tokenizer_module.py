@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 import varlib
-from varlib.training.tokenizer_loss import OptimConfig, TokenizerLossConfig, autoencoder_loss
+from varlib.training.configs import OptimConfig, TokenizerLossConfig
+from varlib.training.tokenizer_loss import autoencoder_loss
 from varlib.training.tokenizer_module import TokenizerModule
 
 TINY_VAE = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 1, 2], num_res_blocks=1, patch_nums=[1, 2, 4, 8])

@@ -126,3 +126,19 @@ def test_bad_teacher_forcing_input_raises(tiny_models):
     _, var, b = tiny_models
     with pytest.raises(ValueError, match="teacher-forcing input"):
         var(torch.tensor([0, 1]), torch.zeros(2, 7, b["config"]["Cvae"]))
+
+
+def test_sample_per_class_seed_scheme_and_model_defaults(tiny_models):
+    """Batch i of class c is ``generate([c]*n, seed=seed + 1000*c + i)`` with the model's own sampling settings."""
+    from varlib.models.sampling import sample_per_class
+
+    _, var, _ = tiny_models
+    images = sample_per_class(var, per_class=3, seed=5, batch_size=2)
+    assert images.shape[0] == var.num_classes * 3
+    for label in (0, var.num_classes - 1):
+        expected = torch.cat([var.generate([label] * 2, seed=5 + 1000 * label),
+                              var.generate([label], seed=5 + 1000 * label + 1)])
+        assert torch.equal(images[3 * label:3 * label + 3], expected)
+    guided = sample_per_class(var, per_class=1, seed=5, cfg=var.sampling.cfg + 2.0)
+    assert torch.equal(guided[:1], var.generate([0], seed=5, cfg=var.sampling.cfg + 2.0))
+    assert not torch.equal(guided, images[::3])

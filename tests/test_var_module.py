@@ -60,9 +60,31 @@ def fit(module, data, tmp_path, steps, **trainer_kwargs):
     return trainer
 
 
+def test_per_scale_training_metrics_only_on_logged_steps(tmp_path, monkeypatch):
+    """The per-scale accumulator (an argmax over (B,L,V)) runs on the steps that log it, every
+    log_every_n_steps, not on every step."""
+    from varlib.training import token_transformer_module
+
+    steps_updated = []
+
+    class CountingAccumulator(token_transformer_module.PerScaleAccumulator):
+        def update(self, logits_BLV, targets_BL, ce_BL=None):
+            steps_updated.append(module.global_step)
+            super().update(logits_BLV, targets_BL, ce_BL)
+
+    monkeypatch.setattr(token_transformer_module, "PerScaleAccumulator", CountingAccumulator)
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=1e-2))
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ImageData(n=8, batch_size=2))
+    assert steps_updated == [0, 3, 6]
+    assert "train/err_avg" in trainer.callback_metrics
+
+
 def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
     L.seed_everything(0)
-    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=2e-1, warmup_fraction=0.1), ema_decay=0.9)
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=6.25e-3, warmup_fraction=0.1), ema_decay=0.9)
     data = ImageData(n=8, batch_size=8)
     labels, targets, x = module.tokens_and_input(next(iter(data.val_dataloader())))
     with torch.no_grad():
@@ -73,7 +95,7 @@ def test_training_from_images_reduces_loss_and_logs_paper_metrics(tmp_path):
                 "train/loss_avg", "train/err_last"):
         assert key in logged, key
     assert logged["val/loss_avg"] < before - 0.3
-    peak = 2e-1 * 8 / 256
+    peak = 6.25e-3
     assert trainer.optimizers[0].param_groups[0]["lr"] < peak and trainer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
     module.export(tmp_path / "var.safetensors")
     loaded = varlib.load(tmp_path / "var.safetensors")
@@ -104,7 +126,7 @@ def test_token_cache_round_trip_and_training(tmp_path):
     assert torch.equal(tokens, want) and label == data.labels[5]
     flip_want = torch.cat(vae.encode_tokens(data.images[5:6].flip(-1)), dim=1)[0]
     assert any(torch.equal(cache.train_set.row(i, flipped=True).long(), flip_want) for i in range(12))
-    module = VARModule(var=TINY_VAR, vae=vae, optim=dict(base_lr=2e-1, warmup_fraction=0))
+    module = VARModule(var=TINY_VAR, vae=vae, optim=dict(lr=3.125e-3, warmup_fraction=0))
     from_tokens = module.tokens_and_input((tokens[None], label[None]))
     from_image = module.tokens_and_input((data.images[5:6], data.labels[5:6]))
     for a, b in zip(from_tokens, from_image):
@@ -129,10 +151,12 @@ def test_bad_configuration_fails_early(tmp_path):
         VARModule(var={**TINY_VAR, "depth": 0}, vae=tiny_vae())
     with pytest.raises(ValueError, match="exactly one of tokenizer_path or vae"):
         VARModule(var=TINY_VAR)
-    with pytest.raises(ValueError, match="base_lr > 0"):
-        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=0))
-    with pytest.raises(ValueError, match=r"unknown model.optim keys \['lr'\]; expected some of \['base_lr'"):
-        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=1e-4))
+    with pytest.raises(ValueError, match="lr > 0"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=0))
+    with pytest.raises(ValueError, match=r"unknown model.optim keys \['base_lr'\]; expected some of \['lr'"):
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=1e-4))
+    with pytest.raises(ValueError, match=r"optim.grad_clip must be > 0, got 0"):  # off is null, as for the tokenizer
+        VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(grad_clip=0))
     with pytest.raises(ValueError, match=r"loss.label_smoothing in \[0, 1\), got 1.0"):
         VARModule(var=TINY_VAR, vae=tiny_vae(), loss=dict(label_smoothing=1.0))
     with pytest.raises(FileNotFoundError):
@@ -172,13 +196,13 @@ def test_validation_logs_a_class_conditional_sample_grid_and_exports_the_samplin
 
 
 def test_a_swapped_optimizer_gets_the_recipes_groups_and_lr_and_checkpoints_as_plain_data(tmp_path):
-    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=0.1, weight_decay=0.07, warmup_fraction=0),
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=0.1, weight_decay=0.07, warmup_fraction=0),
                        optimizer=dict(_target_="torch.optim.Adam", betas=[0.8, 0.9]))
     trainer = fit(module, ImageData(n=8, batch_size=4), tmp_path, steps=2, limit_val_batches=0)
     optimizer = trainer.optimizers[0]
     assert type(optimizer) is torch.optim.Adam and optimizer.defaults["betas"] == (0.8, 0.9)
     assert sorted(group["base_weight_decay"] for group in optimizer.param_groups) == [0.0, 0.07]
-    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 4 / 256)
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1)
     trainer.save_checkpoint(tmp_path / "adam.ckpt")
     hparams = torch.load(tmp_path / "adam.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["optimizer"] == {"_target_": "torch.optim.Adam", "betas": [0.8, 0.9]}
@@ -215,7 +239,7 @@ class RecordSteps(L.Callback):
 def test_progressive_training_trains_the_growing_prefix_of_scales(tmp_path):
     """8 steps, warm-up 0.2 (1 step), progressive 0.5 (until step 4) from 1 scale: scales 1, 1, 2, 3, 4, 4, 4, 4,
     i.e. 1, 1, 5, 14, 30, ... tokens (schedule 1,2,3,4); each step's loss is the cross-entropy over that prefix."""
-    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(base_lr=0.1, warmup_fraction=0.2),
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), optim=dict(lr=1.5625e-3, warmup_fraction=0.2),
                        loss=dict(progressive_fraction=0.5, progressive_first=1))
     recorder = RecordSteps()
     fit(module, TokenData(), tmp_path, steps=8, limit_val_batches=0, callbacks=[recorder])

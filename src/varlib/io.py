@@ -8,6 +8,7 @@ safetensors weights plus the constructor configs), Lightning checkpoints written
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -17,10 +18,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from varlib.models.hub import (FORMAT, build_model, model_class, read_pretrained_folder, read_safetensors,
+from varlib.models.hub import (FORMAT, HUB_FILE, HUB_REPO_ID, build_model, from_pretrained, hub_file, model_class,
+                               official_tokenizer_name, read_pretrained_folder, read_safetensors,
                                unreadable_file_error)
 # the model classes register their file kinds with models.hub on import, so load builds every kind
 from varlib.models.raster_ar import RasterAR
+from varlib.models.transfer import lora_scaling, merge_lora_state
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.official import load_official_var, load_official_vqvae
@@ -28,6 +31,8 @@ from varlib.official import load_official_var, load_official_vqvae
 #: what marks a distributed (torch.distributed.checkpoint) folder, and Lightning's metadata file in it
 DISTRIBUTED_CHECKPOINT_INDEX = ".metadata"
 LIGHTNING_META_NAME = "meta.pt"
+#: the checkpoint a re-run of varlib-train resumes from, in paths.checkpoint_dir (a folder under FSDP2)
+LAST_CHECKPOINT = "last.ckpt"
 #: the prefix of the EMA's entries in a training checkpoint's state dict (the convention: see varlib.training.ema)
 EMA_PREFIX = "ema."
 
@@ -98,6 +103,8 @@ def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: s
     # the EMA also copies non-persistent buffers, which are not in the state dict
     weights = {averaged + name: v for name, v in ema_weights(state).items() if averaged + name in state} if ema else {}
     state = {**{k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}, **weights}
+    if "lora" in meta:  # a checkpoint of a LoRA run: the adapters are folded into the weights
+        state = merge_lora_state(state, lora_scaling(json.loads(meta["lora"])))
     return build_model(meta, state, source)
 
 
@@ -138,11 +145,24 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     as the 256px schedule); varlib files keep the schedule they record. A checkpoint of a run that kept an EMA
     gives its averages, the weights ``export`` writes; ``ema=False`` gives the online weights instead.
 
+    A name that is not on disk is looked up on the Hugging Face Hub: ``owner/repo/file.pth`` names a file
+    (``FoundationVision/var/var_d16.pth``, whose tokenizer ``FoundationVision/var/vae_ch160v4096z32.pth`` comes
+    with it), found in ``$VARLIB_WEIGHTS/owner/repo/`` or downloaded (:func:`~varlib.models.hub.hub_file`; offline,
+    the error says what to fetch and where to put it); ``owner/repo`` names a ``save_pretrained`` repo
+    (:func:`~varlib.models.hub.from_pretrained`).
+
     Returns a :class:`MultiScaleVQVAE` for a tokenizer, or a :class:`VAR` or :class:`RasterAR` (its tokenizer at
     ``.vae``) ready for ``generate``. Torch files are read with ``weights_only=True``; a file holding pickled
     objects, or anything else, raises ValueError saying what it holds.
     """
     path = os.fspath(path)
+    if not os.path.exists(path) and HUB_FILE.fullmatch(path):
+        tokenizer = official_tokenizer_name(path)
+        path = os.fspath(hub_file(path))
+        if vae is None and tokenizer is not None:
+            vae = hub_file(tokenizer)
+    elif not os.path.exists(path) and HUB_REPO_ID.fullmatch(path):
+        return from_pretrained(path, device)
     if os.path.isfile(os.path.join(path, DISTRIBUTED_CHECKPOINT_INDEX)):
         meta, state = _read_distributed_checkpoint(Path(path))
     elif os.path.isdir(path):
@@ -154,3 +174,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     if meta.get("format") == FORMAT:
         return _build(meta, state, path, ema).to(device)
     return _build_official(state, path, vae, patch_nums).to(device)
+
+
+def load_tokenizer(path: str | os.PathLike, patch_nums: Sequence[int] | None = None) -> MultiScaleVQVAE:
+    """The one tokenizer loader (training, tokenising): a frozen tokenizer (eval mode, no gradients, on the CPU)
+    from any file :func:`load` opens that holds one: a tokenizer file or checkpoint, a VAR or raster-AR file (its
+    tokenizer), or the official ``vae_ch160v4096z32.pth``.
+
+    ``patch_nums`` builds an official tokenizer with that schedule (otherwise the 256px one is inferred); for any
+    tokenizer it must have as many scales as the tokenizer's own schedule.
+    """
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"tokenizer: expected a model file or folder at {path}, got nothing there")
+    model = load(Path(path).expanduser(), patch_nums=patch_nums)
+    vae = model if isinstance(model, MultiScaleVQVAE) else model.vae
+    if patch_nums is not None and len(patch_nums) != len(vae.patch_nums):
+        raise ValueError(f"patch_nums must have as many scales as the tokenizer's {vae.patch_nums}, got {tuple(patch_nums)}")
+    return vae.eval().requires_grad_(False)

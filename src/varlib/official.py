@@ -20,8 +20,8 @@ from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 
 StateDict = Mapping[str, torch.Tensor]
-# The settings the official models' FID/IS were measured with (official README); official VARs sample with them.
-OFFICIAL_SAMPLING = SamplingConfig(cfg=1.5, top_k=900, top_p=0.96)
+# The settings the official models' FID/IS were measured with (official README): SamplingConfig's defaults.
+OFFICIAL_SAMPLING = SamplingConfig()
 
 
 def plain_state_dict(source: StateDict, what: str) -> StateDict:
@@ -71,10 +71,32 @@ def load_official_vqvae(source: StateDict, **overrides) -> MultiScaleVQVAE:
     return vae.eval().requires_grad_(False)
 
 
+def schedules_of_length(length: int, num_scales: int) -> list[tuple[int, ...]]:
+    """Every strictly increasing schedule (1, ...) of ``num_scales`` scales with L = sum pn^2 = ``length``."""
+    found = []
+
+    def extend(prefix: tuple[int, ...], remaining: int) -> None:
+        left = num_scales - len(prefix)
+        if left == 0:
+            if remaining == 0:
+                found.append(prefix)
+            return
+        pn = prefix[-1] + 1
+        while left * pn * pn <= remaining:  # the smallest continuation still fits
+            extend(prefix + (pn,), remaining - pn * pn)
+            pn += 1
+
+    if num_scales >= 1 and length >= 1:
+        extend((1,), length - 1)
+    return found
+
+
 def var_config_from_state_dict(sd: StateDict, vae_patch_nums=None) -> dict:
     """The ``VAR`` arguments implied by an official transformer state dict (depth, classes, AdaLN, schedule).
 
-    The schedule is the tokenizer's own when its length L matches ``pos_1LC``, else the preset that does.
+    The schedule is the tokenizer's own when its length L matches ``pos_1LC``, else the preset that does, else the
+    only increasing schedule of ``lvl_embed``'s scale count with that L (a file trained at another schedule than
+    its tokenizer's, which fine-tuning maps to the tokenizer's).
     """
     if "class_emb.weight" not in sd or "pos_1LC" not in sd:
         raise ValueError("not a VAR state dict: expected keys 'class_emb.weight' and 'pos_1LC'")
@@ -83,6 +105,9 @@ def var_config_from_state_dict(sd: StateDict, vae_patch_nums=None) -> dict:
     length = sd["pos_1LC"].shape[1]
     candidates = ([tuple(vae_patch_nums)] if vae_patch_nums else []) + list(PRESETS.values())
     schedules = [p for p in candidates if sequence_length(p) == length]
+    if not schedules and "lvl_embed.weight" in sd:
+        unique = schedules_of_length(length, sd["lvl_embed.weight"].shape[0])
+        schedules = unique if len(unique) == 1 else []
     if not schedules:
         raise ValueError(f"no known patch schedule has L = {length} tokens (known: "
                          f"{ {r: sequence_length(p) for r, p in PRESETS.items()} }); pass patch_nums explicitly")

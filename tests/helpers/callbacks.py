@@ -11,15 +11,20 @@ from torch.distributed.tensor import DTensor
 
 class KillAtStep(L.Callback):
     """SIGKILLs its own process at the start of the first batch after ``step`` optimizer steps, i.e. right
-    after the checkpoint written at that step: the hardest possible stop (no cleanup, no final save)."""
+    after the checkpoint written at that step: the hardest possible stop (no cleanup, no final save).
+
+    Once per process rank and run folder (a marker file in ``trainer.default_root_dir``), so the killed command,
+    run again unchanged, resumes instead of being killed again.
+    """
 
     def __init__(self, step: int):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step:
+        marker = Path(trainer.default_root_dir) / f"killed_at_step_{self.step}_rank_{trainer.global_rank}"
+        if trainer.global_step >= self.step and not marker.exists():
+            marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-
 
 
 class RecordSharding(L.Callback):

@@ -10,14 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 from tqdm.auto import tqdm
@@ -25,8 +22,9 @@ from tqdm.auto import tqdm
 import varlib
 from varlib.configs import CONFIG_MODULE
 from varlib.data.base import check_int_at_least
+from varlib.inference import inference_precision
+from varlib.models.sampling import check_sampling_values
 from varlib.models.transformer import VAR
-from varlib.models.vqvae import MultiScaleVQVAE
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +32,6 @@ logger = logging.getLogger(__name__)
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 # Exit status for bad input or configuration (2, as argparse uses for usage errors).
 USAGE_ERROR = 2
-#: The ``precision`` settings of the inference tools.
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -46,17 +42,6 @@ def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except (ValueError, FileNotFoundError, MissingMandatoryValue) as error:
         logger.error("%s", error)
         sys.exit(USAGE_ERROR)
-
-
-def instantiate_config(config: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising a target's ValueError or FileNotFoundError as itself (Hydra
-    wraps it in an InstantiationException), so that :func:`run_or_exit` reports it as a usage error."""
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
-            raise error.__cause__ from None
-        raise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,33 +60,6 @@ def rank_device(device: torch.device, rank: int, world_size: int) -> torch.devic
     if device.type == "cuda" and device.index is None and world_size > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return device
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA, fp32 elsewhere; 'fp32' and 'bf16' as given."""
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return name
-
-
-@contextmanager
-def inference_precision(name: str, device: torch.device) -> Iterator[str]:
-    """Runs the block in the resolved precision (yielded): fp32 as is; bf16 under bf16 autocast with TF32
-    for the matrix multiplies autocast leaves in fp32 (restored afterwards). The tokenizer's nearest-code
-    search always runs in fp32."""
-    resolved = resolve_precision(name, device)
-    if resolved == "fp32":
-        yield resolved
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield resolved
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _existing_path(path: str | None, what: str) -> Path:
@@ -145,28 +103,6 @@ def load_var_model(cfg: DictConfig, device: torch.device) -> VAR:
     return model.to(device).eval()
 
 
-def load_tokenizer(
-    path: str | None, device: torch.device, patch_nums: Sequence[int] | None = None
-) -> tuple[MultiScaleVQVAE, tuple[int, ...]]:
-    """A tokenizer and its token-map schedule from any file ``varlib.load`` opens: a tokenizer, or a VAR's ``.vae``
-    with the VAR's schedule (varlib files), or an official VQVAE ``.pth``.
-
-    ``patch_nums``, when given, is the schedule returned, and an official tokenizer is built with it (otherwise
-    the official schedule is inferred from the weights: the 256px one).
-    """
-    model = varlib.load(_existing_path(path, "tokenizer"), patch_nums=patch_nums)
-    vae = model.vae if isinstance(model, VAR) else model
-    schedule = tuple(model.patch_nums if patch_nums is None else patch_nums)
-    if len(schedule) != len(vae.patch_nums):
-        raise ValueError(f"patch_nums must have as many scales as the tokenizer's {vae.patch_nums}, got {schedule}")
-    return vae.to(device).eval().requires_grad_(False), schedule
-
-
-def model_resolution(var: VAR) -> int:
-    """Image side in pixels for the VAR's own schedule (last patch number x tokenizer downsampling)."""
-    return var.patch_nums[-1] * var.vae.downsample
-
-
 def parse_label(value: Any, num_classes: int) -> int:
     """One class index: an int in [0, num_classes] (``num_classes`` = the unconditional null class), or
     None for the null class. Raises ValueError naming the accepted range."""
@@ -191,15 +127,16 @@ def parse_labels(value: Any, num_classes: int, per_class: int) -> list[int]:
     return [parse_label(v, num_classes) for v in values]
 
 
-def check_sampling_options(cfg: DictConfig, vocab_size: int) -> dict[str, Any]:
-    """The ``VAR.generate`` keyword arguments from the config, validated; top_k is clipped to the vocabulary."""
-    top_k, top_p, guidance = int(cfg.top_k), float(cfg.top_p), float(cfg.guidance)
-    if top_k < 0 or not 0.0 <= top_p <= 1.0 or guidance < 0:
-        raise ValueError(f"expected top_k >= 0, top_p in [0, 1] and guidance >= 0, got {top_k}, {top_p}, {guidance}")
-    if top_k > vocab_size:
-        logger.info("top_k=%d clipped to the vocabulary size %d", top_k, vocab_size)
-        top_k = vocab_size
-    return dict(cfg=guidance, top_k=top_k, top_p=top_p, more_smooth=bool(cfg.more_smooth))
+def sampling_options(cfg: DictConfig, model: VAR) -> dict[str, Any]:
+    """The ``VAR.generate`` keyword arguments: each of ``cfg``, ``top_k``, ``top_p`` the config sets (not null),
+    else the model's own (its ``sampling``), validated; plus ``more_smooth``."""
+    given = {key: cfg[key] for key in ("cfg", "top_k", "top_p") if cfg[key] is not None}
+    try:
+        options = model.sampling.resolve(**{key: type(getattr(model.sampling, key))(value) for key, value in given.items()})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cfg, top_k and top_p must be numbers or null, got {given}") from error
+    check_sampling_values(**options)
+    return {**options, "more_smooth": bool(cfg.more_smooth)}
 
 
 def generate_in_batches(

@@ -21,29 +21,31 @@ from pathlib import Path
 from typing import Sequence
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
 
 from varlib.cli.common import (
     CONFIG_PATH,
-    check_sampling_options,
-    inference_precision,
     load_var_model,
-    model_resolution,
     parse_label,
     resolve_device,
-    resolve_precision,
     run_or_exit,
+    sampling_options,
 )
 from varlib.data import ImageTransform, decode_rgb_image
 from varlib.images import save_png
-from varlib.models.editing import box_keep_mask, token_grid_mask
+from varlib.inference import (
+    inference_precision,
+    keep_mask_from_image,
+    model_resolution,
+    regenerated_tokens,
+    resolve_precision,
+)
+from varlib.models.editing import box_keep_mask
 
 logger = logging.getLogger(__name__)
 EDIT_MODES = ("inpaint", "outpaint")
-WHITE_THRESHOLD = 128
 
 
 @dataclass
@@ -59,36 +61,6 @@ def read_image(path: str | Path, what: str) -> Image.Image:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what}: expected an image file at {path}, got nothing there")
     return decode_rgb_image(path)
-
-
-def crop_mask_like_image(mask: Image.Image, transform: ImageTransform) -> Image.Image:
-    """Resizes the mask (shorter side to ``transform.resize_to``, nearest) and centre-crops it, with the
-    same sizes and offsets that ``transform`` applies to an image of the mask's size."""
-    width, height = mask.size
-    # Same size arithmetic as varlib.data.transforms.resize_shorter_side (torchvision's truncation).
-    if width <= height:
-        size = (transform.resize_to, int(transform.resize_to * height / width))
-    else:
-        size = (int(transform.resize_to * width / height), transform.resize_to)
-    resized = mask.resize(size, Image.Resampling.NEAREST)
-    return resized.crop(transform.crop_box(*resized.size))
-
-
-def keep_mask_from_image(mask: Image.Image, image_size: tuple[int, int], transform: ImageTransform) -> torch.Tensor:
-    """Mask image (white = regenerate) -> keep-mask (R,R) float in {0,1}, 1 = keep, aligned with the crop.
-
-    Raises ValueError unless the mask is (W,H) of the input image or (R,R) of the model.
-    """
-    side = transform.resolution
-    if mask.size == image_size:
-        mask = crop_mask_like_image(mask, transform)
-    elif mask.size != (side, side):
-        raise ValueError(
-            f"mask size (width, height) = {mask.size} must equal the image size {image_size} "
-            f"or the model resolution {(side, side)}"
-        )
-    grey_HW = np.asarray(mask.convert("L"))
-    return torch.from_numpy(grey_HW < WHITE_THRESHOLD).float()
 
 
 def keep_mask_from_box(box: Sequence[float], mode: str, side: int) -> torch.Tensor:
@@ -112,21 +84,15 @@ def run(cfg: DictConfig) -> EditResult:
     resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     var = load_var_model(cfg, device)
     label = parse_label(cfg.label, var.num_classes)
-    options = check_sampling_options(cfg, var.vocab_size)
+    options = sampling_options(cfg, var)
     transform = ImageTransform(model_resolution(var), train=False)
 
     if mask is not None:
         keep_HW = keep_mask_from_image(mask, image.size, transform)
     else:
         keep_HW = keep_mask_from_box(cfg.box, cfg.mode, transform.resolution)
+    regenerated = regenerated_tokens(keep_HW, var)
     side = var.patch_nums[-1]
-    # The sampler keeps a last-scale token when its kept share is > 0.5 (varlib.models.editing).
-    regenerated = token_grid_mask(keep_HW, side).le(0.5)
-    if not regenerated.any():
-        raise ValueError(
-            f"the region to regenerate covers no token: expected at least one {var.vae.downsample}x"
-            f"{var.vae.downsample}-pixel token of the {side}x{side} grid to be at least half regenerated"
-        )
 
     image_13HW = transform(image).unsqueeze(0).to(device)
     with inference_precision(cfg.precision, device):

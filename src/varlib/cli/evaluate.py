@@ -45,18 +45,15 @@ from tqdm.auto import tqdm
 
 from varlib.cli.common import (
     CONFIG_PATH,
-    check_sampling_options,
     generate_in_batches,
-    instantiate_config,
     load_var_model,
-    model_resolution,
     parse_labels,
     rank_device,
     resolve_device,
-    resolve_precision,
     run_or_exit,
+    sampling_options,
 )
-from varlib.configs import datamodule_config
+from varlib.configs import datamodule_config, instantiate_config
 from varlib.data.base import check_int_at_least, images_from_batch
 from varlib.data.tokenizing import distributed_rank
 from varlib.evaluation import (
@@ -69,6 +66,7 @@ from varlib.evaluation import (
     signed_float_to_uint8,
     unit_float_to_uint8,
 )
+from varlib.inference import model_resolution, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +309,7 @@ def run(cfg: DictConfig) -> EvaluationResult | None:
         raise ValueError(f"num_classes must be an int in [1, {var.num_classes}] (the model's classes), "
                          f"got {num_classes!r}")
     labels = parse_labels(None, num_classes, cfg.num_per_class)
-    options = check_sampling_options(cfg, var.vocab_size)
+    options = sampling_options(cfg, var)
     check_int_at_least("batch_size", cfg.batch_size, 1)
     check_int_at_least("extract_batch_size", cfg.extract_batch_size, 1)
     resolution = model_resolution(var)
@@ -347,21 +345,22 @@ def run(cfg: DictConfig) -> EvaluationResult | None:
             result.metrics["precision"], result.metrics["recall"] = precision_recall(
                 real_features, fake_features, cfg.pr_k)
         logger.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
-    write_metrics_json(cfg, result, num_classes, world_size)
+    write_metrics_json(cfg, result, num_classes, world_size, options)
     remove_shards(shard_dir, -(-len(labels) // cfg.batch_size))
     return result
 
 
-def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: int, processes: int) -> None:
-    """Writes the metrics together with the settings that produced them to ``result.metrics_path``."""
+def write_metrics_json(cfg: DictConfig, result: EvaluationResult, num_classes: int, processes: int,
+                       options: dict[str, Any]) -> None:
+    """Writes the metrics together with the settings that produced them (``options``: the sampling settings
+    used, see :func:`sampling_options`) to ``result.metrics_path``."""
     if cfg.reference_npz is not None:
         reference = str(cfg.reference_npz)
     else:
         reference = cfg.reference_data._target_ if cfg.get("reference_data") is not None else None
     record: dict[str, Any] = {
         "npz": str(result.npz_path), "num_images": result.num_images, "num_classes": num_classes,
-        "num_per_class": cfg.num_per_class, "guidance": cfg.guidance, "top_k": cfg.top_k, "top_p": cfg.top_p,
-        "seed": cfg.seed, "batch_size": cfg.batch_size, "more_smooth": cfg.more_smooth,
+        "num_per_class": cfg.num_per_class, **options, "seed": cfg.seed, "batch_size": cfg.batch_size,
         "reference": reference, "num_reference_images": result.num_reference_images, "processes": processes,
         "metrics": result.metrics,
     }

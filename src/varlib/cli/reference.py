@@ -19,11 +19,10 @@ from omegaconf import DictConfig
 
 from varlib.cli.common import (
     CONFIG_PATH,
-    instantiate_config,
     resolve_device,
     run_or_exit,
 )
-from varlib.configs import datamodule_config
+from varlib.configs import datamodule_config, instantiate_config
 from varlib.data.base import check_int_at_least, images_from_batch
 from varlib.evaluation import ReferenceStatistics, write_reference
 from varlib.images import signed_float_to_uint8

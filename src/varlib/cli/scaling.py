@@ -1,68 +1,32 @@
-"""``python -m varlib.cli.scaling``: fits and plots the power laws of a depth sweep (the paper's Fig. 5 and 6).
+"""``varlib-scaling``: fits and plots the power laws of a depth sweep (the paper's Fig. 5 and 6).
 
     varlib-train --multirun experiment=var_emoji_scaling model.var.depth=1,2,3,4,5
-    python -m varlib.cli.scaling multirun/var_emoji_scaling --out outputs/scaling --skip-fraction 0.2
+    varlib-scaling sources=multirun/var_emoji_scaling out_dir=outputs/scaling skip_fraction=0.2
 
-Reads every ``scaling_record.json`` under the given folders, fits L = (beta X)^alpha for X = N (final values)
-and X = C (Pareto frontier of the curves, each run's first ``--skip-fraction`` of training left out) for L_avg,
-L_last, Err_avg and Err_last, prints alpha, beta and Pearson r, writes ``fits.json`` and one PNG per (axis, metric).
+The fits are :func:`varlib.pipeline.fit_sweep`'s; the keys: ``conf/scaling.yaml`` (``varlib-scaling --help``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-from pathlib import Path
-from typing import Sequence
+import hydra
+from omegaconf import DictConfig, ListConfig
 
-from varlib.evaluation.scaling import (
-    METRICS,
-    fit_compute_frontier,
-    fit_power_law,
-    load_runs,
-    plot_scaling_vs_compute,
-    plot_scaling_vs_params,
-)
+from varlib.cli.common import CONFIG_PATH, run_or_exit
+from varlib.pipeline import fit_sweep
 
 
-def fit_sweep(
-    sources: Sequence[str | Path], out_dir: str | Path | None = None, skip_fraction: float = 0.0
-) -> dict[str, dict[str, float]]:
-    """Fits every metric against N and C; returns {"N/loss_last": {alpha, beta, log10_beta, r}, ...} and writes
-    plots. beta is None when a nearly flat trend puts it outside the float range; log10_beta is always given.
-    ``skip_fraction``: the share of each run's training left out of the compute fits (``fit_compute_frontier``)."""
-    runs = load_runs(list(sources), skip_invalid=True)
-    if len(runs) < 2:
-        raise ValueError(f"a scaling fit needs at least 2 runs with scaling_record.json, found {len(runs)} in {list(sources)}")
-    fits = {}
-    for metric in METRICS:
-        by_params = fit_power_law([run.params for run in runs], [run.final(metric) for run in runs])
-        by_compute = fit_compute_frontier(runs, metric, skip_fraction).fit
-        for variable, fit in (("N", by_params), ("C", by_compute)):
-            beta = fit.beta if 0.0 < fit.beta < math.inf else None
-            fits[f"{variable}/{metric}"] = {"alpha": fit.alpha, "beta": beta, "log10_beta": fit.log10_beta, "r": fit.r}
-        if out_dir is not None:
-            plot_scaling_vs_params(runs, metric, Path(out_dir) / f"scaling_N_{metric}.png")
-            plot_scaling_vs_compute(runs, metric, Path(out_dir) / f"scaling_C_{metric}.png", skip_fraction)
-    if out_dir is not None:
-        summary = {"runs": [{"name": r.name, "depth": r.depth, "params": r.params} for r in runs],
-                   "skip_fraction": skip_fraction, "fits": fits}
-        (Path(out_dir) / "fits.json").write_text(json.dumps(summary, indent=2) + "\n")
+def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Fits the sweep of a composed ``scaling`` config and prints one line per fit."""
+    sources = list(cfg.sources) if isinstance(cfg.sources, ListConfig) else [cfg.sources]
+    fits = fit_sweep(sources, cfg.out_dir, cfg.skip_fraction)
+    for name, fit in fits.items():
+        print(f"{name:14s} alpha={fit['alpha']:+.4f} beta=10^{fit['log10_beta']:.2f} r={fit['r']:+.4f}")
     return fits
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sources", nargs="+", help="sweep folders (searched recursively) or scaling_record.json files")
-    parser.add_argument("--out", default=None, help="folder for fits.json and the plots")
-    parser.add_argument("--skip-fraction", type=float, default=0.0,
-                        help="leave each run's first fraction of training (warm-up, early plateau) out of the fits "
-                             "against compute, e.g. 0.2; default 0: every evaluation")
-    args = parser.parse_args(argv)
-    fits = fit_sweep(args.sources, args.out, args.skip_fraction)
-    for name, fit in fits.items():
-        print(f"{name:14s} alpha={fit['alpha']:+.4f} beta=10^{fit['log10_beta']:.2f} r={fit['r']:+.4f}")
+@hydra.main(config_path=CONFIG_PATH, config_name="scaling", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

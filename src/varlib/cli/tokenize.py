@@ -13,31 +13,29 @@ re-run skips finished shards (see ``varlib.data.tokenizing``). Configuration: ``
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
 
 from varlib.cli.common import (
     CONFIG_PATH,
-    inference_precision,
-    instantiate_config,
-    load_tokenizer,
     rank_device,
     resolve_device,
-    resolve_precision,
     run_or_exit,
 )
-from varlib.configs import datamodule_config
-from varlib.data import ImageDataModule, ImageTransform, WebDatasetDataModule
+from varlib.configs import datamodule_config, instantiate_config
+from varlib.data import ImageDataModule, ImageTransform
 from varlib.data.base import check_int_at_least
-from varlib.data.shards import CountingHandler, ShardSampleDecoder, shard_pipeline
-from varlib.data.token_cache import read_index
-from varlib.data.tokenizing import Unit, distributed_rank, tokenize_split, units_of_range
+from varlib.data.token_cache import CLASS_NAMES_FILE, read_index
+from varlib.data.tokenizing import distributed_rank, tokenize_split
 from varlib.data.transforms import MultiCropTransform
+from varlib.inference import inference_precision, resolve_precision
+from varlib.io import load_tokenizer
 from varlib.models.patch_schedules import validate_patch_nums
 
 logger = logging.getLogger(__name__)
@@ -51,31 +49,6 @@ class TokenizeResult:
     out_dir: Path
     counts: dict[str, int]
     skipped: dict[str, int]
-
-
-def split_units(datamodule: ImageDataModule, split: str, transform, shard_size: int) -> list[Unit]:
-    """The split cut into shard-sized units: ``shard_size`` images of a map-style dataset, one tar of a WebDataset."""
-    counter = datamodule.skip_counters[split]
-    if isinstance(datamodule, WebDatasetDataModule):
-        urls = datamodule.train_urls if split == "train" else datamodule.val_urls
-        if urls is None:
-            raise ValueError(f"split {split!r} needs data.val_urls, got null (or leave it out of splits)")
-        decoder = ShardSampleDecoder(transform, datamodule.num_classes, datamodule.label_key, datamodule.image_keys)
-
-        def tar_loader(url: str) -> DataLoader:
-            return datamodule.make_loader(shard_pipeline([url], decoder, CountingHandler(counter), train=False),
-                                          train=False)
-
-        return [Unit(i, (lambda url=url: tar_loader(url)), None, lambda: counter.value) for i, url in enumerate(urls)]
-    datamodule.setup("fit")
-    dataset = getattr(datamodule, f"{split}_set", None)
-    if dataset is None or not hasattr(dataset, "transform"):
-        raise ValueError(f"expected {type(datamodule).__name__} to hold a map-style {split}_set with a transform "
-                         f"after setup, got {type(dataset).__name__}")
-    dataset.transform = transform
-    return units_of_range(len(dataset), shard_size, lambda indices: datamodule.make_loader(Subset(dataset, indices),
-                                                                                             train=False),
-                          lambda: counter.value)
 
 
 def check_existing_cache(out_dir: Path, patch_nums: tuple[int, ...], vocab_size: int, num_classes: int) -> None:
@@ -103,7 +76,8 @@ def run(cfg: DictConfig) -> TokenizeResult:
     resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
     device = rank_device(device, rank, world_size)
     requested = None if cfg.patch_nums is None else validate_patch_nums(list(cfg.patch_nums))
-    vae, patch_nums = load_tokenizer(cfg.tokenizer, device, requested)
+    vae = load_tokenizer(cfg.tokenizer, requested).to(device)
+    patch_nums = vae.patch_nums if requested is None else requested
     resolution = patch_nums[-1] * vae.downsample
     if "image_size" not in cfg.data:
         raise ValueError(f"data must be an image dataset config with an image_size (emoji, imagefolder, webdataset), "
@@ -116,11 +90,14 @@ def run(cfg: DictConfig) -> TokenizeResult:
     if datamodule.hflip:
         logger.info("data.hflip is ignored: the cache stores unflipped images (with_flip=true adds mirrored twins)")
     check_existing_cache(Path(cfg.out_dir), patch_nums, vae.vocab_size, datamodule.num_classes)
+    class_names = getattr(datamodule, "class_names", None)
+    if rank == 0 and class_names is not None:  # training names the model's classes with them
+        write_class_names(Path(cfg.out_dir), list(class_names))
 
     transform = ImageTransform(resolution, train=False) if cfg.crops == 1 else MultiCropTransform(resolution, cfg.crops)
     counts, skipped = {}, {}
     for split in splits:
-        units = split_units(datamodule, split, transform, cfg.shard_size)
+        units = datamodule.tokenizing_units(split, transform, cfg.shard_size)
         with inference_precision(cfg.precision, device):
             result = tokenize_split(vae, units, cfg.out_dir, split, datamodule.num_classes, patch_nums,
                                     with_flip=cfg.with_flip, crops=cfg.crops, seed=cfg.seed, rank=rank,
@@ -129,6 +106,14 @@ def run(cfg: DictConfig) -> TokenizeResult:
         logger.info("%s: %d images tokenised, %d unreadable ones skipped, %d finished shards kept (process %d of %d)",
                     split, result["written"], result["skipped"], result["resumed"], rank, world_size)
     return TokenizeResult(out_dir=Path(cfg.out_dir), counts=counts, skipped=skipped)
+
+
+def write_class_names(out_dir: Path, class_names: list[str]) -> None:
+    """``out_dir/class_names.json`` (:data:`~varlib.data.token_cache.CLASS_NAMES_FILE`), written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"{CLASS_NAMES_FILE}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(class_names, indent=1))
+    os.replace(partial, out_dir / CLASS_NAMES_FILE)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="tokenize", version_base="1.3")

@@ -5,9 +5,11 @@
     varlib-train --multirun experiment=tokenizer_emoji model.optim.lr=1e-4,3e-4
 
 A run writes to ``outputs/<task_name>/`` (multirun: ``multirun/<task_name>/<job number>/``), so running the same
-command again resumes where it stopped. A bad configuration exits with status 2 and one logged message, before
-anything is written (:func:`~varlib.cli.common.run_or_exit`). What a run builds, resumes, writes and exports:
-:mod:`varlib.training.runner`, whose :func:`~varlib.training.runner.train` this wraps.
+command again resumes where it stopped; a command that changes the run's settings stops with the list of changes,
+``resume=false`` starts afresh and ``resume=force`` continues anyway. A bad configuration (or a changed one) exits
+with status 2 and one logged message, before anything is trained (:func:`~varlib.cli.common.run_or_exit`). What a
+run builds, resumes, writes and exports: :mod:`varlib.training.runner`, whose :func:`~varlib.training.runner.train`
+this wraps.
 """
 
 from __future__ import annotations

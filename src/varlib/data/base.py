@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from varlib.data.resumable import ClassBalancedSampler, ResumableLoader, ResumableSampler, check_class_balance
 from varlib.data.skipping import SkipCounter, collate_skipping_none
+from varlib.data.tokenizing import Unit, units_of_range
 
 
 def check_int_at_least(name: str, value: Any, minimum: int) -> int:
@@ -55,6 +56,20 @@ class ImageDataModule(LightningDataModule):
     def skipped(self) -> int:
         """Bad samples skipped so far by this process's train and val loaders (and their workers)."""
         return sum(counter.value for counter in self.skip_counters.values())
+
+    def tokenizing_units(self, split: str, transform: Callable, shard_size: int) -> list[Unit]:
+        """The split cut into units of ``shard_size`` images for ``varlib-tokenize``, read in order with
+        ``transform`` (the deterministic evaluation crop, or several crops) in place of the split's own."""
+        self.setup("fit")
+        dataset = getattr(self, f"{split}_set", None)
+        if dataset is None or not hasattr(dataset, "transform"):
+            raise ValueError(f"expected {type(self).__name__} to hold a map-style {split}_set with a transform "
+                             f"after setup, got {type(dataset).__name__}")
+        dataset.transform = transform
+        counter = self.skip_counters[split]
+        return units_of_range(len(dataset), shard_size,
+                              lambda indices: self.make_loader(Subset(dataset, indices), train=False),
+                              lambda: counter.value)
 
     def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
         """DataLoader with the shared settings. A map-style training set gets a `ResumableLoader` (seeded shuffle,

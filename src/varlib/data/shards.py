@@ -38,6 +38,7 @@ from varlib.data.base import ImageDataModule, check_int_at_least
 from varlib.data.images import ImageDecodeError, decode_rgb_image
 from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
+from varlib.data.tokenizing import Unit
 from varlib.data.transforms import ImageTransform
 
 GLOB_CHARACTERS = ("*", "?", "[")
@@ -384,6 +385,20 @@ class WebDatasetDataModule(ImageDataModule):
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
+
+    def tokenizing_units(self, split: str, transform: Callable, shard_size: int) -> list[Unit]:
+        """One unit per tar of the split (``shard_size`` does not apply: a tar is the unit a re-run skips), its
+        samples decoded with ``transform``."""
+        urls = self.train_urls if split == "train" else self.val_urls
+        if urls is None:
+            raise ValueError(f"split {split!r} needs data.val_urls, got null (or leave it out of splits)")
+        counter = self.skip_counters[split]
+        decoder = ShardSampleDecoder(transform, self.num_classes, self.label_key, self.image_keys)
+
+        def tar_loader(url: str) -> DataLoader:
+            return self.make_loader(shard_pipeline([url], decoder, CountingHandler(counter), train=False), train=False)
+
+        return [Unit(i, (lambda url=url: tar_loader(url)), None, lambda: counter.value) for i, url in enumerate(urls)]
 
     def train_dataloader(self) -> DataLoader:
         if self.indexed:

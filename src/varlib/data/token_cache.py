@@ -39,6 +39,8 @@ from varlib.data.resumable import (
 )
 
 FORMAT = "varlib-token-cache/1"
+#: the dataset's class names beside ``index.json`` (written by varlib-tokenize when the dataset has them)
+CLASS_NAMES_FILE = "class_names.json"
 SAFETENSORS_DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
@@ -181,6 +183,9 @@ class TokenCacheDataModule(L.LightningDataModule):
         self.num_classes = index["num_classes"]
         self.vocab_size = index["vocab_size"]
         self.has_val = val_split in index["splits"]
+        names_path = Path(root) / CLASS_NAMES_FILE
+        #: the classes' names (image folder names, emoji categories), or None when the cache has none
+        self.class_names = json.loads(names_path.read_text()) if names_path.is_file() else None
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):

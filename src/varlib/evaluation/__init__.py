@@ -1,4 +1,7 @@
-"""Evaluation: FID / IS / precision-recall, ADM sample files, reconstruction quality, codebook usage, scaling-law fits."""
+"""Evaluation: FID / IS / precision-recall, ADM sample files, reconstruction quality, codebook usage.
+
+The scaling-law records, fits and plots are :mod:`varlib.evaluation.scaling`, imported on its own so that training
+(which imports this package) pulls in neither the fits nor matplotlib."""
 
 from varlib.evaluation.adm_npz import (
     AdmNpzWriter,
@@ -39,20 +42,6 @@ from varlib.evaluation.inception import (
     find_inception_weights,
 )
 from varlib.evaluation.reference import ReferenceStatistics, load_reference, write_reference
-from varlib.evaluation.scaling import (
-    SCALING_RECORD_FILENAME,
-    FrontierFit,
-    PowerLawFit,
-    ScalingRecord,
-    fit_compute_frontier,
-    fit_power_law,
-    load_runs,
-    pareto_frontier,
-    plot_scaling_vs_compute,
-    plot_scaling_vs_params,
-    training_flops,
-    write_scaling_record,
-)
 from varlib.images import signed_float_to_uint8, unit_float_to_uint8  # re-exported: the metrics take uint8
 
 __all__ = [
@@ -60,17 +49,13 @@ __all__ = [
     "CodebookUsage",
     "EmojiClassifier",
     "FeatureExtractor",
-    "FrontierFit",
     "GenerationMetricsCallback",
     "GenerativeMetrics",
     "INCEPTION_WEIGHTS_FILENAME",
     "InceptionV3Features",
     "MeanPerceptualDistance",
-    "PowerLawFit",
     "ReferenceStatistics",
     "ReconstructionMetrics",
-    "SCALING_RECORD_FILENAME",
-    "ScalingRecord",
     "build_inception_extractor",
     "calibration_points",
     "check_uint8_nhwc",
@@ -79,8 +64,6 @@ __all__ = [
     "emoji_scores",
     "fid_from_features",
     "find_inception_weights",
-    "fit_compute_frontier",
-    "fit_power_law",
     "frechet_distance",
     "gather_in_batch_order",
     "inception_score",
@@ -89,18 +72,12 @@ __all__ = [
     "load_adm_npz",
     "load_reference",
     "load_emoji_classifier",
-    "load_runs",
-    "pareto_frontier",
-    "plot_scaling_vs_compute",
-    "plot_scaling_vs_params",
     "precision_recall",
     "psnr",
     "shuffle_permutation",
     "signed_float_to_uint8",
     "to_uint8_nhwc",
-    "training_flops",
     "unit_float_to_uint8",
     "write_adm_npz",
     "write_reference",
-    "write_scaling_record",
 ]

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 
 import lightning
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from varlib.evaluation.generative_metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from varlib.evaluation.reference import ReferenceStatistics, load_reference
 from varlib.images import unit_float_to_uint8
+from varlib.training.loggers import log_image
 
 
 def gather_in_batch_order(trainer: lightning.Trainer, local: dict[int, torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:
@@ -62,7 +62,7 @@ def _check_float_images(images_BCHW: torch.Tensor, what: str) -> None:
 
 class GenerationMetricsCallback(lightning.Callback):
     """Every ``every_n_epochs`` validation epochs, log ``val/fid``, ``val/is``, ``val/precision``, ``val/recall``
-    (the last two when the reference holds images) and a grid of the first generated batch (TensorBoard).
+    (the last two when the reference holds images) and a grid of the first generated batch (to every logger).
 
     Args:
         extractor: a ``FeatureExtractor`` module (uint8 (B,3,H,W) -> (features (B,D), logits (B,K))), or a
@@ -203,6 +203,4 @@ class GenerationMetricsCallback(lightning.Callback):
         from varlib.images import image_grid  # varlib.images imports this package
 
         grid = image_grid(images_BCHW.float().clamp(0, 1).cpu(), columns=math.ceil(math.sqrt(images_BCHW.shape[0])))
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/generated", grid, trainer.global_step)
+        log_image(trainer, "val/generated", grid, trainer.global_step)

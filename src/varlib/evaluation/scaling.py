@@ -17,11 +17,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from varlib.models.flops import flops_per_token
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SCALING_RECORD_FILENAME = "scaling_record.json"
 METRICS = ("loss_avg", "loss_last", "err_avg", "err_last")
@@ -306,6 +309,13 @@ def fit_compute_frontier(
     return FrontierFit(fit_power_law(compute[frontier], loss[frontier]), compute[frontier], loss[frontier])
 
 
+def _new_figure() -> Figure:
+    # matplotlib only here: the scaling sweep's training runs import this module for the record, not to plot
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(5, 4))
+
+
 def _finish(figure: Figure, save_path: str | Path | None) -> Figure:
     figure.tight_layout()
     if save_path is not None:
@@ -331,7 +341,7 @@ def plot_scaling_vs_params(
     params = np.array([run.params for run in runs])
     finals = np.array([run.final(metric) for run in runs])
     fit = fit_power_law(params, finals)
-    figure = Figure(figsize=(5, 4))
+    figure = _new_figure()
     ax = figure.add_subplot()
     for run, value in zip(runs, finals):
         ax.scatter(run.params, value, s=36, zorder=3, label=f"{run.name} (depth {run.depth})")
@@ -349,7 +359,7 @@ def plot_scaling_vs_compute(
     (paper Fig. 6), the frontier taken without each run's first ``skip_fraction`` (see ``fit_compute_frontier``).
     Returns the figure; writes a PNG if ``save_path`` is given."""
     frontier = fit_compute_frontier(runs, metric, skip_fraction)
-    figure = Figure(figsize=(5, 4))
+    figure = _new_figure()
     ax = figure.add_subplot()
     for run in runs:
         compute, values = run.points(metric)

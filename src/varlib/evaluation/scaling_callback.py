@@ -15,12 +15,19 @@ class ScalingRecordCallback(L.Callback):
 
     C = ``var.flops_per_token()`` x tokens trained so far (global batch x L x optimizer steps); N counts the
     transformer's non-embedding parameters. The record lands in ``<dirpath or trainer.default_root_dir>/
-    scaling_record.json`` in the schema that ``varlib.evaluation.scaling.load_runs`` reads.
+    scaling_record.json`` in the schema that ``varlib.evaluation.scaling.load_runs`` reads. The points travel in the
+    checkpoint (``state_dict``), so a resumed run's record holds the points from before the resume, each once.
     """
 
     def __init__(self, dirpath: str | None = None, name: str | None = None):
         self.dirpath, self.name = dirpath, name
         self.points: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"points": [dict(point) for point in self.points]}
+
+    def load_state_dict(self, state_dict: dict[str, list[dict[str, float]]]) -> None:
+        self.points = [dict(point) for point in state_dict["points"]]
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.global_step == 0:

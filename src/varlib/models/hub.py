@@ -30,8 +30,15 @@ FORMAT = "varlib/1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # metadata entries that hold JSON objects (safetensors metadata values are strings)
-JSON_ENTRIES = ("vae_config", "var_config", "ar_config", "sampling")
+JSON_ENTRIES = ("vae_config", "var_config", "ar_config", "sampling", "class_names", "lora", "training")
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: a file in a Hub repo: ``owner/repo/file.pth`` (or ``.safetensors``), e.g. ``FoundationVision/var/var_d16.pth``
+HUB_FILE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>[\w.-]+\.(?:pth|pt|safetensors))")
+#: the official VAR repository and the tokenizer file every official transformer needs
+OFFICIAL_REPO, OFFICIAL_TOKENIZER = "FoundationVision/var", "vae_ch160v4096z32.pth"
+CARD_NAME = "README.md"
+#: where named Hub files are looked for first (and where to put them by hand offline): $VARLIB_WEIGHTS
+WEIGHTS_ENV = "VARLIB_WEIGHTS"
 #: file kind -> model class, filled by PretrainedMixin subclasses that set FILE_KIND
 MODEL_CLASSES: dict[str, type[PretrainedMixin]] = {}
 
@@ -60,9 +67,15 @@ class PretrainedMixin:
             load_strict(model, state_dict, cls.__name__)
         return model
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes ``directory/model.safetensors`` and ``directory/config.json`` (see :func:`save_pretrained`)."""
-        return save_pretrained(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike, training: Mapping | None = None,
+                        license: str = "mit") -> Path:
+        """Writes ``directory/model.safetensors``, ``config.json`` and the model card ``README.md`` (see
+        :func:`save_pretrained`)."""
+        return save_pretrained(self, directory, training, license)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Uploads the :meth:`save_pretrained` folder to the Hub model repo ``repo_id`` (see :func:`push_to_hub`)."""
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -127,6 +140,8 @@ def model_metadata(vae: PretrainedMixin, var: PretrainedMixin | None = None) -> 
         prefix = _transformer_prefix(var)
         meta.update({"kind": var.FILE_KIND, f"{prefix}_config": json.dumps(_plain_config(var.config)),
                      "sampling": json.dumps(asdict(var.sampling))})
+        if var.class_names is not None:
+            meta["class_names"] = json.dumps(list(var.class_names))
     return meta
 
 
@@ -142,9 +157,11 @@ def save_var(var: PretrainedMixin, path: str | os.PathLike) -> None:
     save_file(state, os.fspath(path), metadata=model_metadata(var.vae, var))
 
 
-def save_pretrained(model: PretrainedMixin, directory: str | os.PathLike) -> Path:
-    """Writes ``directory/model.safetensors`` (as :func:`save_var` / :func:`save_tokenizer`) and
-    ``directory/config.json`` (format, kind, the constructor configs and, for a transformer, its sampling settings).
+def save_pretrained(model: PretrainedMixin, directory: str | os.PathLike, training: Mapping | None = None,
+                    license: str = "mit") -> Path:
+    """Writes ``directory/model.safetensors`` (as :func:`save_var` / :func:`save_tokenizer`),
+    ``directory/config.json`` (format, kind, the constructor configs and, for a transformer, its sampling settings)
+    and the model card ``directory/README.md`` (:func:`model_card`; ``training`` describes the run).
 
     The folder is what :func:`from_pretrained` reads and what a Hugging Face Hub model repo holds. Returns the
     folder.
@@ -162,7 +179,113 @@ def save_pretrained(model: PretrainedMixin, directory: str | os.PathLike) -> Pat
         meta = model_metadata(model.vae, model)
     config = {k: json.loads(v) if k in JSON_ENTRIES else v for k, v in meta.items()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / CARD_NAME).write_text(model_card(model, training, license))
     return directory
+
+
+def _count(module: nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()):,}"
+
+
+def model_card(model: PretrainedMixin, training: Mapping | None = None, license: str = "mit") -> str:
+    """The Hub model card (README.md with YAML front matter) of a varlib model: architecture and parameter counts,
+    tokenizer, classes, training data and steps and the metrics the run recorded (``training``: any of ``data``,
+    ``steps``, ``init_from``, ``metrics`` (name -> value), ``command``), sampling settings, licence and usage."""
+    training = dict(training or {})
+    tokenizer = model if model.FILE_KIND == "tokenizer" else model.vae
+    name = type(model).__name__
+    lines = ["---", f"license: {license}", "library_name: varlib", "tags:", "- varlib", "- image-generation",
+             f"- {model.FILE_KIND}", "---", "", f"# {name} (varlib)", ""]
+    if model.FILE_KIND == "tokenizer":
+        lines += [f"A multi-scale VQ tokenizer ({_count(model)} parameters): vocabulary {model.vocab_size}, "
+                  f"{model.z_channels} code channels, schedule {list(model.patch_nums)} "
+                  f"({model.patch_nums[-1] * model.downsample} px images).", ""]
+    else:
+        extra = (f", {model.num_non_embedding_params():,} without embeddings"
+                 if hasattr(model, "num_non_embedding_params") else "")
+        lines += [f"A class-conditional {name} transformer: depth {model.depth}, width {model.width}, "
+                  f"{model.num_heads} heads, {model.num_classes} classes, {_count(model)} parameters{extra}; "
+                  f"schedule {list(model.patch_nums)}.", "",
+                  f"Tokenizer (in the same file): {_count(tokenizer)} parameters, vocabulary {tokenizer.vocab_size}, "
+                  f"{tokenizer.z_channels} code channels, {tokenizer.patch_nums[-1] * tokenizer.downsample} px.", ""]
+        if model.class_names:
+            shown = ", ".join(model.class_names[:20]) + (" ..." if len(model.class_names) > 20 else "")
+            lines += [f"Classes: {shown}", ""]
+        lines += [f"Sampling settings (the defaults of `generate`): cfg {model.sampling.cfg}, top_k "
+                  f"{model.sampling.top_k}, top_p {model.sampling.top_p}.", ""]
+    lines += ["## Training", ""]
+    described = [(key, training.get(key)) for key in ("data", "steps", "init_from", "command")]
+    lines += [f"- {key}: {value}" for key, value in described if value is not None] or ["- not recorded"]
+    if training.get("metrics"):
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
+                  for k, v in sorted(training["metrics"].items())]
+    usage = ("var = varlib.load(\"user/model\")  # or the local folder\n"
+             "images = var.generate([0, 1], seed=0)  # (2, 3, H, W) in [0, 1]") if model.FILE_KIND != "tokenizer" \
+        else "vae = varlib.load(\"user/model\")  # or the local folder"
+    lines += ["", "## Use", "", "```python", "import varlib", "", usage, "```", "",
+              f"Licence: {license}.", ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(model: PretrainedMixin, repo_id: str, training: Mapping | None = None, license: str = "mit",
+                private: bool = False, token: str | None = None, endpoint: str | None = None,
+                commit_message: str = "Upload varlib model") -> str:
+    """Writes :func:`save_pretrained`'s folder (weights, config, model card) to a temporary folder and uploads it
+    to the Hub model repo ``repo_id`` (created when missing) with ``huggingface_hub``; returns the commit URL.
+    ``endpoint`` (default: the Hub, or ``HF_ENDPOINT``) points elsewhere, e.g. a private Hub."""
+    import tempfile
+
+    try:
+        from huggingface_hub import HfApi  # optional dependency (varlib[hub])
+    except ImportError:
+        raise ImportError("push_to_hub needs the huggingface_hub package: pip install 'varlib[hub]'") from None
+    api = HfApi(endpoint=endpoint, token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder, training, license)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+    return str(commit.commit_url)
+
+
+def weights_dir() -> Path:
+    """Where named Hub files are looked for before downloading: ``$VARLIB_WEIGHTS`` (default
+    ``~/.cache/varlib/weights``), as ``<dir>/<owner>/<repo>/<file>``."""
+    return Path(os.environ.get(WEIGHTS_ENV) or Path.home() / ".cache" / "varlib" / "weights")
+
+
+def hub_file(name: str, revision: str | None = None) -> Path:
+    """The local path of a named Hub file ``owner/repo/file`` (:data:`HUB_FILE`): ``weights_dir()/owner/repo/file``
+    when it is there, else downloaded with ``huggingface_hub`` (its cache). Offline, or without the package, the
+    error says which file to fetch and where to put it."""
+    match = HUB_FILE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r}: expected a Hub file name 'owner/repo/file.pth' (e.g. "
+                         f"'{OFFICIAL_REPO}/var_d16.pth')")
+    local = weights_dir() / name
+    if local.is_file():
+        return local
+    url = f"https://huggingface.co/{match['repo']}/resolve/{revision or 'main'}/{match['file']}"
+    advice = f"download {url} and put it at {local} (or set {WEIGHTS_ENV} to the folder that holds {name})"
+    try:
+        from huggingface_hub import hf_hub_download  # optional dependency (varlib[hub])
+    except ImportError:
+        raise FileNotFoundError(f"{name} is not on this machine and the huggingface_hub package that downloads it "
+                                f"is missing (pip install 'varlib[hub]'): {advice}") from None
+    try:
+        return Path(hf_hub_download(match["repo"], match["file"], revision=revision))
+    except Exception as error:  # huggingface_hub raises many types (offline, not found, gated, HTTP errors)
+        raise FileNotFoundError(f"could not download {name} ({type(error).__name__}: {str(error)[:200]}): "
+                                f"{advice}") from error
+
+
+def official_tokenizer_name(name: str) -> str | None:
+    """The tokenizer file beside an official transformer file name (``.../var_d16.pth`` ->
+    ``.../vae_ch160v4096z32.pth``), or None for other names."""
+    match = HUB_FILE.fullmatch(name)
+    if match is None or not match["file"].startswith("var_"):
+        return None
+    return f"{match['repo']}/{OFFICIAL_TOKENIZER}"
 
 
 def _split(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -179,8 +302,9 @@ def build_model(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], sour
     name = cls.FILE_PREFIX
     # files written before sampling settings existed keep the model's defaults
     sampling = json.loads(meta["sampling"]) if "sampling" in meta else None
+    class_names = json.loads(meta["class_names"]) if "class_names" in meta else None
     return cls.from_config(json.loads(meta[f"{name}_config"]), _split(state, f"{name}."),
-                           vae=vae.requires_grad_(False), sampling=sampling).eval()
+                           vae=vae.requires_grad_(False), sampling=sampling, class_names=class_names).eval()
 
 
 def unreadable_file_error(path: str, error: Exception) -> ValueError:

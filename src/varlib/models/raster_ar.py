@@ -11,15 +11,11 @@ Shapes: B batch, L = side^2 tokens, l <= L a prefix, C width, V vocabulary, Cvae
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn as nn
 
 from varlib.models.attention import BlockCausalAttention
-from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache
-from varlib.models.sampling import SamplingConfig, as_labels, check_sampling_values, filter_top_k_top_p_
-from varlib.models.transformer import AdaLNTransformer, depth_scaled_shape
+from varlib.models.sampling import as_labels, check_sampling_values, filter_top_k_top_p_
+from varlib.models.transformer import AdaLNTransformer
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
@@ -34,83 +30,24 @@ class RasterAR(AdaLNTransformer):
         vae: a tokenizer with a single scale (``patch_nums == (side,)``); held by reference, as in VAR.
         depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
         num_classes: number of real classes; class ``num_classes`` is the null class.
-        cond_drop_rate: label dropout probability in training mode.
-        Other arguments as :class:`VAR`.
+        shape: width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm,
+            cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer` (no shared AdaLN).
     """
 
     FILE_KIND, FILE_PREFIX = "raster_ar", "ar"
 
-    def __init__(
-        self,
-        vae: MultiScaleVQVAE,
-        depth: int = 16,
-        num_classes: int = 1000,
-        *,
-        width: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float | None = None,
-        norm_eps: float = 1e-6,
-        attn_l2_norm: bool = True,
-        cond_drop_rate: float = 0.1,
-        init_adaln: float = 0.5,
-        init_adaln_gamma: float = 1e-5,
-        init_head: float = 0.02,
-        init_std: float = -1.0,
-    ):
-        super().__init__()
+    def __init__(self, vae: MultiScaleVQVAE, depth: int = 16, num_classes: int = 1000, **shape):
         if len(vae.patch_nums) != 1:
             raise ValueError(
                 f"RasterAR needs a single-scale tokenizer (patch_nums of one entry), got patch_nums {vae.patch_nums}"
             )
-        shape = depth_scaled_shape(depth)
-        width = shape["width"] if width is None else width
-        num_heads = shape["num_heads"] if num_heads is None else num_heads
-        drop_path_rate = shape["drop_path_rate"] if drop_path_rate is None else drop_path_rate
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if not 0.0 <= cond_drop_rate < 1.0:
-            raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
-        self._vae = (vae,)
-        self.patch_nums = tuple(vae.patch_nums)
+        if {"scale_embedding", "shared_aln"} & shape.keys():
+            raise TypeError(f"RasterAR takes neither scale_embedding nor shared_aln (VAR's), got {sorted(shape)}")
+        super().__init__(vae, tuple(vae.patch_nums), depth, num_classes, **shape)
         self.side = self.patch_nums[0]
-        self.L = self.side * self.side
-        self.depth, self.width, self.num_heads = depth, width, num_heads
-        self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
-        self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
-        self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-                           norm_eps=norm_eps, attn_l2_norm=attn_l2_norm, cond_drop_rate=cond_drop_rate)
-        init_std = math.sqrt(1 / width / 3) if init_std < 0 else init_std
-
-        self.word_embed = nn.Linear(self.code_channels, width)
-        self.class_emb = nn.Embedding(num_classes + 1, width)
-        self.pos_start = nn.Parameter(torch.empty(1, 1, width))
-        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, width))
-        drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                          drop_path=drop_path[i], norm_eps=norm_eps, attn_l2_norm=attn_l2_norm)
-            for i in range(depth)
-        )
-        self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
-        self.head = nn.Linear(width, self.vocab_size)
         causal = torch.ones(self.L, self.L, dtype=torch.bool).tril()
         bias = torch.zeros(self.L, self.L).masked_fill_(~causal, float("-inf"))
         self.register_buffer("causal_bias_11LL", bias.view(1, 1, self.L, self.L), persistent=False)
-        self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
-        self.init_weights(init_adaln, init_adaln_gamma, init_head, init_std)
-
-    @property
-    def vae(self) -> MultiScaleVQVAE:
-        return self._vae[0]
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.vae._apply(fn, recurse)
-        return self
 
     def embed_tokens(self, tokens_Bl: torch.Tensor) -> torch.Tensor:
         """word_embed of the frozen code vectors: (B,l) token indices -> (B,l,C), in the weights' dtype (fp32, or
@@ -140,9 +77,7 @@ class RasterAR(AdaLNTransformer):
                 f"expected int64 input tokens (B={labels_B.shape[0]}, l <= L-1={self.L - 1}), "
                 f"got {tuple(tokens_Bl.shape)} {tokens_Bl.dtype}"
             )
-        if self.training and self.cond_drop_rate > 0:
-            drop = torch.rand(B, device=labels_B.device) < self.cond_drop_rate
-            labels_B = torch.where(drop, self.num_classes, labels_B)
+        labels_B = self.drop_labels(labels_B)
         with torch.autocast(device_type=tokens_Bl.device.type, enabled=False):
             cond_BD = self.class_emb(labels_B)
             x_BlC = torch.cat((self.start_input(cond_BD), self.embed_tokens(tokens_Bl) + self.pos_1LC[:, 1:length]), 1)
@@ -152,11 +87,6 @@ class RasterAR(AdaLNTransformer):
             x_BlC = block(x_BlC, cond_BD, attention=attention)
         return self.get_logits(x_BlC, cond_BD)
 
-    def num_non_embedding_params(self) -> int:
-        """N of the scaling laws: parameters other than the class and position embeddings."""
-        embeddings = ("class_emb", "pos_1LC", "pos_start")
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
-
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 * non-embedding parameters + 12 * depth * C * (mean keys seen, (L+1)/2)."""
         return 6 * self.num_non_embedding_params() + 12 * self.depth * self.width * (self.L + 1) / 2
@@ -164,15 +94,8 @@ class RasterAR(AdaLNTransformer):
     # -- inference -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate_tokens(
-        self,
-        labels,
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        seed: int | None = None,
-        batch_size: int | None = None,
-    ) -> torch.Tensor:
+    def generate_tokens(self, labels, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                        seed: int | None = None, batch_size: int | None = None) -> torch.Tensor:
         """Samples the L tokens one at a time with a KV cache.
 
         The guided logits are ``(1 + cfg) cond - cfg uncond`` at every position (the unconditional half of the
@@ -181,9 +104,11 @@ class RasterAR(AdaLNTransformer):
 
         Args:
             labels: (B,) classes in [0, num_classes] (num_classes = null), a list, or an int with ``batch_size``.
+            cfg, top_k, top_p: left out (None), the model's :attr:`sampling`.
         Returns:
             (B, L) int64 tokens in raster order.
         """
+        cfg, top_k, top_p = self.sampling.resolve(cfg, top_k, top_p).values()
         check_sampling_values(cfg, top_k, top_p)
         labels_B = as_labels(self, labels, batch_size)
         B, device = labels_B.shape[0], labels_B.device
@@ -194,7 +119,7 @@ class RasterAR(AdaLNTransformer):
         cond_BD = self.class_emb(labels_batch)
         x_B1C = self.start_input(cond_BD)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_B1C.dtype
-        caches = [KVCache(rows, self.num_heads, self.L, self.width // self.num_heads, device, dtype) for _ in self.blocks]
+        caches = self.new_kv_caches(rows, dtype)
         tokens_BL = torch.empty(B, self.L, dtype=torch.long, device=device)
         for t in range(self.L):
             for block, cache in zip(self.blocks, caches):
@@ -209,21 +134,8 @@ class RasterAR(AdaLNTransformer):
         return tokens_BL
 
     @torch.no_grad()
-    def generate(
-        self,
-        labels,
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        batch_size: int | None = None,
-    ) -> torch.Tensor:
-        """Class-conditional sampling (see :meth:`generate_tokens`) decoded to (B,3,H,W) images in [0,1].
-
-        ``cfg``, ``top_k`` and ``top_p`` left out (None) come from :attr:`sampling`, the model's recommended
-        settings (as :meth:`VAR.generate`)."""
-        tokens_BL = self.generate_tokens(labels, cfg=self.sampling.cfg if cfg is None else cfg,
-                                         top_k=self.sampling.top_k if top_k is None else top_k,
-                                         top_p=self.sampling.top_p if top_p is None else top_p,
-                                         seed=seed, batch_size=batch_size)
+    def generate(self, labels, **options) -> torch.Tensor:
+        """Class-conditional sampling decoded to (B,3,H,W) images in [0,1]; ``options`` (cfg, top_k, top_p, seed,
+        batch_size) as :meth:`generate_tokens`: the sampling settings left out come from :attr:`sampling`."""
+        tokens_BL = self.generate_tokens(labels, **options)
         return self.vae.decode_tokens([tokens_BL]).add_(1).mul_(0.5)

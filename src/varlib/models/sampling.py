@@ -32,6 +32,12 @@ class ClassConditional(Protocol):
     def check_labels(self, labels_B: torch.Tensor) -> None: ...
 
 
+class ClassConditionalGenerator(ClassConditional, Protocol):
+    """What per-class sampling needs of a model (VAR, RasterAR): ``generate(labels, seed=..., **sampling)``."""
+
+    def generate(self, labels, **kwargs) -> torch.Tensor: ...
+
+
 class NextScalePredictor(ClassConditional, Protocol):
     """What sampling needs of a model (:class:`varlib.models.transformer.VAR` is one)."""
 
@@ -67,27 +73,51 @@ class SampleOutput:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """A model's recommended sampling settings (what a generation config is to a language model).
+    """A model's recommended sampling settings (what a generation config is to a language model): the one
+    definition of the sampling defaults.
 
-    ``VAR.generate`` uses them for every argument left out; model files carry them. The defaults sample the
-    plain guided distribution; VAR training stores the settings it is judged with (the official FID settings
-    cfg=1.5, top_k=900, top_p=0.96 by default).
+    ``generate``, ``edit``, the validation grids and every command-line tool use them for each setting left
+    out (None); model files carry them. The defaults are the official FID settings (cfg 1.5, top_k 900,
+    top_p 0.96), which official checkpoints keep; a training config may store others (``model.sampling``).
     """
 
     cfg: float = 1.5
-    top_k: int = 0
-    top_p: float = 0.0
+    top_k: int = 900
+    top_p: float = 0.96
 
     def __post_init__(self) -> None:
         check_sampling_values(self.cfg, self.top_k, self.top_p)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SamplingConfig":
-        """From a plain mapping (a model file's JSON); unknown keys are an error naming the known ones."""
+        """From a plain mapping (a model file's JSON, a config node); a None value keeps the default, unknown
+        keys are an error naming the known ones."""
         unknown = set(values) - {"cfg", "top_k", "top_p"}
         if unknown:
             raise ValueError(f"sampling settings take cfg, top_k and top_p, got unknown keys {sorted(unknown)}")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in values.items()})
+        return cls(**{k: type(getattr(cls, k))(v) for k, v in values.items() if v is not None})
+
+    def resolve(self, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None) -> dict:
+        """``{cfg, top_k, top_p}``: each given value, else this config's."""
+        return dict(cfg=self.cfg if cfg is None else cfg, top_k=self.top_k if top_k is None else top_k,
+                    top_p=self.top_p if top_p is None else top_p)
+
+
+def sample_per_class(
+    model: ClassConditionalGenerator, per_class: int, seed: int, batch_size: int = 50, **sampling
+) -> torch.Tensor:
+    """``per_class`` samples of every class, class by class: (num_classes*per_class, 3, H, W) in [0,1] on the CPU.
+
+    Batch i (of at most ``batch_size``) of class c uses seed + 1000*c + i, so a class's samples do not depend on
+    how many classes come before it. ``sampling`` (cfg, top_k, top_p, ...) overrides the model's own settings
+    (its ``sampling``) key by key; left out, ``model.generate`` uses them.
+    """
+    images = []
+    for label in range(model.num_classes):
+        for i, start in enumerate(range(0, per_class, batch_size)):
+            count = min(batch_size, per_class - start)
+            images.append(model.generate([label] * count, seed=seed + 1000 * label + i, **sampling).cpu())
+    return torch.cat(images)
 
 
 def check_sampling_values(cfg: float, top_k: int, top_p: float) -> None:
@@ -151,9 +181,13 @@ def compiled_transformer_step(backend: str = "inductor"):
 
 def as_labels(var: ClassConditional, labels, batch_size: int | None) -> torch.Tensor:
     """(B,) int64 class labels on the model's device from a tensor, a list, or one int with ``batch_size``;
-    raises ValueError for float, out-of-range or empty labels. ``var``: VAR, RasterAR or any
-    :class:`ClassConditional` model."""
+    class names (a str, or strs in the list) are looked up in ``var.class_names``. Raises ValueError for float,
+    out-of-range, unknown or empty labels. ``var``: VAR, RasterAR or any :class:`ClassConditional` model."""
     device = var.device
+    if isinstance(labels, str) or (isinstance(labels, (list, tuple)) and any(isinstance(x, str) for x in labels)):
+        labels = class_indices(var, [labels] if isinstance(labels, str) else labels)
+        if len(labels) == 1 and batch_size is not None:
+            labels = labels[0]
     if isinstance(labels, int):
         if batch_size is None or batch_size < 1:
             raise ValueError(f"a single int label needs batch_size >= 1, got batch_size={batch_size}")
@@ -168,13 +202,32 @@ def as_labels(var: ClassConditional, labels, batch_size: int | None) -> torch.Te
     return labels
 
 
+def class_indices(var: ClassConditional, labels) -> list[int]:
+    """Class indices of ``labels`` (ints kept, names looked up in ``var.class_names``, "null" = the null class);
+    raises ValueError naming the known classes for an unknown name."""
+    names = list(getattr(var, "class_names", None) or [])
+    out = []
+    for label in labels:
+        if not isinstance(label, str):
+            out.append(int(label))
+        elif label == "null":
+            out.append(var.num_classes)
+        elif label in names:
+            out.append(names.index(label))
+        else:
+            known = ", ".join(repr(n) for n in names[:12]) if names else "none: the model file has no class names"
+            raise ValueError(f"unknown class name {label!r}; the model's classes: {known}")
+    return out
+
+
 @torch.no_grad()
 def sample_token_maps(
     var: NextScalePredictor,
     labels,
-    cfg: float = 1.5,
-    top_k: int = 0,
-    top_p: float = 0.0,
+    *,
+    cfg: float,
+    top_k: int,
+    top_p: float,
     seed: int | None = None,
     more_smooth: bool = False,
     batch_size: int | None = None,
@@ -190,6 +243,8 @@ def sample_token_maps(
 
     Args:
         labels: (B,) classes in [0, num_classes] (num_classes = null), a list, or an int with ``batch_size``.
+        cfg, top_k, top_p: guidance at the last scale and the filters (0 disables either); no defaults here,
+            the model's ``sampling`` supplies them (``VAR.generate_tokens``).
         seed: seeds a private generator on the model's device; None uses the global RNG.
         constraint: ground-truth tokens to force where ``keep`` is true (zero-shot editing).
         compile: run each scale's transformer step through ``torch.compile``: True (inductor) or a backend

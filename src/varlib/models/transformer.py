@@ -31,18 +31,112 @@ def depth_scaled_shape(depth: int) -> dict:
 
 
 class AdaLNTransformer(PretrainedMixin, nn.Module):
-    """What VAR and the raster-AR baseline share: the official initialisation, class-label checks and the AdaLN
-    head. A subclass has ``blocks`` (AdaLNSelfAttn), ``head_nm``, ``head``, ``pos_start``, ``pos_1LC``, ``depth``,
-    ``width`` and ``num_classes``."""
+    """What VAR and the raster-AR baseline share: the shape and its checks, the input embeddings, the AdaLN blocks
+    and head, the official initialisation, label checks and dropout, and the frozen tokenizer held by reference.
+
+    Modules, in the official order (the random initialisation depends on it): ``word_embed`` (Cvae -> C),
+    ``class_emb`` (num_classes + 1 rows, the last the null class), ``pos_start`` (1,1,C), ``pos_1LC`` (1,L,C),
+    ``lvl_embed`` (one row per scale; only with ``scale_embedding``), ``shared_ada_lin``, ``blocks``, ``head_nm``,
+    ``head`` (C -> V). The tokenizer is not a submodule (so state dicts match the official ones); device and dtype
+    moves are applied to it as well.
+
+    Args:
+        vae: the frozen tokenizer whose codebook defines the token space.
+        patch_nums: the token-map schedule (validated by the subclass); L = sum pn^2.
+        depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
+        num_classes: number of real classes.
+        width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm: the blocks.
+        cond_drop_rate: label dropout probability in training mode (never applied in eval mode).
+        init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
+        scale_embedding: a learned embedding per scale added to every token (VAR's ``lvl_embed``).
+        shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px VAR).
+    """
+
+    def __init__(
+        self,
+        vae: MultiScaleVQVAE,
+        patch_nums: tuple[int, ...],
+        depth: int = 16,
+        num_classes: int = 1000,
+        *,
+        width: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float | None = None,
+        norm_eps: float = 1e-6,
+        attn_l2_norm: bool = True,
+        cond_drop_rate: float = 0.1,
+        init_adaln: float = 0.5,
+        init_adaln_gamma: float = 1e-5,
+        init_head: float = 0.02,
+        init_std: float = -1.0,
+        scale_embedding: bool = False,
+        shared_aln: bool = False,
+    ):
+        super().__init__()
+        shape = depth_scaled_shape(depth)
+        width = shape["width"] if width is None else width
+        num_heads = shape["num_heads"] if num_heads is None else num_heads
+        drop_path_rate = shape["drop_path_rate"] if drop_path_rate is None else drop_path_rate
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= cond_drop_rate < 1.0:
+            raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
+        self._vae = (vae,)
+        self.patch_nums = patch_nums
+        self.L = sequence_length(patch_nums)
+        self.depth, self.width, self.num_heads = depth, width, num_heads
+        self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
+        self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
+        self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                           norm_eps=norm_eps, attn_l2_norm=attn_l2_norm, cond_drop_rate=cond_drop_rate)
+        self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
+
+        self.word_embed = nn.Linear(self.code_channels, width)
+        self.class_emb = nn.Embedding(num_classes + 1, width)
+        self.pos_start = nn.Parameter(torch.empty(1, 1, width))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, width))
+        if scale_embedding:
+            self.lvl_embed = nn.Embedding(len(patch_nums), width)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(width, 6 * width)) if shared_aln else nn.Identity()
+        drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+                          drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm)
+            for i in range(depth)
+        )
+        self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
+        self.head = nn.Linear(width, self.vocab_size)
+        self.init_weights(init_adaln, init_adaln_gamma, init_head, math.sqrt(1 / width / 3) if init_std < 0 else init_std)
+
+    @property
+    def vae(self) -> MultiScaleVQVAE:
+        return self._vae[0]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.vae._apply(fn, recurse)
+        return self
+
+    #: one name per class (a model file carries them), or None; ``generate`` accepts them as labels
+    class_names: list[str] | None = None
 
     @classmethod
     def from_config(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor] | None = None, *,
-                    vae: MultiScaleVQVAE, sampling: Mapping | None = None):
+                    vae: MultiScaleVQVAE, sampling: Mapping | None = None, class_names: list[str] | None = None):
         """The transformer on ``vae`` (see :meth:`PretrainedMixin.from_config`); ``sampling``, the recommended
-        settings as a model file's plain mapping, replaces the defaults when given."""
+        settings as a model file's plain mapping, replaces the defaults when given, and ``class_names`` names the
+        classes."""
         model = super().from_config(config, state_dict, vae=vae)
         if sampling is not None:
             model.sampling = SamplingConfig.from_dict(sampling)
+        if class_names is not None:
+            if len(class_names) != model.num_classes:
+                raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes")
+            model.class_names = list(class_names)
         return model
 
     @torch.no_grad()
@@ -86,9 +180,30 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
                 f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"
             )
 
+    def new_kv_caches(self, batch_size: int, dtype: torch.dtype) -> list[KVCache]:
+        """One empty KV cache per block for ``batch_size`` rows of all L tokens (inference)."""
+        head_dim = self.width // self.num_heads
+        return [KVCache(batch_size, self.num_heads, self.L, head_dim, self.device, dtype) for _ in self.blocks]
+
+    def drop_labels(self, labels_B: torch.Tensor) -> torch.Tensor:
+        """Label dropout: in training mode each label becomes the null class with probability ``cond_drop_rate``."""
+        if not self.training or self.cond_drop_rate == 0:
+            return labels_B
+        drop = torch.rand(labels_B.shape[0], device=labels_B.device) < self.cond_drop_rate
+        return torch.where(drop, self.num_classes, labels_B)
+
+    def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """What the blocks receive: the class embedding, or the shared AdaLN's (B,1,6,C) output."""
+        return self.shared_ada_lin(cond_BD)
+
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """AdaLN head norm + linear head, in fp32: (B,L,C) -> (B,L,V)."""
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
+
+    def num_non_embedding_params(self) -> int:
+        """N of the scaling laws: parameters other than the class, position and scale embeddings."""
+        embeddings = ("class_emb", "pos_1LC", "pos_start", "lvl_embed")
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
 
 
 class VAR(AdaLNTransformer):
@@ -108,13 +223,13 @@ class VAR(AdaLNTransformer):
         num_classes: number of real classes.
         patch_nums: the token-map schedule (default: the tokenizer's).
         shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px model).
-        cond_drop_rate: label dropout probability in training mode (never applied in eval mode).
         attn_impl: teacher-forced attention, ``auto`` (the fastest exact one for the device: FlexAttention on
             CUDA, per-scale key prefixes elsewhere), ``dense`` (the masked reference), ``prefix`` or ``flex``;
             see :mod:`varlib.models.attention`. A runtime setting, not saved with the weights.
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             storing them (training with gradients only); also a runtime setting.
-        init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
+        shape: width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm,
+            cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer`.
     """
 
     FILE_KIND, FILE_PREFIX = "var", "var"
@@ -125,65 +240,17 @@ class VAR(AdaLNTransformer):
         depth: int = 16,
         num_classes: int = 1000,
         *,
-        width: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float | None = None,
-        norm_eps: float = 1e-6,
-        shared_aln: bool = False,
-        attn_l2_norm: bool = True,
-        cond_drop_rate: float = 0.1,
         patch_nums: Sequence[int] | None = None,
-        init_adaln: float = 0.5,
-        init_adaln_gamma: float = 1e-5,
-        init_head: float = 0.02,
-        init_std: float = -1.0,
+        shared_aln: bool = False,
         attn_impl: str = "auto",
         activation_checkpointing: bool = False,
+        **shape,
     ):
-        super().__init__()
-        shape = depth_scaled_shape(depth)
-        width = shape["width"] if width is None else width
-        num_heads = shape["num_heads"] if num_heads is None else num_heads
-        drop_path_rate = shape["drop_path_rate"] if drop_path_rate is None else drop_path_rate
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if not 0.0 <= cond_drop_rate < 1.0:
-            raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
-        self.patch_nums = validate_patch_nums(vae.patch_nums if patch_nums is None else patch_nums)
-        if len(self.patch_nums) != len(vae.patch_nums):
-            raise ValueError(
-                f"the schedule {self.patch_nums} must have as many scales as the tokenizer's {vae.patch_nums}"
-            )
-        self._vae = (vae,)
-        self.depth, self.width, self.num_heads = depth, width, num_heads
-        self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
-        self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
-        self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-                           norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
-                           cond_drop_rate=cond_drop_rate, patch_nums=self.patch_nums)
-        self.L = sequence_length(self.patch_nums)
-        self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
-        init_std = math.sqrt(1 / width / 3) if init_std < 0 else init_std
-
-        self.word_embed = nn.Linear(self.code_channels, width)
-        self.class_emb = nn.Embedding(num_classes + 1, width)
-        self.pos_start = nn.Parameter(torch.empty(1, 1, width))
-        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, width))
-        self.lvl_embed = nn.Embedding(len(self.patch_nums), width)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(width, 6 * width)) if shared_aln else nn.Identity()
-        drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                          drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm)
-            for i in range(depth)
-        )
-        self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
-        self.head = nn.Linear(width, self.vocab_size)
-
+        patch_nums = validate_patch_nums(vae.patch_nums if patch_nums is None else patch_nums)
+        if len(patch_nums) != len(vae.patch_nums):
+            raise ValueError(f"the schedule {patch_nums} must have as many scales as the tokenizer's {vae.patch_nums}")
+        super().__init__(vae, patch_nums, depth, num_classes, scale_embedding=True, shared_aln=shared_aln, **shape)
+        self.config.update(shared_aln=shared_aln, patch_nums=self.patch_nums)
         level_1L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)]).view(1, self.L)
         self.register_buffer("lvl_1L", level_1L)
         # Additive block-causal mask (0 where key scale <= query scale, -inf elsewhere), kept persistent
@@ -191,19 +258,11 @@ class VAR(AdaLNTransformer):
         visible = level_1L.view(self.L, 1) >= level_1L.view(1, self.L)
         mask = torch.zeros(self.L, self.L).masked_fill_(~visible, float("-inf"))
         self.register_buffer("attn_bias_for_masking", mask.view(1, 1, self.L, self.L))
-        self.init_weights(init_adaln, init_adaln_gamma, init_head, init_std)
         self.attn_impl = attn_impl
         self.activation_checkpointing = activation_checkpointing
 
-    # -- the tokenizer is shared, not owned ------------------------------------------------------------
-
-    @property
-    def vae(self) -> MultiScaleVQVAE:
-        return self._vae[0]
-
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.vae._apply(fn, recurse)
         self._attention_plans = {}  # they hold views of the moved mask buffers
         return self
 
@@ -255,11 +314,6 @@ class VAR(AdaLNTransformer):
         start = scale_slices(self.patch_nums)[scale_index].start
         return self.embed_token_inputs(rearrange(next_BCpp, "B C h w -> B (h w) C"), start)
 
-    def new_kv_caches(self, batch_size: int, dtype: torch.dtype) -> list[KVCache]:
-        """One empty KV cache per block for ``batch_size`` rows of all L tokens (inference)."""
-        head_dim = self.width // self.num_heads
-        return [KVCache(batch_size, self.num_heads, self.L, head_dim, self.device, dtype) for _ in self.blocks]
-
     def forward_scale(
         self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache]
     ) -> torch.Tensor:
@@ -270,10 +324,6 @@ class VAR(AdaLNTransformer):
         for block, cache in zip(self.blocks, caches):
             x_BlC = block(x_BlC, cond, kv_cache=cache)
         return self.get_logits(x_BlC, cond_BD)
-
-    def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        """What the blocks receive: the class embedding, or the shared AdaLN's (B,1,6,C) output."""
-        return self.shared_ada_lin(cond_BD)
 
     # -- teacher-forced training forward --------------------------------------------------------------
 
@@ -296,9 +346,7 @@ class VAR(AdaLNTransformer):
                 f"expected teacher-forcing input (B={labels_B.shape[0]}, L-1={self.L - 1} or a scale prefix "
                 f"{[e - 1 for e in ends]}, Cvae={self.code_channels}), got {tuple(x_BLCv.shape)}"
             )
-        if self.training and self.cond_drop_rate > 0:
-            drop = torch.rand(B, device=labels_B.device) < self.cond_drop_rate
-            labels_B = torch.where(drop, self.num_classes, labels_B)
+        labels_B = self.drop_labels(labels_B)
         with torch.autocast(device_type=x_BLCv.device.type, enabled=False):
             sos_B1C, cond_BD = self.embed_first_scale(labels_B)
             x_BLC = torch.cat((sos_B1C, self.embed_token_inputs(x_BLCv, start=1)), dim=1)
@@ -312,11 +360,6 @@ class VAR(AdaLNTransformer):
                 x_BLC = block(x_BLC, cond, attention)
         return self.get_logits(x_BLC, cond_BD)
 
-    def num_non_embedding_params(self) -> int:
-        """N of the scaling laws: parameters other than the class, position and level embeddings."""
-        embeddings = ("class_emb", "pos_1LC", "pos_start", "lvl_embed")
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
-
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), the count of :mod:`varlib.models.flops`: 6 N over
         the per-token linear layers (not the embeddings, not AdaLN, which runs once per image) plus the
@@ -325,9 +368,12 @@ class VAR(AdaLNTransformer):
 
     # -- inference -------------------------------------------------------------------------------
 
-    def generate_tokens(self, labels, **kwargs) -> SampleOutput:
-        """Samples token maps; see :func:`varlib.models.sampling.sample_token_maps` for the arguments."""
-        return sample_token_maps(self, labels, **kwargs)
+    def generate_tokens(
+        self, labels, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None, **kwargs
+    ) -> SampleOutput:
+        """Samples token maps; see :func:`varlib.models.sampling.sample_token_maps` for the arguments. ``cfg``,
+        ``top_k`` and ``top_p`` left out (None) come from :attr:`sampling`."""
+        return sample_token_maps(self, labels, **self.sampling.resolve(cfg, top_k, top_p), **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -348,7 +394,7 @@ class VAR(AdaLNTransformer):
 
         Args:
             labels: (B,) class indices in [0, num_classes] (num_classes = unconditional), a list, or one
-                int together with ``batch_size``.
+                int together with ``batch_size``; class names (of :attr:`class_names`) stand for their indices.
             cfg: guidance strength at the last scale; scale k uses t = cfg * k/(K-1).
             top_k, top_p: 0 disables either filter. seed: seeds a private ``torch.Generator``.
             more_smooth: Gumbel-softmax smoothing of the code embeddings (visual quality, not for FID).
@@ -356,11 +402,8 @@ class VAR(AdaLNTransformer):
         Returns:
             (B,3,H,W) images in [0,1].
         """
-        out = self.generate_tokens(labels, cfg=self.sampling.cfg if cfg is None else cfg,
-                                   top_k=self.sampling.top_k if top_k is None else top_k,
-                                   top_p=self.sampling.top_p if top_p is None else top_p,
-                                   seed=seed, more_smooth=more_smooth, batch_size=batch_size,
-                                   compile=compile)
+        out = self.generate_tokens(labels, cfg, top_k, top_p, seed=seed, more_smooth=more_smooth,
+                                   batch_size=batch_size, compile=compile)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
@@ -369,9 +412,9 @@ class VAR(AdaLNTransformer):
         images: torch.Tensor,
         keep_mask: torch.Tensor,
         labels,
-        cfg: float = 3.0,
-        top_k: int = 900,
-        top_p: float = 0.95,
+        cfg: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = 0,
         more_smooth: bool = False,
     ) -> torch.Tensor:
@@ -385,6 +428,7 @@ class VAR(AdaLNTransformer):
             keep_mask: (H',W') or (B,H',W') in [0,1], 1 = keep; at the final token grid or any multiple of
                 it (e.g. the image resolution). See ``varlib.models.editing.box_keep_mask``.
             labels: classes as in :meth:`generate`; ``num_classes`` (null) for unconditional in-/out-painting.
+            cfg, top_k, top_p, more_smooth: as :meth:`generate` (left out: the model's :attr:`sampling`).
         Returns:
             (B,3,H,W) edited images in [0,1].
         """

@@ -4,6 +4,10 @@
 ``hydra.utils.instantiate``; the model must have an ``export(path)`` method. A run writes to
 ``cfg.paths.output_dir``, so running the same config again resumes from ``<output_dir>/checkpoints/last.ckpt`` (a
 file, or a folder under FSDP2; an incomplete one falls back to the newest complete checkpoint, saying so).
+A resumed run must have been started with the same settings, except those that may change on resume
+(:mod:`varlib.training.run_config`: the resolved config is kept in ``<output_dir>/run_config.yaml``);
+``resume=force`` continues anyway, ``resume=false`` starts afresh. A run stopped by a signal
+(:class:`~varlib.training.preemption.StepCheckpoint`) saves ``last.ckpt`` and returns without exporting.
 ``data.global_batch_size`` (when set) fixes the batch over all processes and accumulation steps, and sets
 ``data.batch_size`` per device from it. At the end, global rank 0 writes ``<output_dir>/<export_name>`` and
 ``<output_dir>/metrics.json`` (the final validation metrics as plain floats).
@@ -22,13 +26,12 @@ import torch
 from omegaconf import DictConfig
 from torch.distributed.checkpoint import FileSystemReader
 
-from varlib.cli.common import instantiate_config
-from varlib.configs import compose_config, datamodule_config, device_count
-from varlib.io import DISTRIBUTED_CHECKPOINT_INDEX, LIGHTNING_META_NAME
+from varlib.configs import compose_config, datamodule_config, device_count, instantiate_config
+from varlib.io import DISTRIBUTED_CHECKPOINT_INDEX, LAST_CHECKPOINT, LIGHTNING_META_NAME
+from varlib.training.preemption import StepCheckpoint
+from varlib.training.run_config import check_resume_mode, check_run_config, record_run_config
 
 log = logging.getLogger(__name__)
-
-LAST_CHECKPOINT = "last.ckpt"
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -109,6 +112,20 @@ def apply_global_batch_size(cfg: DictConfig) -> None:
     log.info("global batch %d: data.batch_size=%d per device", global_batch_size, cfg.data.batch_size)
 
 
+def save_end_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """Saves the state at the end of ``fit`` (the last validation may precede the last step) for a re-run to resume.
+
+    Lightning's own checkpoints are taken before a step's logging counter moves on, and its restore adds one; this
+    one is taken after, so it records the counter one lower as theirs do (else a resumed run's logs skip a step).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop._batches_that_stepped -= 1
+    try:
+        trainer.save_checkpoint(path, weights_only=False)
+    finally:
+        epoch_loop._batches_that_stepped += 1
+
+
 def final_metrics(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, validate: bool) -> dict[str, float]:
     """The validation metrics of the final weights: a fresh validation pass, or the last logged values."""
     if validate:
@@ -129,7 +146,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
 
+    check_resume_mode(cfg.resume)
     apply_global_batch_size(cfg)
+    checkpoint = resume_checkpoint(checkpoint_dir, cfg.resume is not False)
+    if checkpoint is not None:
+        check_run_config(cfg, output_dir)
     datamodule = instantiate_config(datamodule_config(cfg.data))
     model = instantiate_config(cfg.model)
     if not callable(getattr(model, "export", None)):
@@ -138,12 +159,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate_config(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    checkpoint = resume_checkpoint(checkpoint_dir, cfg.resume)
+    record_run_config(cfg, output_dir)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     trainer.fit(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-    # The last validation may precede the last step: save the end state so a re-run resumes from it.
-    trainer.save_checkpoint(checkpoint_dir / LAST_CHECKPOINT, weights_only=False)
+    stopped = next((c for c in callbacks if isinstance(c, StepCheckpoint) and c.stopped_by is not None), None)
+    if stopped is not None:  # last.ckpt is saved: no export, the same command continues
+        log.info("stopped by %s at step %d; run the same command to resume from %s", stopped.stopped_by,
+                 trainer.global_step, checkpoint_dir / LAST_CHECKPOINT)
+        return {}
+    save_end_checkpoint(trainer, checkpoint_dir / LAST_CHECKPOINT)
     metrics = final_metrics(trainer, model, datamodule, cfg.final_validation)
 
     export_path = model.export(output_dir / cfg.export_name)  # every rank: sharded weights are gathered

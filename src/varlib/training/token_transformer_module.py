@@ -1,24 +1,22 @@
-"""What VAR's and the raster-AR baseline's Lightning modules share: the official optimisation recipe (AdamW with
-the no-decay groups, the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded
-randomness, the teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample
-grid, whole-weight sampling/export and checkpoint metadata.
+"""What VAR's and the raster-AR baseline's Lightning modules share: their construction from the config (``model.var``
+names the network's keyword arguments in both), the official optimisation recipe (AdamW with the no-decay groups,
+the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded randomness, the
+teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample grid,
+whole-weight sampling/export and checkpoint metadata.
 
-A subclass builds its transformer with :meth:`build_transformer` in ``__init__`` (after ``save_hyperparameters``,
-whose hparams hold ``seed``, ``grid_classes`` and ``grid_per_class``), sets ``optim_config`` (a
-:class:`RecipeOptimConfig`), ``optimizer_factory`` (:func:`recipe_optimizer_factory` of ``model.optimizer``) and
-``loss_config`` (a :class:`TokenLossConfig`), names the transformer with
-:attr:`transformer`, and implements :meth:`tokens_and_input`. The transformer is called as
-``transformer(labels (B,), input[:, :length-1])`` and returns logits (B, length, V); it has ``patch_nums``, ``L``,
-``blocks``, ``num_classes``, ``sampling``, ``config`` and ``generate(labels, seed=...)``.
+A subclass names its network class (:attr:`transformer_class`, whose ``FILE_PREFIX`` is also the module attribute
+holding it, so checkpoints and model files agree) and its loss settings (:attr:`loss_class`), and implements
+:meth:`tokens_and_input`. The transformer is called as ``transformer(labels (B,), input[:, :length-1])`` and
+returns logits (B, length, V).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,48 +25,27 @@ import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
-from varlib.io import pop_ema_tensors
+from varlib.io import load_tokenizer, pop_ema_tensors
 from varlib.models.hub import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
+from varlib.models.sampling import SamplingConfig
+from varlib.models.transformer import AdaLNTransformer
+from varlib.models.transfer import lora_scaling, merge_lora_state
+from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.components import build_component, component_factory
+from varlib.training.configs import RecipeOptimConfig, TokenLossConfig, build_config
 from varlib.training.ema import ModelEMA
+from varlib.training.finetune import (
+    LORA_ALWAYS_TRAINED, LoraSpec, add_lora, freeze_except, initialise_from, pretrained_model,
+)
+from varlib.training.loggers import log_image
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
-
-
-@dataclass(frozen=True)
-class RecipeOptimConfig:
-    """The official optimisation recipe (``model.optim``): what the module computes around the optimiser that
-    ``model.optimizer`` builds.
-
-    base_lr: lr per 256 images of global batch (official 1e-4); the peak lr is base_lr * global_batch / 256.
-    weight_decay, weight_decay_end: the decay of the weight matrices' parameter group (official 0.05, constant;
-        norms, biases and embeddings take none); weight_decay_end, when given, is reached by a cosine over
-        training (official d30/d36: 0.08).
-    warmup_fraction, warmup_start, end_factor, flat_fraction: the 'lin0' schedule (official warm-up is 1/50 of
-        training, end_factor 0.01; the README trains d16/d20 with 0.1).
-    grad_clip: max global gradient norm (official 2.0; 0 disables), also on sharded (FSDP2) parameters.
-    """
-
-    base_lr: float = 1e-4
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None
-    warmup_fraction: float = 0.02
-    warmup_start: float = 0.005
-    end_factor: float = 0.01
-    flat_fraction: float = 0.05
-    grad_clip: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.base_lr <= 0 or not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"expected optim.base_lr > 0 and optim.warmup_fraction in [0, 1); "
-                             f"got {self.base_lr}, {self.warmup_fraction}")
 
 
 #: ``model.optimizer`` when none is given: the official AdamW
@@ -81,17 +58,6 @@ def recipe_optimizer_factory(spec: Mapping[str, Any] | None) -> partial:
     return component_factory(RECIPE_OPTIMIZER if spec is None else spec, "model.optimizer", "torch.optim.AdamW")
 
 
-@dataclass(frozen=True)
-class TokenLossConfig:
-    """The loss (``model.loss``): cross-entropy label smoothing (official 0)."""
-
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"expected loss.label_smoothing in [0, 1), got {self.label_smoothing}")
-
-
 def check_grid(grid_classes: int, grid_per_class: int) -> None:
     """Raises ValueError for sample-grid values outside their range."""
     if grid_classes < 0 or grid_per_class < 1:
@@ -99,25 +65,141 @@ def check_grid(grid_classes: int, grid_per_class: int) -> None:
 
 
 class TokenTransformerModule(L.LightningModule):
-    """The shared training loop of a class-conditional token transformer on a frozen tokenizer (see module doc)."""
+    """The shared construction and training loop of a class-conditional token transformer on a frozen tokenizer
+    (see module doc). The arguments are saved as hyperparameters (a subclass's own ones with them).
 
-    ema = None  # a varlib.training.ema.ModelEMA of the transformer when the subclass keeps one
+    Args:
+        var: the network's keyword arguments (``transformer_class``: depth, num_classes, width, ...).
+        tokenizer_path: the frozen tokenizer (:func:`varlib.io.load_tokenizer`); or pass it as ``vae``.
+        optim: the optimisation recipe, the fields of :class:`~varlib.training.configs.RecipeOptimConfig`.
+        optimizer: the optimiser as a config node ``{_target_: torch.optim.AdamW, betas: [0.9, 0.95], ...}``
+            (plain data); called with the weight-decay parameter groups and the peak lr (default: the official
+            AdamW, fused on CUDA).
+        loss: the fields of :attr:`loss_class`.
+        ema_decay: keep an EMA of the transformer used for validation, sampling and export (None = off). Under
+            FSDP2 its tensors are sharded like the parameters (DTensors) and gathered on export.
+        sampling: the model's ``generate`` settings (cfg, top_k, top_p) that validation samples use and the exported
+            file carries; a key left out or None: :class:`~varlib.models.sampling.SamplingConfig`'s default.
+        grid_classes, grid_per_class: after each validation, a grid of ``grid_per_class`` samples (rows) of
+            classes 0..grid_classes-1 (columns), drawn with ``sampling`` and a fixed seed, goes to every logger
+            (``val/samples``, :func:`varlib.training.loggers.log_image`); 0 classes, or no logger, skips it.
+        seed: the random draws of training step s (label dropout, drop-path) are seeded with
+            seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
+        init_from: fine-tuning: start from the weights (only) of any file ``varlib.load`` opens (official
+            ``var_d16.pth``, a varlib file or folder, a checkpoint's EMA weights, a Hub name); another class count
+            and patch schedule are mapped (:mod:`varlib.models.transfer`). The optimiser and step start fresh.
+            ``var`` entries set to null (depth, width, num_heads, ...) take the pretrained model's values.
+        class_map: new class index -> pretrained index, the classes that carry over (other rows start from the
+            mean of the pretrained class rows; the null row moves to the new last index).
+        class_names: one name per class, carried by the exported file (``class_names``); None takes the data's
+            (image folder names, emoji categories) when it has them.
+        trainable: fnmatch patterns of parameter names to train (``class_emb.*``); the rest is frozen.
+        lora: LoRA adapters ``{r, alpha, dropout, target_modules}`` (peft; :class:`~varlib.training.finetune.LoraSpec`),
+            the base weights frozen except the class embedding; exports merge them.
+    """
+
+    transformer_class: type[AdaLNTransformer]
+    loss_class: type[TokenLossConfig] = TokenLossConfig
+    ema = None  # a varlib.training.ema.ModelEMA of the transformer when ema_decay is set
+    lora: LoraSpec | None = None  # model.lora when the transformer has LoRA adapters
     optim_config: RecipeOptimConfig
     optimizer_factory: partial
     loss_config: TokenLossConfig
     val_metrics: PerScaleAccumulator | None = None
 
-    @property
-    def transformer(self) -> nn.Module:
-        raise NotImplementedError
+    def __init__(
+        self,
+        var: Mapping[str, Any],
+        tokenizer_path: str | None = None,
+        vae: MultiScaleVQVAE | None = None,
+        optim: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        ema_decay: float | None = None,
+        sampling: Mapping[str, float] | None = None,
+        grid_classes: int = 8,
+        grid_per_class: int = 1,
+        seed: int = 0,
+        init_from: str | None = None,
+        class_map: Mapping[int, int] | None = None,
+        class_names: list[str] | None = None,
+        trainable: list[str] | None = None,
+        lora: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["vae"])
+        hparams = self.hparams
+        if (hparams.tokenizer_path is None) == (vae is None):
+            raise ValueError("give exactly one of tokenizer_path or vae")
+        self.optim_config = build_config(RecipeOptimConfig, hparams.optim, "model.optim")
+        self.optimizer_factory = recipe_optimizer_factory(hparams.optimizer)
+        self.loss_config = build_config(self.loss_class, hparams.loss, "model.loss")
+        check_grid(hparams.grid_classes, hparams.grid_per_class)
+        self.vae = load_tokenizer(hparams.tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
+        pretrained = self.load_pretrained(hparams.init_from)
+        transformer = self.build_transformer()
+        transformer.sampling = SamplingConfig.from_dict(hparams.sampling or {})
+        setattr(self, self.transformer_class.FILE_PREFIX, transformer)
+        self.prepare_finetuning(pretrained, hparams.class_map, hparams.trainable, hparams.lora, hparams.class_names)
+        self.ema = ModelEMA(transformer, hparams.ema_decay) if hparams.ema_decay else None
 
-    def build_transformer(self) -> nn.Module:
-        """A new transformer from the module's hyperparameters (the sharded model's plain copy uses it)."""
-        raise NotImplementedError
+    @property
+    def transformer(self) -> AdaLNTransformer:
+        return getattr(self, self.transformer_class.FILE_PREFIX)
+
+    def build_transformer(self) -> AdaLNTransformer:
+        """A new transformer from the module's hyperparameters (the sharded model's plain copy uses it too)."""
+        return self.transformer_class(self.vae, **dict(self.hparams.var))
+
+    def check_token_batch(self, tokens: torch.Tensor) -> None:
+        """Raises ValueError unless a token-cache batch is (B, L) for the model's L."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.transformer.L:
+            raise ValueError(f"token batches must be (B, L={self.transformer.L}), got {tuple(tokens.shape)}")
 
     def tokens_and_input(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels (B,), targets (B,L), the transformer's teacher-forcing input (B,L-1,...)) of a data batch."""
         raise NotImplementedError
+
+    def load_pretrained(self, init_from: str | None) -> AdaLNTransformer | None:
+        """The pretrained transformer of ``model.init_from`` (None without one), and the hyperparameters' ``var``
+        completed from its architecture: entries set to null (depth, width, heads, ...) take the pretrained model's
+        values; ``patch_nums`` null stays the tokenizer's schedule."""
+        if init_from is None:
+            return None
+        pretrained = pretrained_model(init_from, type(self).__name__, self.transformer_class, vae=self.vae,
+                                      patch_nums=self.vae.patch_nums)
+        given = dict(self.hparams.var)
+        inherited = {k: v for k, v in pretrained.config.items() if k != "patch_nums" and given.get(k) is None}
+        self.hparams.var = {**given, **{k: list(v) if isinstance(v, tuple) else v for k, v in inherited.items()}}
+        return pretrained
+
+    def prepare_finetuning(self, pretrained: AdaLNTransformer | None, class_map: Mapping[int, int] | None,
+                           trainable: list[str] | None, lora: Mapping[str, Any] | None,
+                           class_names: list[str] | None) -> None:
+        """After the transformer is built (before the EMA): the weights of
+        ``pretrained`` (:meth:`load_pretrained`, mapped by ``class_map``; see :mod:`varlib.training.finetune`),
+        ``class_names``, LoRA adapters and the frozen parameters. A resumed run then loads its checkpoint over
+        these weights."""
+        model = self.transformer
+        class_map = None if class_map is None else {int(k): int(v) for k, v in class_map.items()}
+        if class_names is not None and len(class_names) != model.num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names, expected num_classes="
+                             f"{model.num_classes}")
+        if pretrained is not None:
+            initialise_from(model, pretrained, self.hparams.init_from, class_map)
+            if class_names is None and pretrained.class_names is not None and class_map is not None:
+                carried = [pretrained.class_names[class_map[i]] if i in class_map else None
+                           for i in range(model.num_classes)]
+                class_names = None if None in carried else carried
+        elif class_map is not None:
+            raise ValueError("model.class_map maps new classes to pretrained ones: it needs model.init_from")
+        model.class_names = None if class_names is None else list(class_names)
+        self.lora = LoraSpec.from_config(lora)
+        if self.lora is not None:
+            add_lora(model, self.lora)
+            # the class rows are the only per-class weights: new classes start equal and must train
+            trainable = [*(trainable or []), *LORA_ALWAYS_TRAINED, "*.lora_*"]
+        freeze_except(model, trainable)
 
     def active_length(self) -> int:
         """Tokens trained at the current step (all of them)."""
@@ -145,6 +227,9 @@ class TokenTransformerModule(L.LightningModule):
         num_classes = getattr(data, "num_classes", None)
         if num_classes is not None and num_classes > self.transformer.num_classes:
             raise ValueError(f"data has {num_classes} classes but the model only {self.transformer.num_classes}")
+        names = getattr(data, "class_names", None)
+        if self.transformer.class_names is None and names is not None and len(names) == self.transformer.num_classes:
+            self.transformer.class_names = list(names)  # the exported file names the classes as the data does
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -159,18 +244,18 @@ class TokenTransformerModule(L.LightningModule):
         logits = self.transformer(labels, x_BLCv[:, : length - 1])
         ce_BL = token_cross_entropy(logits, targets_BL[:, :length], self.loss_config.label_smoothing)
         loss = ce_BL.mean()  # uniform weight per token, as the official recipe
-        metrics = PerScaleAccumulator(self.transformer.patch_nums)
-        metrics.update(logits.detach(), targets_BL[:, :length],
-                       None if self.loss_config.label_smoothing else ce_BL)
-        stats = metrics.compute() if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0 else {}
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()})
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:  # an argmax over (B,L,V): logged steps only
+            metrics = PerScaleAccumulator(self.transformer.patch_nums)
+            metrics.update(logits.detach(), targets_BL[:, :length],
+                           None if self.loss_config.label_smoothing else ce_BL)
+            self.log_dict({f"train/{k}": v for k, v in metrics.compute().items()})
         return loss
 
     def on_before_optimizer_step(self, optimizer):
         optim = self.optim_config
-        if optim.grad_clip > 0:
+        if optim.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.transformer.parameters(), optim.grad_clip)
             self.log("train/grad_norm", grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
         total = self.trainer.estimated_stepping_batches
@@ -206,37 +291,33 @@ class TokenTransformerModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=True)
 
     def _log_sample_grid(self) -> None:
-        """Class-conditional samples to TensorBoard. Every rank samples (a sharded model's forward is
-        collective), rank 0 logs; a fixed seed makes grids of successive validations comparable."""
-        writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        """Class-conditional samples to every logger (:func:`~varlib.training.loggers.log_image`). Every rank
+        samples (a sharded model's forward is collective), rank 0 logs; a fixed seed makes grids of successive
+        validations comparable."""
         classes = min(self.hparams.grid_classes, self.transformer.num_classes)
-        if not writers or classes == 0 or self.trainer.sanity_checking:
+        if not self.loggers or classes == 0 or self.trainer.sanity_checking:
             return
         labels_B = torch.arange(classes, device=self.device).repeat(self.hparams.grid_per_class)
         with self.image_generator() as generate:
             images_BCHW = generate(labels_B, self.hparams.seed)
-        if self.global_rank == 0:
-            grid = image_grid(images_BCHW.float().cpu(), columns=classes)
-            for writer in writers:
-                writer.add_image("val/samples", grid, self.global_step)
+        log_image(self.trainer, "val/samples", image_grid(images_BCHW.float().cpu(), columns=classes), self.global_step)
 
     # -- optimisation ----------------------------------------------------------------------------
 
     def global_batch_size(self) -> int:
         batch = getattr(self.trainer.datamodule, "batch_size", None)
         if batch is None:
-            raise ValueError("cannot infer the batch size for the lr scaling; give the DataModule a batch_size")
+            raise ValueError("cannot infer the global batch size; give the DataModule a batch_size")
         return batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def configure_optimizers(self):
         optim = self.optim_config
-        peak_lr = optim.base_lr * self.global_batch_size() / 256
         groups = decay_parameter_groups(self.transformer, optim.weight_decay)
         factory = self.optimizer_factory
         # fused kernels on CUDA, as the official code, unless the config chooses or the optimiser has none
         fused = (self.device.type == "cuda" and "fused" not in factory.keywords
                  and "fused" in inspect.signature(factory.func).parameters)
-        optimizer = build_component(factory, "model.optimizer", groups, lr=peak_lr, **({"fused": True} if fused else {}))
+        optimizer = build_component(factory, "model.optimizer", groups, lr=optim.lr, **({"fused": True} if fused else {}))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = round(optim.warmup_fraction * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lin0_lr_factor(
@@ -275,22 +356,29 @@ class TokenTransformerModule(L.LightningModule):
     def full_weights(self) -> Iterator[nn.Module]:
         """The transformer with whole weights (the EMA's when enabled), in eval mode.
 
-        Unsharded, this is ``self.transformer`` itself; under FSDP2 it is a plain copy holding the gathered weights, so
-        that any submodule can be called alone (sampling does). Collective when sharded: enter it on every rank.
+        Unsharded without LoRA, this is ``self.transformer`` itself; under FSDP2 or with LoRA it is a plain copy
+        holding the gathered weights (the adapters merged), so that any submodule can be called alone (sampling
+        does) and exports open without peft. Collective when sharded: enter it on every rank.
         """
         with self.ema_weights():
-            if not getattr(self, "_sharded", False):
+            sharded = getattr(self, "_sharded", False)
+            if not sharded and self.lora is None:
                 was_training = self.transformer.training
                 try:
                     yield self.transformer.eval()
                 finally:
                     self.transformer.train(was_training)
                 return
-            self.transformer.reshard()
-            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.transformer.state_dict().items()}
+            if sharded:
+                self.transformer.reshard()
+            # copies: leaving ema_weights() writes the online weights back into these parameters
+            state = {k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
+                     for k, v in self.transformer.state_dict().items()}
+        if self.lora is not None:  # a plain copy with the adapters merged, which opens without peft
+            state = merge_lora_state(state, lora_scaling(self.lora.as_dict()))
         plain = self.build_transformer().to(device=self.device)
         plain.load_state_dict(state)
-        plain.sampling = self.transformer.sampling
+        plain.sampling, plain.class_names = self.transformer.sampling, self.transformer.class_names
         yield plain.eval()
 
     @contextmanager
@@ -315,6 +403,8 @@ class TokenTransformerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The online weights stay in the state dict, the EMA's join it (see :mod:`varlib.training.ema`)."""
         checkpoint["varlib"] = model_metadata(self.vae, self.transformer)
+        if self.lora is not None:  # varlib.load merges the adapters of the checkpoint's weights
+            checkpoint["varlib"]["lora"] = json.dumps(self.lora.as_dict())
         if self.ema is not None:
             checkpoint["state_dict"].update(self.ema.checkpoint_tensors())
             checkpoint["ema"] = self.ema.checkpoint_counters()

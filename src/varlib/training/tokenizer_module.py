@@ -32,7 +32,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from omegaconf import Container, OmegaConf
 from torch import nn
@@ -48,17 +47,14 @@ from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.components import build_component, component_factory
 from varlib.training.ema import ModelEMA
+from varlib.training.finetune import freeze_except, initialise_from, pretrained_model
 from varlib.training.gan import gan_start_factor
+from varlib.training.loggers import log_image
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
 from varlib.training.seeding import seed_training_step
-from varlib.training.tokenizer_loss import (
-    OptimConfig,
-    TokenizerLossConfig,
-    autoencoder_loss,
-    build_config,
-    discriminator_loss,
-)
+from varlib.training.configs import OptimConfig, TokenizerLossConfig, build_config
+from varlib.training.tokenizer_loss import autoencoder_loss, discriminator_loss
 
 # Fixed networks: rebuilt from the config, left out of checkpoints (the VGG trunk alone is ~60 MB).
 FIXED_NETWORK_PREFIXES = ("perceptual.", "rfid_metric.")
@@ -102,13 +98,17 @@ class TokenizerModule(L.LightningModule):
         ema_warmup: ramp the EMA decay up over the first updates (see ModelEMA).
         dead_code_restart_every: None (off) or N: every N steps, re-seed codes whose per-scale EMA hit count is
             below ``dead_code_min_hits`` at every scale with latent vectors of the current batch.
-        num_grid_images: reconstructions shown in TensorBoard after each validation (0: none).
+        num_grid_images: reconstructions logged after each validation, to every logger (0: none).
         rfid_extractor: optional config node of a FeatureExtractor (uint8 (B,3,H,W) -> (features, logits)), e.g.
             ``{_target_: varlib.evaluation.build_inception_extractor}``; validation then logs ``val/rfid``.
         channels_last: keep the autoencoder's and discriminator's conv weights channels-last (NHWC), which
             oneDNN and cuDNN run faster; the weights' values and exported files are the same.
         seed: the random draws of training step s (dropout, dead-code restarts) are seeded with
             seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
+        init_from: fine-tuning: start from the weights (only) of any tokenizer file ``varlib.load`` opens (the
+            official ``vae_ch160v4096z32.pth``, a varlib file or checkpoint; a transformer file gives its
+            tokenizer); ``vae`` entries set to null take the pretrained tokenizer's values.
+        trainable: fnmatch patterns of the autoencoder's trained parameters (``decoder.*``); the rest is frozen.
 
     Batches are ``(images (B,3,H,W) in [-1, 1], labels)`` or bare image tensors.
     """
@@ -129,6 +129,8 @@ class TokenizerModule(L.LightningModule):
         rfid_extractor: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         seed: int = 0,
+        init_from: str | None = None,
+        trainable: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -149,7 +151,16 @@ class TokenizerModule(L.LightningModule):
         if num_grid_images < 0:
             raise ValueError(f"num_grid_images must be >= 0, got {num_grid_images!r}")
 
+        pretrained = None
+        if init_from is not None:
+            pretrained = pretrained_model(init_from, type(self).__name__, MultiScaleVQVAE,
+                                          patch_nums=None if isinstance(vae, MultiScaleVQVAE) else vae.get("patch_nums"))
+            if not isinstance(vae, MultiScaleVQVAE):  # null entries: the pretrained tokenizer's values
+                vae = {**pretrained.config, **{k: v for k, v in vae.items() if v is not None}}
         self.vae = vae if isinstance(vae, MultiScaleVQVAE) else _construct(MultiScaleVQVAE, vae, "model.vae")
+        if pretrained is not None:
+            initialise_from(self.vae, pretrained, init_from)
+        freeze_except(self.vae, trainable)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["vae"])
         for key, value in self.hparams.items():
@@ -223,7 +234,8 @@ class TokenizerModule(L.LightningModule):
         networks = [(self.vae, cfg.lr)]
         if self.discriminator is not None:
             networks.append((self.discriminator, cfg.lr if cfg.disc_lr is None else cfg.disc_lr))
-        return [build_component(self.optimizer_factory, "model.optimizer", network.parameters(), lr=lr,
+        return [build_component(self.optimizer_factory, "model.optimizer",
+                                [p for p in network.parameters() if p.requires_grad], lr=lr,
                                 weight_decay=cfg.weight_decay) for network, lr in networks]
 
     # -- training ------------------------------------------------------------------------------------------
@@ -338,9 +350,7 @@ class TokenizerModule(L.LightningModule):
         count = min(self.hparams.num_grid_images, img.shape[0])
         unit_NCHW = torch.cat([img[:count], recon[:count]]).detach().float().clamp(-1, 1).add(1).div(2)
         grid = image_grid(unit_NCHW, columns=count)  # originals above their reconstructions
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+        log_image(self.trainer, "val/reconstructions", grid, self.global_step)
 
     # -- checkpoints and export ----------------------------------------------------------------------------
 

@@ -1,0 +1,453 @@
+"""The stages behind ``varlib-demo``, ``varlib-ablation``, ``varlib-scaling`` and the notebooks, written once.
+
+Stages: train a tokenizer (``varlib-train``), tokenise the data into a token cache (``varlib-tokenize``), train a
+transformer on it (``varlib-train``), sample every class (:func:`varlib.models.sampling.sample_per_class`: batch i of
+class c uses seed + 1000*c + i), score the samples (a sample metric, by default the emoji protocol of
+:mod:`varlib.evaluation.emoji_classifier`). Each stage runs the code path of its command.
+
+A stage is done when the file it writes last is there (:func:`stage_done`): a training run's ``metrics.json`` (written
+after its model), a token cache's ``index.json`` listing both splits. A done stage is reused as it is (delete its
+folder to redo it); one that is not done runs, and a training stage resumes from its last checkpoint.
+
+One run's files lie in :class:`RunFiles`' layout: ``<root>/tokenizer/model.safetensors``, ``<root>/token_cache/``,
+``<root>/<transformer_dir>/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+import varlib
+from varlib.configs import compose_config
+from varlib.data import EmojiDataModule
+from varlib.evaluation.emoji_classifier import emoji_metric, labelled_images
+from varlib.evaluation.scaling import (
+    METRICS,
+    fit_compute_frontier,
+    fit_power_law,
+    load_runs,
+    plot_scaling_vs_compute,
+    plot_scaling_vs_params,
+)
+from varlib.images import image_grid, save_png
+from varlib.models.sampling import sample_per_class
+from varlib.training.runner import train_experiment
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+TOKEN_CACHE_INDEX = "index.json"
+TOKEN_CACHE_SPLITS = ("train", "val")
+PROJECT_DIR_VARIABLE = "VARLIB_PROJECT_DIR"
+TOKENIZE_MODULE = "varlib.cli.tokenize"  # varlib-tokenize
+
+SampleMetric = Callable[[torch.Tensor, torch.Tensor], dict]
+#: factory(reference_images (N,3,H,W) in [0,1], reference_labels (N,)) -> metric(images, labels) -> dict
+MetricFactory = Callable[[torch.Tensor, torch.Tensor], SampleMetric]
+
+
+# -- files and stages ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run (tokenizer, token cache, transformer) under ``root``; ``kind`` names the run ('demo' for
+    ``make demo``'s, 'tiny' for the notebooks' own, the model's name in the ablation)."""
+
+    root: Path
+    kind: str
+    transformer_dir: str = "var"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer" / MODEL_FILE
+
+    @property
+    def token_cache(self) -> Path:
+        return self.root / "token_cache"
+
+    @property
+    def transformer(self) -> Path:
+        return self.root / self.transformer_dir / MODEL_FILE
+
+    def transformer_data_overrides(self) -> list[str]:
+        """``varlib-train`` overrides for a transformer on this tokenizer's tokens: the token cache when it is done,
+        else the emoji images at the tokenizer's resolution, tokenised on the fly."""
+        if stage_done(self.token_cache):
+            return [f"data.root={self.token_cache}", f"model.tokenizer_path={self.tokenizer}"]
+        image_size = varlib.load(self.tokenizer).image_size
+        # The transformer experiments set a token cache's root, which the emoji images have not (their class
+        # balance stays).
+        return ["data=emoji", "~data.root", f"data.image_size={image_size}", f"model.tokenizer_path={self.tokenizer}"]
+
+
+def stage_done(out_dir: str | Path) -> bool:
+    """Whether a stage's folder holds the file the stage writes last: a training run's ``metrics.json`` next to
+    its model, or a token cache's ``index.json`` listing both the train and the val split."""
+    out = Path(out_dir)
+    if (out / MODEL_FILE).is_file() and (out / METRICS_FILE).is_file():
+        return True
+    index = out / TOKEN_CACHE_INDEX
+    return index.is_file() and set(TOKEN_CACHE_SPLITS) <= set(json.loads(index.read_text()).get("splits", {}))
+
+
+def train_stage(experiment: str, out_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """``varlib-train experiment=<experiment> <overrides>`` into ``out_dir`` unless that stage is done; returns
+    the final validation metrics (its ``metrics.json``)."""
+    out = Path(out_dir)
+    if stage_done(out):
+        log.info("%s is done: reusing %s", experiment, out)
+        return json.loads((out / METRICS_FILE).read_text())
+    return train_experiment(experiment, out, overrides)
+
+
+def tokenize_stage(tokenizer: str | Path, cache_dir: str | Path, overrides: Sequence[str] = ()) -> None:
+    """``varlib-tokenize tokenizer=<tokenizer> out_dir=<cache_dir> <overrides>`` unless the cache is done; Hydra's
+    log and config copy go into the cache folder. Raises CalledProcessError when the command fails (its log says
+    why)."""
+    if stage_done(cache_dir):
+        log.info("the token cache %s is done: reusing it", cache_dir)
+        return
+    # The command runs in a child process: the pipeline sits below the command line and imports none of it.
+    subprocess.run([sys.executable, "-m", TOKENIZE_MODULE, f"tokenizer={tokenizer}", f"out_dir={cache_dir}",
+                    f"hydra.run.dir={cache_dir}", *overrides], check=True)
+
+
+def held_out_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out emoji images at ``image_size``: float (N,3,H,W) in [0,1] and their labels (N,)."""
+    datamodule = EmojiDataModule(image_size=image_size)
+    datamodule.setup("validate")
+    return labelled_images(datamodule.val_set)
+
+
+def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """The labels (num_classes*per_class,) of :func:`sample_per_class`'s images: class by class."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def first_per_class(samples_BCHW: torch.Tensor, num_classes: int, count: int) -> torch.Tensor:
+    """The first ``count`` of each class's samples in a class-by-class batch: (num_classes*count, 3, H, W)."""
+    return samples_BCHW.unflatten(0, (num_classes, -1))[:, :count].flatten(0, 1)
+
+
+def save_class_rows(samples_BCHW: torch.Tensor, num_classes: int, count: int, path: Path) -> Path:
+    """A PNG with one row per class of its first ``count`` samples."""
+    return save_png(image_grid(first_per_class(samples_BCHW, num_classes, count), columns=count), path)
+
+
+# -- make demo ---------------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    out_dir: str | Path = "outputs/demo",
+    tokenizer_experiment: str = "demo_tokenizer",
+    tokenizer_overrides: Sequence[str] = (),
+    transformer_experiment: str = "var_emoji",
+    transformer_overrides: Sequence[str] = (),
+    per_class: int = 8,
+    scored_per_class: int = 50,
+    seed: int = 0,
+) -> dict:
+    """The five stages into ``out_dir``; writes and returns ``metrics.json``'s content (see ``conf/demo.yaml``).
+
+    The samples come from ``varlib.load`` of the saved VAR with its own sampling settings; ``samples.png`` shows
+    the first ``per_class`` of each class, the emoji protocol scores the first ``scored_per_class``.
+    """
+    files = RunFiles(Path(out_dir), "demo")
+    files.root.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+
+    start = time.perf_counter()
+    tokenizer_metrics = train_stage(tokenizer_experiment, files.tokenizer.parent,
+                                    ["logger=csv", f"seed={seed}", *tokenizer_overrides])
+    seconds["tokenizer"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokenize_stage(files.tokenizer, files.token_cache, ["data.num_workers=0"])
+    seconds["tokenize"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    var_metrics = train_stage(transformer_experiment, files.transformer.parent,
+                              ["logger=csv", f"seed={seed}", *files.transformer_data_overrides(),
+                               *transformer_overrides])
+    seconds["var"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    var = varlib.load(files.transformer)
+    samples_BCHW = sample_per_class(var, max(per_class, scored_per_class), seed)
+    save_class_rows(samples_BCHW, var.num_classes, per_class, files.root / "samples.png")
+    seconds["sample"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    metric = emoji_metric(*held_out_images(var.vae.image_size), scored_per_class, seed)
+    scored = first_per_class(samples_BCHW, var.num_classes, scored_per_class)
+    emoji = metric(scored, class_labels(var.num_classes, scored_per_class))
+    seconds["score"] = time.perf_counter() - start
+    seconds["total"] = sum(seconds.values())
+
+    metrics = {
+        "psnr": tokenizer_metrics["val/psnr"],
+        "codebook_usage": tokenizer_metrics["val/codebook_usage"],
+        **{key: var_metrics[f"val/{key}"] for key in ("loss_avg", "loss_last", "err_avg", "err_last")},
+        "emoji_classifier": emoji,
+        "rows": EmojiDataModule().class_names,  # samples.png has one row per class, in this order
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "checkpoints": {"tokenizer": str(files.tokenizer), "var": str(files.transformer)},
+    }
+    (files.root / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# -- next-scale vs next-token (the paper's Table 3) ------------------------------------------------------------------
+
+#: model name -> (tokenizer experiment, transformer experiment); both networks are configured under model.var
+ABLATION_MODELS = {"var": ("demo_tokenizer", "var_emoji"), "raster_ar": ("demo_tokenizer", "ar_emoji")}
+TIMING_BATCHES = (1, 16)
+SHOWN_PER_CLASS = 8  # samples per class in each model's samples.png (one row per class)
+
+
+def trained_steps(run_dir: Path) -> int:
+    """The global step of a finished run's last checkpoint."""
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint["global_step"])
+
+
+@torch.no_grad()
+def seconds_per_image(model, batch_size: int, sampling: dict, repeats: int = 1) -> float:
+    """Wall seconds per image of ``model.generate`` at ``batch_size`` (tokens and decoding), after one warm-up."""
+    labels = torch.arange(batch_size) % model.num_classes
+    model.generate(labels, seed=0, **sampling)
+    start = time.perf_counter()
+    for r in range(repeats):
+        model.generate(labels, seed=r + 1, **sampling)
+    return (time.perf_counter() - start) / (repeats * batch_size)
+
+
+def train_ablation_pair(out: Path, seed: int, tokenizer_overrides: Sequence[str], net_overrides: Sequence[str],
+                        use_token_cache: bool) -> dict[str, dict]:
+    """The training stages of both models for one seed; per model its tokenizer and transformer metrics, files and
+    batch size."""
+    # The baseline's tokenizer is VAR's with the last scale alone, whatever the overrides make VAR's schedule.
+    var_tokenizer = ABLATION_MODELS["var"][0]
+    side = compose_config("train", [f"experiment={var_tokenizer}", *tokenizer_overrides]).model.vae.patch_nums[-1]
+    last_scale_only = {"var": [], "raster_ar": [f"model.vae.patch_nums=[{side}]", "model.vae.share_quant_resi=1"]}
+    runs = {}
+    for name, (tokenizer_experiment, experiment) in ABLATION_MODELS.items():
+        files = RunFiles(out / f"seed{seed}" / name, name, transformer_dir="transformer")
+        tokenizer_metrics = train_stage(tokenizer_experiment, files.tokenizer.parent,
+                                        ["logger=csv", f"seed={seed}", "trainer.max_time=null", *tokenizer_overrides,
+                                         *last_scale_only[name]])
+        if use_token_cache:
+            tokenize_stage(files.tokenizer, files.token_cache)
+        overrides = ["logger=csv", f"seed={seed}", "trainer.max_time=null", *files.transformer_data_overrides(),
+                     *net_overrides]
+        net_metrics = train_stage(experiment, files.transformer.parent, overrides)
+        batch_size = compose_config("train", [f"experiment={experiment}", *overrides]).data.batch_size
+        runs[name] = {"tokenizer": tokenizer_metrics, "transformer": net_metrics, "files": files,
+                      "batch_size": batch_size}
+    return runs
+
+
+def evaluate_ablation_pair(runs: dict[str, dict], per_class: int, seed: int, sampling: dict,
+                           metric_factory: MetricFactory) -> dict[str, dict]:
+    """Samples, scores and times both models of one seed; writes each model's ``samples.png``."""
+    models = {name: varlib.load(run["files"].transformer) for name, run in runs.items()}
+    sizes = {name: model.num_non_embedding_params() for name, model in models.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the transformers must have equal non-embedding parameters, got {sizes}")
+    metric = metric_factory(*held_out_images(models["var"].vae.image_size))
+    results = {}
+    for name, model in models.items():
+        run = runs[name]
+        steps = trained_steps(run["files"].transformer.parent)
+        images = sample_per_class(model, per_class, seed, **sampling)
+        results[name] = {
+            "tokenizer": {k: run["tokenizer"][f"val/{k}"] for k in ("psnr", "ssim", "codebook_usage")
+                          if f"val/{k}" in run["tokenizer"]},
+            "tokens_per_image": model.L,
+            "non_embedding_params": sizes[name],
+            "steps": steps,
+            "training_images": steps * run["batch_size"],
+            "val_loss_last": run["transformer"].get("val/loss_last"),
+            "val_err_last": run["transformer"].get("val/err_last"),
+            "sampling": model.sampling.resolve(**sampling),
+            "samples": metric(images, class_labels(model.num_classes, per_class)),
+            **{f"seconds_per_image_b{b}": seconds_per_image(model, b, sampling) for b in TIMING_BATCHES},
+        }
+        save_class_rows(images, model.num_classes, min(SHOWN_PER_CLASS, per_class), run["files"].root / "samples.png")
+    return results
+
+
+def sample_figures(samples: dict) -> dict[str, float]:
+    """A metric's numbers for the table, one nested level flattened (``halfway_progress/class_accuracy``);
+    the ``calibration`` points get rows of their own and ``per_class`` is a setting, not a figure."""
+    figures = {}
+    for key, value in samples.items():
+        if key in ("calibration", "per_class"):
+            continue
+        if isinstance(value, dict):
+            figures.update({f"{key}/{name}": v for name, v in value.items()})
+        else:
+            figures[key] = value
+    return figures
+
+
+def ablation_table(results: dict[str, dict]) -> str:
+    """One row per seed and model: reconstruction, size, budget, sample metrics and sampling time; then, where
+    the metric has them, one row per calibration point (the same figures for held-out, blurred and noise sets)."""
+    metric_names = sorted({k for seed in results.values() for r in seed.values() for k in sample_figures(r["samples"])})
+    header = ["seed", "model", "tokens", "rec. PSNR (dB)", "rec. SSIM", "N (non-emb.)", "steps", "images",
+              *metric_names, "s/img b1", "s/img b16"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for seed, models in results.items():
+        for name, r in models.items():
+            tok, figures = r["tokenizer"], sample_figures(r["samples"])
+            cells = [seed, name, r["tokens_per_image"], f"{tok.get('psnr', float('nan')):.2f}",
+                     f"{tok.get('ssim', float('nan')):.3f}", r["non_embedding_params"], r["steps"], r["training_images"],
+                     *(f"{figures.get(m, float('nan')):.4g}" for m in metric_names),
+                     f"{r['seconds_per_image_b1']:.4f}", f"{r['seconds_per_image_b16']:.4f}"]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+        calibration = next(iter(models.values()))["samples"].get("calibration", {})
+        for point, figures in calibration.items():
+            cells = [seed, f"*{point}* (calibration)", *[""] * 6,
+                     *(f"{figures[m]:.4g}" if m in figures else "" for m in metric_names), "", ""]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def run_ablation(
+    out_dir: str | Path = "outputs/ablation",
+    seeds: Sequence[int] = (0, 1),
+    tokenizer_overrides: Sequence[str] = (),
+    net_overrides: Sequence[str] = (),
+    per_class: int = 50,
+    sampling: dict | None = None,
+    metric_factory: MetricFactory | None = None,
+    use_token_cache: bool = True,
+) -> dict:
+    """Trains and evaluates both models for every seed; writes ``results.json`` and ``results.md`` and returns the
+    former's content (see ``conf/ablation.yaml``).
+
+    ``sampling`` (``cfg``, ``top_k``, ``top_p``) overrides both models' own settings (their ``sampling``; the two
+    experiments share them) key by key; a key left out or None keeps them. VAR ramps its guidance over the scales,
+    the baseline applies it at every token. ``metric_factory`` defaults to the emoji protocol with ``per_class``
+    references per class.
+    """
+    if metric_factory is None:
+        metric_factory = functools.partial(emoji_metric, per_class=per_class)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sampling = {key: value for key, value in (sampling or {}).items() if value is not None}
+    results, seconds = {}, {}
+    for seed in seeds:
+        start = time.perf_counter()
+        runs = train_ablation_pair(out, seed, tokenizer_overrides, net_overrides, use_token_cache)
+        results[str(seed)] = evaluate_ablation_pair(runs, per_class, seed, sampling, metric_factory)
+        seconds[str(seed)] = round(time.perf_counter() - start, 1)
+    report = {"results": results, "sampling": sampling, "per_class": per_class, "seconds": seconds,
+              "threads": torch.get_num_threads()}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(ablation_table(results))
+    return report
+
+
+# -- scaling laws (the paper's Fig. 5 and 6) -------------------------------------------------------------------------
+
+
+def fit_sweep(
+    sources: Sequence[str | Path], out_dir: str | Path | None = None, skip_fraction: float = 0.0
+) -> dict[str, dict[str, float]]:
+    """Fits every metric against N and C; returns {"N/loss_last": {alpha, beta, log10_beta, r}, ...} and, with an
+    ``out_dir``, writes ``fits.json`` and one PNG per (axis, metric). beta is None when a nearly flat trend puts it
+    outside the float range; log10_beta is always given. ``skip_fraction``: the share of each run's training left
+    out of the compute fits (``fit_compute_frontier``)."""
+    runs = load_runs(list(sources), skip_invalid=True)
+    if len(runs) < 2:
+        raise ValueError(f"a scaling fit needs at least 2 runs with scaling_record.json, found {len(runs)} in {list(sources)}")
+    fits = {}
+    for metric in METRICS:
+        by_params = fit_power_law([run.params for run in runs], [run.final(metric) for run in runs])
+        by_compute = fit_compute_frontier(runs, metric, skip_fraction).fit
+        for variable, fit in (("N", by_params), ("C", by_compute)):
+            beta = fit.beta if 0.0 < fit.beta < math.inf else None
+            fits[f"{variable}/{metric}"] = {"alpha": fit.alpha, "beta": beta, "log10_beta": fit.log10_beta, "r": fit.r}
+        if out_dir is not None:
+            plot_scaling_vs_params(runs, metric, Path(out_dir) / f"scaling_N_{metric}.png")
+            plot_scaling_vs_compute(runs, metric, Path(out_dir) / f"scaling_C_{metric}.png", skip_fraction)
+    if out_dir is not None:
+        summary = {"runs": [{"name": r.name, "depth": r.depth, "params": r.params} for r in runs],
+                   "skip_fraction": skip_fraction, "fits": fits}
+        (Path(out_dir) / "fits.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return fits
+
+
+# -- the notebooks' models ---------------------------------------------------------------------------------------
+
+# Overrides shared by every tiny run: CSV metrics (no TensorBoard events), no sanity pass, no wall-clock limit.
+TINY_RUN = ("logger=csv", "trainer.num_sanity_val_steps=0", "trainer.max_time=null")
+# A 32 px tokenizer (the quickstart's ch 24-24-48 CNN, 8x8 latent, 6 scales) with a small codebook.
+TINY_TOKENIZER = (
+    "data.image_size=32", "data.batch_size=16",
+    "model.vae.vocab_size=256", "model.vae.ch_mult=[1,1,2]", "model.vae.patch_nums=[1,2,3,4,6,8]",
+    "model.vae.using_sa=false", "model.vae.using_mid_sa=false",
+    "model.optim.lr=3.0e-3", "model.optim.warmup_steps=10", "model.dead_code_restart_every=20",
+    "trainer.max_steps=120", "trainer.val_check_interval=120", "trainer.limit_val_batches=2",
+)
+# A depth-2, width-128 VAR (0.7 M parameters) at peak lr 2.5e-3.
+TINY_VAR = (
+    "model.var.depth=2", "model.var.width=128", "model.var.num_heads=4", "model.optim.lr=2.5e-3",
+    "data.batch_size=32", "trainer.max_steps=90", "trainer.val_check_interval=90", "trainer.limit_val_batches=2",
+)
+# The ablation at a tiny size: 32 px, an 8x8 latent (VAR's schedule [1,2,4,8], 85 tokens; the baseline's [8],
+# 64 tokens), depth-1 transformers, a few steps, on-the-fly tokenisation.
+TINY_ABLATION_TOKENIZER = (
+    "data.image_size=32", "data.batch_size=8", "model.vae.vocab_size=64", "model.vae.ch=16", "model.vae.ch_mult=[1,1,2]",
+    "model.vae.patch_nums=[1,2,4,8]", "model.optim.warmup_steps=2", "trainer.max_steps=6",
+    "trainer.val_check_interval=6", "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0",
+)
+TINY_ABLATION_TRANSFORMER = (
+    "model.var.depth=1", "model.var.width=32", "model.var.num_heads=2", "data.batch_size=8", "trainer.max_steps=5",
+    "trainer.val_check_interval=5", "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0",
+)
+
+
+def project_dir() -> Path:
+    """Where the notebooks look for and write runs: ``$VARLIB_PROJECT_DIR`` when set (the notebook tests point it
+    at a temporary folder), else the source checkout's root (the folder holding ``pyproject.toml`` and the
+    ``conf/`` that ``varlib.conf`` links to, where ``make demo`` writes), else the current directory (a wheel)."""
+    if os.environ.get(PROJECT_DIR_VARIABLE):
+        return Path(os.environ[PROJECT_DIR_VARIABLE])
+    checkout = Path(varlib.__file__).resolve().parents[2]
+    return checkout if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir() else Path.cwd()
+
+
+def prepare_models(with_var: bool = True) -> RunFiles:
+    """``make demo``'s files (``<project>/outputs/demo``) when it wrote them, else a tiny run's under
+    ``<project>/outputs/notebooks``, training whatever it lacks (about a minute on two CPU cores).
+
+    The tiny VAR tokenises its emoji batches on the fly: for a few dozen steps that is cheaper than a token cache.
+    Its pictures are blurry blobs: it shows the mechanics, not the quality. ``with_var=False`` stops after the
+    tokenizer, which is all a scaling sweep needs.
+    """
+    demo = RunFiles(project_dir() / "outputs" / "demo", "demo")
+    if demo.tokenizer.is_file() and (demo.transformer.is_file() or not with_var):
+        return demo
+    tiny = RunFiles(project_dir() / "outputs" / "notebooks", "tiny")
+    train_stage("tokenizer_emoji", tiny.tokenizer.parent, [*TINY_RUN, *TINY_TOKENIZER])
+    if with_var:
+        train_stage("var_emoji", tiny.transformer.parent, [*TINY_RUN, *tiny.transformer_data_overrides(), *TINY_VAR])
+    return tiny
+
