@@ -63,15 +63,16 @@ def test_lora_killed_and_resumed_equals_uninterrupted_and_exports_a_plain_file(t
     log = reference.stdout + reference.stderr
     assert "init_from" in log and "null row moved to 3" in log, log[-3000:]
     resumed_dir = tiny / f"resumed_{strategy}"
-    killed = train(tiny, resumed_dir.name, f"trainer={strategy}", "+callbacks.kill._target_=helpers.callbacks.KillAtStep",
-                   "+callbacks.kill.step=8")
+    # the same command twice: killed once (helpers.callbacks.KillAtStep kills each rank once), then resumed
+    command = (f"trainer={strategy}", "+callbacks.kill._target_=helpers.callbacks.KillAtStep", "+callbacks.kill.step=8")
+    killed = train(tiny, resumed_dir.name, *command)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = train(tiny, resumed_dir.name, f"trainer={strategy}")
+    resumed = train(tiny, resumed_dir.name, *command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
     want, got = step_losses(tiny / f"reference_{strategy}"), step_losses(resumed_dir)
-    assert sorted(got) == list(range(8, 12))
+    assert sorted(got) == list(range(12))  # the resumed run's log continues the killed one's: each step once
     for step, loss in got.items():
         assert loss == pytest.approx(want[step], abs=1e-6), step
     want_file, got_file = load_file(tiny / f"reference_{strategy}" / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
