@@ -203,8 +203,9 @@ def model_card(model: PretrainedMixin, training: Mapping | None = None, license:
     else:
         extra = (f", {model.num_non_embedding_params():,} without embeddings"
                  if hasattr(model, "num_non_embedding_params") else "")
-        lines += [f"A class-conditional {name} transformer: depth {model.depth}, width {model.width}, "
-                  f"{model.num_heads} heads, {model.num_classes} classes, {_count(model)} parameters{extra}; "
+        kind, condition = model.conditioning.describe()
+        lines += [f"A {kind} {name} transformer: depth {model.depth}, width {model.width}, "
+                  f"{model.num_heads} heads, {condition}, {_count(model)} parameters{extra}; "
                   f"schedule {list(model.patch_nums)}.", "",
                   f"Tokenizer (in the same file): {_count(tokenizer)} parameters, vocabulary {tokenizer.vocab_size}, "
                   f"{tokenizer.z_channels} code channels, {tokenizer.patch_nums[-1] * tokenizer.downsample} px.", ""]

@@ -41,8 +41,9 @@ class RasterAR(AdaLNTransformer):
             raise ValueError(
                 f"RasterAR needs a single-scale tokenizer (patch_nums of one entry), got patch_nums {vae.patch_nums}"
             )
-        if {"scale_embedding", "shared_aln"} & shape.keys():
-            raise TypeError(f"RasterAR takes neither scale_embedding nor shared_aln (VAR's), got {sorted(shape)}")
+        if {"scale_embedding", "shared_aln", "conditioning"} & shape.keys():
+            raise TypeError(f"RasterAR takes neither scale_embedding, shared_aln nor conditioning (VAR's; it is "
+                            f"class-conditional), got {sorted(shape)}")
         super().__init__(vae, tuple(vae.patch_nums), depth, num_classes, **shape)
         self.side = self.patch_nums[0]
         causal = torch.ones(self.L, self.L, dtype=torch.bool).tril()
