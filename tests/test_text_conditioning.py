@@ -10,6 +10,7 @@ from transformers import CLIPTextConfig, T5Config
 import varlib
 from varlib import VAR, MultiScaleVQVAE
 from varlib.data.emoji import captioned_emoji_files, emoji_caption, labelled_emoji_files, twemoji_png_dir
+from varlib.models.flops import per_token_linear_params
 from varlib.models.layers import AdaLNSelfAttn
 from varlib.models.patch_schedules import scale_slices
 from varlib.models.text import (ByteTokenizer, HFTextEncoder, SmallTextEncoder, TextEncoder, TextFeatures,
@@ -170,6 +171,10 @@ def test_text_var_forward_shapes_state_and_config():
     assert not any("cross" in k for k in pooled_only.state_dict()) and pooled_only(PROMPTS, x).shape == (2, var.L, 16)
     with pytest.raises(ValueError, match="prompts"):
         var(torch.tensor([0, 1]), x)
+    assert var.generate("red heart", batch_size=3, seed=0).shape == (3, 3, 6, 6)
+    # N counts what runs on image tokens: the text encoder, pooled projection and cross-attention keys/values do not
+    class_var = VAR(tiny_vae(), depth=2, num_classes=3, width=32, num_heads=2)
+    assert per_token_linear_params(var) == per_token_linear_params(class_var) + 2 * 2 * (32 * 32 + 32)
 
 
 def test_training_a_tiny_text_var_reduces_the_loss_and_uses_the_prompt():
@@ -212,6 +217,16 @@ def test_text_dropout_swaps_in_the_null_text_at_the_rate():
     assert torch.equal(dropped.mask_BT[is_null].sum(1), torch.ones(int(is_null.sum()), dtype=torch.long))
     assert torch.equal(dropped.tokens_BTD[is_null][:, 0], var.text_cond.null_tokens_1D.expand(int(is_null.sum()), -1))
     assert torch.equal(dropped.pooled_BD[~is_null], features.pooled_BD[~is_null])
+
+
+def test_class_model_negative_classes_replace_the_null_class():
+    torch.manual_seed(0)
+    var = VAR(tiny_vae(), depth=2, num_classes=4, width=32, num_heads=2).eval()
+    sample = dict(cfg=3.0, top_k=1, top_p=0.0, seed=0)
+    plain = var.generate_tokens([0, 1], **sample).tokens
+    assert all(torch.equal(a, b) for a, b in zip(plain, var.generate_tokens([0, 1], negative=4, **sample).tokens))
+    other = var.generate_tokens([0, 1], negative=[2, 3], **sample).tokens
+    assert any(not torch.equal(a, b) for a, b in zip(plain, other))
 
 
 def greedy_guided_reference(var, prompts, uncond: TextFeatures, tokens, cfg):
@@ -296,7 +311,8 @@ def test_save_pretrained_round_trip_of_a_text_var(tmp_path, make):
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in var.state_dict().items())
         assert loaded.text_cond.encoder.frozen == all(not p.requires_grad for p in loaded.text_cond.encoder.parameters())
         assert torch.equal(loaded.generate(PROMPTS, cfg=2.0, seed=0), var.generate(PROMPTS, cfg=2.0, seed=0))
-    assert "text-conditional" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "text-conditional" in card and 'var.generate(["red heart", "cat face"], seed=0)' in card
 
 
 # -- emoji captions ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class Conditioning(nn.Module):
     for cross-attention (None: no cross-attention)."""
 
     ATTRIBUTE: ClassVar[str]
+    #: what ``generate`` takes, for model cards' usage lines
+    EXAMPLE: ClassVar[str]
     num_classes: int = 0
     context_dim: int | None = None
 
@@ -78,7 +80,7 @@ class ClassConditioning(Conditioning, nn.Embedding):
     """Class labels: the (num_classes + 1, D) class embedding, row ``num_classes`` the null class. Prepared
     batches are (B,) int64 labels."""
 
-    ATTRIBUTE = "class_emb"
+    ATTRIBUTE, EXAMPLE = "class_emb", "[0, 1]"
 
     def __init__(self, num_classes: int, width: int):
         if num_classes < 1:
@@ -125,7 +127,7 @@ class TextConditioning(Conditioning):
             only, as VAR-CLIP).
     """
 
-    ATTRIBUTE = "text_cond"
+    ATTRIBUTE, EXAMPLE = "text_cond", '["red heart", "cat face"]'
 
     def __init__(self, encoder: TextEncoder | Mapping, width: int, cross_attention: bool = True):
         super().__init__()

@@ -221,9 +221,11 @@ def model_card(model: PretrainedMixin, training: Mapping | None = None, license:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
                   for k, v in sorted(training["metrics"].items())]
-    usage = ("var = varlib.load(\"user/model\")  # or the local folder\n"
-             "images = var.generate([0, 1], seed=0)  # (2, 3, H, W) in [0, 1]") if model.FILE_KIND != "tokenizer" \
-        else "vae = varlib.load(\"user/model\")  # or the local folder"
+    if model.FILE_KIND == "tokenizer":
+        usage = "vae = varlib.load(\"user/model\")  # or the local folder"
+    else:
+        usage = ("var = varlib.load(\"user/model\")  # or the local folder\n"
+                 f"images = var.generate({model.conditioning.EXAMPLE}, seed=0)  # (2, 3, H, W) in [0, 1]")
     lines += ["", "## Use", "", "```python", "import varlib", "", usage, "```", "",
               f"Licence: {license}.", ""]
     return "\n".join(lines)
