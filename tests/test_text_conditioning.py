@@ -31,6 +31,11 @@ def clip_encoder() -> HFTextEncoder:
                                                intermediate_size=64, vocab_size=300, max_position_embeddings=40))
 
 
+def t5_encoder() -> HFTextEncoder:
+    torch.manual_seed(1)
+    return HFTextEncoder(config=T5Config(d_model=24, num_layers=1, num_heads=2, d_kv=12, d_ff=48, vocab_size=300))
+
+
 def small_encoder(width: int = 16) -> SmallTextEncoder:
     torch.manual_seed(1)
     return SmallTextEncoder(width=width, depth=1, num_heads=2, max_length=32)
@@ -84,8 +89,7 @@ def test_clip_encoder_shapes_frozen_and_eos_pooling():
 
 
 def test_t5_encoder_shapes_frozen_and_mean_pooling():
-    torch.manual_seed(1)
-    encoder = HFTextEncoder(config=T5Config(d_model=24, num_layers=1, num_heads=2, d_kv=12, d_ff=48, vocab_size=300))
+    encoder = t5_encoder()
     features = encoder.encode(PROMPTS)
     assert type(encoder.model).__name__ == "T5EncoderModel" and encoder.dim == 24
     assert features.tokens_BTD.shape == (2, len(PROMPTS[1]) + 2, 24)
@@ -175,6 +179,24 @@ def test_text_var_forward_shapes_state_and_config():
     # N counts what runs on image tokens: the text encoder, pooled projection and cross-attention keys/values do not
     class_var = VAR(tiny_vae(), depth=2, num_classes=3, width=32, num_heads=2)
     assert per_token_linear_params(var) == per_token_linear_params(class_var) + 2 * 2 * (32 * 32 + 32)
+
+
+def test_attention_implementations_and_activation_checkpointing_agree_for_text():
+    var = text_var(small_encoder(), cond_drop_rate=0.0)
+    set_gates(var, 1.0)
+    x = torch.randn(2, var.L - 1, 4)
+    outputs = {}
+    for impl, recompute in (("dense", False), ("prefix", False), ("prefix", True)):
+        var.attn_impl, var.activation_checkpointing = impl, recompute
+        var.zero_grad()
+        logits = var.train()(PROMPTS, x)
+        logits.square().mean().backward()
+        outputs[impl, recompute] = logits.detach(), var.blocks[0].cross_attn.kv.weight.grad.clone()
+    reference = outputs["dense", False]
+    for logits, grad in outputs.values():
+        torch.testing.assert_close(logits, reference[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, reference[1], atol=1e-6, rtol=1e-4)
+    assert reference[1].abs().sum() > 0
 
 
 def test_training_a_tiny_text_var_reduces_the_loss_and_uses_the_prompt():
@@ -300,7 +322,7 @@ def test_editing_with_a_prompt_keeps_the_kept_tokens():
     assert painted.shape == (2, 3, 6, 6) and not torch.allclose(painted, kept)
 
 
-@pytest.mark.parametrize("make", [small_encoder, clip_encoder])
+@pytest.mark.parametrize("make", [small_encoder, clip_encoder, t5_encoder])  # T5 ties its input embeddings
 def test_save_pretrained_round_trip_of_a_text_var(tmp_path, make):
     var = text_var(make()).eval()
     set_gates(var, 0.5)

@@ -128,7 +128,14 @@ def _plain_config(config: Mapping) -> dict:
 
 
 def _tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    out, storages = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        storage = v.untyped_storage().data_ptr()
+        # tied weights (a T5 encoder's input embeddings) are written once per name: safetensors refuses shared memory
+        out[prefix + k] = v.clone() if storage in storages else v
+        storages.add(storage)
+    return out
 
 
 def model_metadata(vae: PretrainedMixin, var: PretrainedMixin | None = None) -> dict[str, str]:
