@@ -78,7 +78,7 @@ class RasterAR(AdaLNTransformer):
                 f"expected int64 input tokens (B={labels_B.shape[0]}, l <= L-1={self.L - 1}), "
                 f"got {tuple(tokens_Bl.shape)} {tokens_Bl.dtype}"
             )
-        labels_B = self.drop_labels(labels_B)
+        labels_B = self.drop_condition(labels_B)
         with torch.autocast(device_type=tokens_Bl.device.type, enabled=False):
             cond_BD = self.class_emb(labels_B)
             x_BlC = torch.cat((self.start_input(cond_BD), self.embed_tokens(tokens_Bl) + self.pos_1LC[:, 1:length]), 1)

@@ -200,7 +200,7 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         head_dim = self.width // self.num_heads
         return [KVCache(batch_size, self.num_heads, self.L, head_dim, self.device, dtype) for _ in self.blocks]
 
-    def drop_labels(self, condition):
+    def drop_condition(self, condition):
         """Conditional dropout: in training mode each row of a prepared condition (labels, text features) becomes
         the null condition with probability ``cond_drop_rate``."""
         if not self.training or self.cond_drop_rate == 0:
@@ -380,7 +380,7 @@ class VAR(AdaLNTransformer):
                 f"expected teacher-forcing input (B={rows}, L-1={self.L - 1} or a scale prefix "
                 f"{[e - 1 for e in ends]}, Cvae={self.code_channels}), got {tuple(x_BLCv.shape)}"
             )
-        condition = self.drop_labels(condition)
+        condition = self.drop_condition(condition)
         with torch.autocast(device_type=x_BLCv.device.type, enabled=False):
             sos_B1C, cond_BD, context = self.embed_first_scale(condition)
             x_BLC = torch.cat((sos_B1C, self.embed_token_inputs(x_BLCv, start=1)), dim=1)
