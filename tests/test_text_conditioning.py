@@ -308,6 +308,15 @@ def test_kv_cache_sampling_logits_match_the_teacher_forced_forward():
     torch.testing.assert_close(torch.cat(seen, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_compiled_sampler_traces_the_cross_attention_and_equals_the_eager_one():
+    """compile="eager": dynamo traces each scale's step (fullgraph: no graph breaks) with the text context."""
+    var = text_var(small_encoder()).eval()
+    set_gates(var, 1.0)
+    sample = dict(cfg=2.0, top_k=5, top_p=0.0, seed=0, negative="blue square")
+    compiled = var.generate_tokens(PROMPTS, compile="eager", **sample)
+    assert all(torch.equal(a, b) for a, b in zip(compiled.tokens, var.generate_tokens(PROMPTS, **sample).tokens))
+
+
 def test_editing_with_a_prompt_keeps_the_kept_tokens():
     var = text_var(small_encoder()).eval()
     torch.manual_seed(4)
