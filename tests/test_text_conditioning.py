@@ -340,7 +340,8 @@ def test_save_pretrained_round_trip_of_a_text_var(tmp_path, make):
         assert loaded.config == var.config and type(loaded.text_cond.encoder) is type(var.text_cond.encoder)
         assert loaded.state_dict().keys() == var.state_dict().keys()
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in var.state_dict().items())
-        assert loaded.text_cond.encoder.frozen == all(not p.requires_grad for p in loaded.text_cond.encoder.parameters())
+        encoder = loaded.text_cond.encoder
+        assert encoder.frozen == all(not p.requires_grad for p in encoder.parameters())
         assert torch.equal(loaded.generate(PROMPTS, cfg=2.0, seed=0), var.generate(PROMPTS, cfg=2.0, seed=0))
     card = (tmp_path / "README.md").read_text()
     assert "text-conditional" in card and 'var.generate(["red heart", "cat face"], seed=0)' in card

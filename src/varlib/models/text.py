@@ -60,7 +60,8 @@ class TextFeatures:
         """Rows of all ``parts``, padded to the longest."""
         length = max(p.tokens_BTD.shape[1] for p in parts)
         padded = [p.padded(length) for p in parts]
-        return TextFeatures(*(torch.cat([getattr(p, f) for p in padded]) for f in ("tokens_BTD", "mask_BT", "pooled_BD")))
+        fields = ("tokens_BTD", "mask_BT", "pooled_BD")
+        return TextFeatures(*(torch.cat([getattr(p, f) for p in padded]) for f in fields))
 
     @staticmethod
     def where(pick_B: torch.Tensor, a: "TextFeatures", b: "TextFeatures") -> "TextFeatures":

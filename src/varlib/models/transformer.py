@@ -33,7 +33,8 @@ def depth_scaled_shape(depth: int) -> dict:
 
 class AdaLNTransformer(PretrainedMixin, nn.Module):
     """What VAR and the raster-AR baseline share: the shape and its checks, the input embeddings, the AdaLN blocks
-    and head, the official initialisation, label checks and dropout, and the frozen tokenizer held by reference.
+    and head, the official initialisation, the conditioning and its dropout, and the frozen tokenizer held by
+    reference.
 
     Modules, in the official order (the random initialisation depends on it): ``word_embed`` (Cvae -> C),
     the conditioning (:mod:`varlib.models.conditioning`): ``class_emb`` (num_classes + 1 rows, the last the null
@@ -51,7 +52,8 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
             :func:`~varlib.models.conditioning.build_conditioning`), e.g. text with an encoder; text adds a
             cross-attention to every block.
         width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm: the blocks.
-        cond_drop_rate: label dropout probability in training mode (never applied in eval mode).
+        cond_drop_rate: conditional dropout probability (to the null class or null text) in training mode (never
+            applied in eval mode).
         init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
         scale_embedding: a learned embedding per scale added to every token (VAR's ``lvl_embed``).
         shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px VAR).
