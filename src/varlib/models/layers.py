@@ -101,6 +101,31 @@ class SelfAttention(nn.Module):
         return self.proj_drop(projected[0] if len(projected) == 1 else torch.cat(projected, dim=1))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of the image tokens (queries) to text token features (keys, values), padding masked.
+
+    Args:
+        width: C. context_dim: Dt, the width of the text features. num_heads: H.
+    """
+
+    def __init__(self, width: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x_BLC: torch.Tensor, tokens_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+        """(B,L,C), (B,T,Dt), (B,T) bool (True = a real token) -> (B,L,C)."""
+        q = rearrange(self.q(x_BLC), "B L (H c) -> B H L c", H=self.num_heads)
+        kv = self.kv(tokens_BTD.to(self.kv.weight.dtype))
+        k, v = rearrange(kv, "B T (kv H c) -> kv B H T c", kv=2, H=self.num_heads).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=rearrange(mask_BT, "B T -> B 1 1 T"))
+        return self.proj(rearrange(out, "B H L c -> B L (H c)"))
+
+
 class FeedForward(nn.Module):
     """fc1 (C -> 4C), GELU(tanh), fc2 (4C -> C)."""
 
@@ -122,6 +147,10 @@ class AdaLNSelfAttn(nn.Module):
     ``x += gamma1 * attn(LN(x) (1 + scale1) + shift1)`` then ``x += gamma2 * ffn(LN(x) (1 + scale2) + shift2)``.
     Per-block AdaLN maps the condition with its own ``ada_lin``; shared AdaLN (the 512px model) receives the
     already-mapped (B,1,6,C) vectors and adds a learned per-block offset ``ada_gss``.
+
+    With ``cross_attn_dim`` (text conditioning), a cross-attention to the text token features sits between the
+    self-attention and the FFN: ``x += cross_gate * cross_attn(LN(x), context)``. The gate starts at zero, so the
+    block first computes exactly what it computes without it.
     """
 
     def __init__(
@@ -136,6 +165,7 @@ class AdaLNSelfAttn(nn.Module):
         norm_eps: float = 1e-6,
         shared_aln: bool = False,
         attn_l2_norm: bool = True,
+        cross_attn_dim: int | None = None,
     ):
         super().__init__()
         self.width = width
@@ -148,6 +178,10 @@ class AdaLNSelfAttn(nn.Module):
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
+        if cross_attn_dim is not None:
+            self.ln_cross = nn.LayerNorm(width, eps=norm_eps)
+            self.cross_attn = CrossAttention(width, cross_attn_dim, num_heads)
+            self.cross_gate = nn.Parameter(torch.zeros(width))
 
     def forward(
         self,
@@ -155,8 +189,10 @@ class AdaLNSelfAttn(nn.Module):
         cond: torch.Tensor,
         attention: BlockCausalAttention | None = None,
         kv_cache: KVCache | None = None,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B,L,C); cond is the class embedding (B,D), or with shared AdaLN the mapped (B,1,6,C)."""
+        """x (B,L,C); cond is the condition (B,D), or with shared AdaLN the mapped (B,1,6,C); context, which a
+        block with cross-attention needs, is the text (tokens (B,T,Dt), mask (B,T))."""
         if self.shared_aln:
             mods = (self.ada_gss + cond).unbind(2)
         else:
@@ -164,6 +200,10 @@ class AdaLNSelfAttn(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
         h = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
         x_BLC = x_BLC + self.drop_path(self.attn(h, attention=attention, kv_cache=kv_cache).mul_(gamma1))
+        if hasattr(self, "cross_attn"):
+            if context is None:
+                raise ValueError("a block with cross-attention needs the text context (tokens, mask)")
+            x_BLC = x_BLC + self.drop_path(self.cross_attn(self.ln_cross(x_BLC), *context).mul(self.cross_gate))
         h = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
         return x_BLC + self.drop_path(self.ffn(h).mul(gamma2))
 

@@ -41,8 +41,9 @@ class RasterAR(AdaLNTransformer):
             raise ValueError(
                 f"RasterAR needs a single-scale tokenizer (patch_nums of one entry), got patch_nums {vae.patch_nums}"
             )
-        if {"scale_embedding", "shared_aln"} & shape.keys():
-            raise TypeError(f"RasterAR takes neither scale_embedding nor shared_aln (VAR's), got {sorted(shape)}")
+        if {"scale_embedding", "shared_aln", "conditioning"} & shape.keys():
+            raise TypeError(f"RasterAR takes neither scale_embedding, shared_aln nor conditioning (VAR's; it is "
+                            f"class-conditional), got {sorted(shape)}")
         super().__init__(vae, tuple(vae.patch_nums), depth, num_classes, **shape)
         self.side = self.patch_nums[0]
         causal = torch.ones(self.L, self.L, dtype=torch.bool).tril()
@@ -77,7 +78,7 @@ class RasterAR(AdaLNTransformer):
                 f"expected int64 input tokens (B={labels_B.shape[0]}, l <= L-1={self.L - 1}), "
                 f"got {tuple(tokens_Bl.shape)} {tokens_Bl.dtype}"
             )
-        labels_B = self.drop_labels(labels_B)
+        labels_B = self.drop_condition(labels_B)
         with torch.autocast(device_type=tokens_Bl.device.type, enabled=False):
             cond_BD = self.class_emb(labels_B)
             x_BlC = torch.cat((self.start_input(cond_BD), self.embed_tokens(tokens_Bl) + self.pos_1LC[:, 1:length]), 1)

@@ -1,4 +1,5 @@
-"""VAR inference: next-scale sampling with a KV cache, classifier-free guidance, top-k/top-p and editing.
+"""VAR inference: next-scale sampling with a KV cache, classifier-free guidance (with negative conditions),
+top-k/top-p and editing, for class and text models.
 
 Reproduces the official ``autoregressive_infer_cfg`` token for token (same logits, same RNG call sequence:
 one ``torch.multinomial`` per scale on a seeded private generator).
@@ -38,17 +39,24 @@ class ClassConditionalGenerator(ClassConditional, Protocol):
     def generate(self, labels, **kwargs) -> torch.Tensor: ...
 
 
-class NextScalePredictor(ClassConditional, Protocol):
-    """What sampling needs of a model (:class:`varlib.models.transformer.VAR` is one)."""
+class NextScalePredictor(Protocol):
+    """What sampling needs of a model (:class:`varlib.models.transformer.VAR` is one); ``conditioning`` is a
+    :class:`varlib.models.conditioning.Conditioning`."""
 
     patch_nums: tuple[int, ...]
     vocab_size: int
     code_channels: int
+    conditioning: Any
+
+    @property
+    def device(self) -> torch.device: ...
 
     @property
     def vae(self) -> MultiScaleVQVAE: ...
 
-    def embed_first_scale(self, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def prepare_condition(self, condition, batch_size: int | None = None) -> Any: ...
+
+    def embed_first_scale(self, condition) -> tuple[torch.Tensor, torch.Tensor, tuple | None]: ...
 
     def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor: ...
 
@@ -57,7 +65,8 @@ class NextScalePredictor(ClassConditional, Protocol):
     def new_kv_caches(self, batch_size: int, dtype: torch.dtype) -> list[KVCache]: ...
 
     def forward_scale(
-        self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache]
+        self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache],
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -167,10 +176,11 @@ COMPILED_GRAPHS_LIMIT = 256
 
 def transformer_step(
     var: NextScalePredictor, caches: Sequence[KVCache], x_BlC: torch.Tensor, cond: torch.Tensor,
-    cond_BD: torch.Tensor,
+    cond_BD: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One scale through the model (attending to the cached coarser scales): (B,l,V) logits."""
-    return var.forward_scale(x_BlC, cond, cond_BD, caches)
+    """One scale through the model (attending to the cached coarser scales and the text context): (B,l,V)
+    logits."""
+    return var.forward_scale(x_BlC, cond, cond_BD, caches, context)
 
 
 def compiled_transformer_step(backend: str = "inductor"):
@@ -233,16 +243,19 @@ def sample_token_maps(
     batch_size: int | None = None,
     constraint: TokenConstraint | None = None,
     compile: bool | str = False,
+    negative=None,
 ) -> SampleOutput:
     """Samples all K token maps scale by scale (the paper's inference loop).
 
-    At scale k the transformer reads the (2B) inputs [cond; uncond] with a KV cache of every coarser scale,
+    At scale k the transformer reads the (2B) inputs [cond; uncond] with a KV cache of every coarser scale
+    (uncond: the null condition, or ``negative``),
     the guided logits are ``(1 + t) cond - t uncond`` with ``t = cfg * k/(K-1)``, top-k/top-p filter them,
     one multinomial draw per token picks the codes, and the codes update f_hat, whose area-down-sampled
     version is the next scale's input. The unconditional half is skipped when cfg == 0.
 
     Args:
-        labels: (B,) classes in [0, num_classes] (num_classes = null), a list, or an int with ``batch_size``.
+        labels: (B,) classes in [0, num_classes] (num_classes = null), a list, or an int with ``batch_size``;
+            for a text model, prompts (a list, or a str with ``batch_size``).
         cfg, top_k, top_p: guidance at the last scale and the filters (0 disables either); no defaults here,
             the model's ``sampling`` supplies them (``VAR.generate_tokens``).
         seed: seeds a private generator on the model's device; None uses the global RNG.
@@ -250,20 +263,27 @@ def sample_token_maps(
         compile: run each scale's transformer step through ``torch.compile``: True (inductor) or a backend
             name (see :func:`compiled_transformer_step`). Worth it on GPUs for repeated sampling; the first
             call compiles one graph per scale. Off by default.
+        negative: the unconditional half's condition instead of the null one (negative prompts, or classes),
+            one or one per image; only used with guidance (cfg > 0).
     Returns:
         :class:`SampleOutput`.
     """
     check_sampling_values(cfg, top_k, top_p)
-    labels_B = as_labels(var, labels, batch_size)
+    conditioning = var.conditioning
+    cond_B = var.prepare_condition(labels, batch_size)
     quant = var.vae.quantize
-    B, pns, V, Cv = labels_B.shape[0], var.patch_nums, var.vocab_size, var.code_channels
-    device = labels_B.device
+    B, pns, V, Cv = conditioning.batch_size(cond_B), var.patch_nums, var.vocab_size, var.code_channels
+    device = var.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     guided = cfg != 0
-    labels_batch = torch.cat((labels_B, labels_B.new_full((B,), var.num_classes))) if guided else labels_B
-    rows = labels_batch.shape[0]
+    if guided:
+        negative_B = None if negative is None else var.prepare_condition(negative, B)
+        cond_batch = conditioning.cat(cond_B, conditioning.unconditional(cond_B, negative_B))
+    else:
+        cond_batch = cond_B
+    rows = conditioning.batch_size(cond_batch)
 
-    x_BlC, cond_BD = var.embed_first_scale(labels_batch)
+    x_BlC, cond_BD, context = var.embed_first_scale(cond_batch)
     cond = var.adaln_condition(cond_BD)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_BlC.dtype
     caches = var.new_kv_caches(rows, dtype)
@@ -277,7 +297,7 @@ def sample_token_maps(
     for si, pn in enumerate(pns):
         ratio = si / (len(pns) - 1) if len(pns) > 1 else 0.0
         with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT) if compile else nullcontext():
-            logits_BlV = step(var, caches, x_BlC, cond, cond_BD)
+            logits_BlV = step(var, caches, x_BlC, cond, cond_BD, context)
         if guided:
             t = cfg * ratio
             logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
+from varlib.models.conditioning import Conditioning, build_conditioning
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
 from varlib.models.flops import flops_per_token, per_token_linear_params
@@ -32,10 +33,12 @@ def depth_scaled_shape(depth: int) -> dict:
 
 class AdaLNTransformer(PretrainedMixin, nn.Module):
     """What VAR and the raster-AR baseline share: the shape and its checks, the input embeddings, the AdaLN blocks
-    and head, the official initialisation, label checks and dropout, and the frozen tokenizer held by reference.
+    and head, the official initialisation, the conditioning and its dropout, and the frozen tokenizer held by
+    reference.
 
     Modules, in the official order (the random initialisation depends on it): ``word_embed`` (Cvae -> C),
-    ``class_emb`` (num_classes + 1 rows, the last the null class), ``pos_start`` (1,1,C), ``pos_1LC`` (1,L,C),
+    the conditioning (:mod:`varlib.models.conditioning`): ``class_emb`` (num_classes + 1 rows, the last the null
+    class) or ``text_cond`` (text encoder, pooled projection, null text), ``pos_start`` (1,1,C), ``pos_1LC`` (1,L,C),
     ``lvl_embed`` (one row per scale; only with ``scale_embedding``), ``shared_ada_lin``, ``blocks``, ``head_nm``,
     ``head`` (C -> V). The tokenizer is not a submodule (so state dicts match the official ones); device and dtype
     moves are applied to it as well.
@@ -44,9 +47,13 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         vae: the frozen tokenizer whose codebook defines the token space.
         patch_nums: the token-map schedule (validated by the subclass); L = sum pn^2.
         depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
-        num_classes: number of real classes.
+        num_classes: number of real classes (class conditioning).
+        conditioning: None (class labels) or a conditioning spec (see
+            :func:`~varlib.models.conditioning.build_conditioning`), e.g. text with an encoder; text adds a
+            cross-attention to every block.
         width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm: the blocks.
-        cond_drop_rate: label dropout probability in training mode (never applied in eval mode).
+        cond_drop_rate: conditional dropout probability (to the null class or null text) in training mode (never
+            applied in eval mode).
         init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
         scale_embedding: a learned embedding per scale added to every token (VAR's ``lvl_embed``).
         shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px VAR).
@@ -74,21 +81,20 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         init_std: float = -1.0,
         scale_embedding: bool = False,
         shared_aln: bool = False,
+        conditioning: Mapping | None = None,
     ):
         super().__init__()
         shape = depth_scaled_shape(depth)
         width = shape["width"] if width is None else width
         num_heads = shape["num_heads"] if num_heads is None else num_heads
         drop_path_rate = shape["drop_path_rate"] if drop_path_rate is None else drop_path_rate
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= cond_drop_rate < 1.0:
             raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
         self._vae = (vae,)
         self.patch_nums = patch_nums
         self.L = sequence_length(patch_nums)
         self.depth, self.width, self.num_heads = depth, width, num_heads
-        self.num_classes, self.cond_drop_rate = num_classes, cond_drop_rate
+        self.cond_drop_rate = cond_drop_rate
         self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
         self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
@@ -96,7 +102,11 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
 
         self.word_embed = nn.Linear(self.code_channels, width)
-        self.class_emb = nn.Embedding(num_classes + 1, width)
+        cond_module = build_conditioning(conditioning, num_classes, width)
+        # registered under its own name: class models keep the official key class_emb.weight
+        self.add_module(cond_module.ATTRIBUTE, cond_module)
+        self._conditioning_name = cond_module.ATTRIBUTE
+        self.num_classes = self.config["num_classes"] = cond_module.num_classes
         self.pos_start = nn.Parameter(torch.empty(1, 1, width))
         self.pos_1LC = nn.Parameter(torch.empty(1, self.L, width))
         if scale_embedding:
@@ -105,7 +115,8 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
             AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                          drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm)
+                          drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
+                          cross_attn_dim=cond_module.context_dim)
             for i in range(depth)
         )
         self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
@@ -115,6 +126,11 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
     @property
     def vae(self) -> MultiScaleVQVAE:
         return self._vae[0]
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """What the model is conditioned on: its ``class_emb`` or ``text_cond``."""
+        return getattr(self, self._conditioning_name)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -141,9 +157,10 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float, init_std: float) -> None:
-        """The official initialisation (truncated normals, scaled-down residual projections and AdaLN)."""
+        """The official initialisation (truncated normals, scaled-down residual projections and AdaLN); a frozen
+        text encoder keeps its own weights."""
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad:
                 nn.init.trunc_normal_(m.weight, std=init_std)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
@@ -168,7 +185,7 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.class_emb.weight.device
+        return self.pos_start.device
 
     def check_labels(self, labels_B: torch.Tensor) -> None:
         """Raises ValueError unless labels are a 1-D integer tensor in [0, num_classes] (num_classes = null)."""
@@ -185,15 +202,15 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         head_dim = self.width // self.num_heads
         return [KVCache(batch_size, self.num_heads, self.L, head_dim, self.device, dtype) for _ in self.blocks]
 
-    def drop_labels(self, labels_B: torch.Tensor) -> torch.Tensor:
-        """Label dropout: in training mode each label becomes the null class with probability ``cond_drop_rate``."""
+    def drop_condition(self, condition):
+        """Conditional dropout: in training mode each row of a prepared condition (labels, text features) becomes
+        the null condition with probability ``cond_drop_rate``."""
         if not self.training or self.cond_drop_rate == 0:
-            return labels_B
-        drop = torch.rand(labels_B.shape[0], device=labels_B.device) < self.cond_drop_rate
-        return torch.where(drop, self.num_classes, labels_B)
+            return condition
+        return self.conditioning.drop(condition, self.cond_drop_rate)
 
     def adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        """What the blocks receive: the class embedding, or the shared AdaLN's (B,1,6,C) output."""
+        """What the blocks receive: the (B,D) condition, or the shared AdaLN's (B,1,6,C) output."""
         return self.shared_ada_lin(cond_BD)
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -201,16 +218,19 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
 
     def num_non_embedding_params(self) -> int:
-        """N of the scaling laws: parameters other than the class, position and scale embeddings."""
-        embeddings = ("class_emb", "pos_1LC", "pos_start", "lvl_embed")
+        """N of the scaling laws: parameters other than the conditioning (class embedding, text encoder and
+        projection), position and scale embeddings."""
+        embeddings = (self._conditioning_name, "pos_1LC", "pos_start", "lvl_embed")
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(embeddings))
 
 
 class VAR(AdaLNTransformer):
     """Visual autoregressive transformer over the token maps of a frozen :class:`MultiScaleVQVAE`.
 
-    The class embedding is both the start token (scale 0's input) and the AdaLN condition; class
-    ``num_classes`` is the null class used for classifier-free guidance and label dropout. Training uses a
+    The condition is both the start token (scale 0's input) and the AdaLN condition: the class embedding (class
+    ``num_classes`` is the null class used for classifier-free guidance and label dropout), or for a text model the
+    projected pooled text feature, whose token features also feed a zero-gated cross-attention in every block (a
+    learned null text plays the null class). See :mod:`varlib.models.conditioning`. Training uses a
     block-causal mask (a token sees every token of its own and coarser scales), computed by one of the exact
     implementations of :mod:`varlib.models.attention`; inference uses a KV cache.
 
@@ -220,7 +240,10 @@ class VAR(AdaLNTransformer):
     Args:
         vae: the tokenizer whose codebook and phi convolutions define the token space.
         depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
-        num_classes: number of real classes.
+        num_classes: number of real classes (class conditioning; a text model records 0).
+        conditioning: None (class labels) or ``{"type": "text", "encoder": <TextEncoder or its config>,
+            "cross_attention": True}`` (see :func:`~varlib.models.conditioning.build_conditioning`); the config
+            records it.
         patch_nums: the token-map schedule (default: the tokenizer's).
         shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px model).
         attn_impl: teacher-forced attention, ``auto`` (the fastest exact one for the device: FlexAttention on
@@ -242,6 +265,7 @@ class VAR(AdaLNTransformer):
         *,
         patch_nums: Sequence[int] | None = None,
         shared_aln: bool = False,
+        conditioning: Mapping | None = None,
         attn_impl: str = "auto",
         activation_checkpointing: bool = False,
         **shape,
@@ -249,8 +273,9 @@ class VAR(AdaLNTransformer):
         patch_nums = validate_patch_nums(vae.patch_nums if patch_nums is None else patch_nums)
         if len(patch_nums) != len(vae.patch_nums):
             raise ValueError(f"the schedule {patch_nums} must have as many scales as the tokenizer's {vae.patch_nums}")
-        super().__init__(vae, patch_nums, depth, num_classes, scale_embedding=True, shared_aln=shared_aln, **shape)
-        self.config.update(shared_aln=shared_aln, patch_nums=self.patch_nums)
+        super().__init__(vae, patch_nums, depth, num_classes, scale_embedding=True, shared_aln=shared_aln,
+                         conditioning=conditioning, **shape)
+        self.config.update(shared_aln=shared_aln, patch_nums=self.patch_nums, conditioning=self.conditioning.spec)
         level_1L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)]).view(1, self.L)
         self.register_buffer("lvl_1L", level_1L)
         # Additive block-causal mask (0 where key scale <= query scale, -inf elsewhere), kept persistent
@@ -296,12 +321,20 @@ class VAR(AdaLNTransformer):
         """lvl_embed(scale of each token) + pos_1LC for tokens [start, stop): (1, stop - start, C)."""
         return self.lvl_embed(self.lvl_1L[:, start:stop]) + self.pos_1LC[:, start:stop]
 
-    def embed_first_scale(self, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale 0's input and the condition: (B,1,C) start tokens (class embedding + pos_start + level/position
-        embedding of token 0) and the (B,D) class embedding ``cond_BD``."""
-        cond_BD = self.class_emb(labels_B)
-        sos_B1C = cond_BD.unsqueeze(1) + self.pos_start.expand(labels_B.shape[0], 1, -1)
-        return sos_B1C + self.level_position_embedding(0, 1), cond_BD
+    def prepare_condition(self, condition, batch_size: int | None = None):
+        """The validated condition batch on the model's device (see :meth:`Conditioning.prepare`): (B,) labels
+        from labels or class names, or :class:`~varlib.models.text.TextFeatures` from prompts; ``batch_size``
+        repeats a single one."""
+        return self.conditioning.prepare(condition, batch_size, self)
+
+    def embed_first_scale(self, condition) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Scale 0's input and the condition of a prepared condition batch: (B,1,C) start tokens (condition +
+        pos_start + level/position embedding of token 0), the (B,D) condition ``cond_BD`` (the class embedding or
+        the projected pooled text feature) and the cross-attention context (text tokens (B,T,Dt), mask (B,T); None
+        for class models)."""
+        cond_BD = self.conditioning(condition)
+        sos_B1C = cond_BD.unsqueeze(1) + self.pos_start.expand(cond_BD.shape[0], 1, -1)
+        return sos_B1C + self.level_position_embedding(0, 1), cond_BD, self.conditioning.context(condition)
 
     def embed_token_inputs(self, x_BlCv: torch.Tensor, start: int) -> torch.Tensor:
         """Code-vector inputs of tokens [start, start + l) to the width plus their level/position embedding:
@@ -315,49 +348,52 @@ class VAR(AdaLNTransformer):
         return self.embed_token_inputs(rearrange(next_BCpp, "B C h w -> B (h w) C"), start)
 
     def forward_scale(
-        self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache]
+        self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache],
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One scale through every block (attending to the cached coarser scales) and the head: (B,l,V) logits.
 
-        cond: :meth:`adaln_condition` of cond_BD, the (B,D) class embedding.
+        cond: :meth:`adaln_condition` of cond_BD, the (B,D) condition; context: the text of a text model.
         """
         for block, cache in zip(self.blocks, caches):
-            x_BlC = block(x_BlC, cond, kv_cache=cache)
+            x_BlC = block(x_BlC, cond, kv_cache=cache, context=context)
         return self.get_logits(x_BlC, cond_BD)
 
     # -- teacher-forced training forward --------------------------------------------------------------
 
-    def forward(self, labels_B: torch.Tensor, x_BLCv: torch.Tensor) -> torch.Tensor:
+    def forward(self, condition, x_BLCv: torch.Tensor) -> torch.Tensor:
         """Next-scale prediction with teacher forcing.
 
         Args:
-            labels_B: (B,) class indices in [0, num_classes]; in training mode each is replaced by the
-                null class with probability ``cond_drop_rate``.
+            condition: (B,) class indices in [0, num_classes], or for a text model B prompts or their
+                :class:`~varlib.models.text.TextFeatures`; in training mode each row is replaced by the null
+                condition with probability ``cond_drop_rate``.
             x_BLCv: (B, L'-1, Cvae), the tokenizer's teacher-forcing input (``vae.teacher_forcing_input``);
                 L' may be a shorter prefix ending at a scale boundary (progressive training).
         Returns:
             (B, L', V) logits for every token of every scale.
         """
-        self.check_labels(labels_B)
+        condition = self.prepare_condition(condition)
+        rows = self.conditioning.batch_size(condition)
         B, length = x_BLCv.shape[0], x_BLCv.shape[1] + 1
         ends = [sequence_length(self.patch_nums[: k + 1]) for k in range(len(self.patch_nums))]
-        if x_BLCv.ndim != 3 or x_BLCv.shape[2] != self.code_channels or length not in ends or labels_B.shape[0] != B:
+        if x_BLCv.ndim != 3 or x_BLCv.shape[2] != self.code_channels or length not in ends or rows != B:
             raise ValueError(
-                f"expected teacher-forcing input (B={labels_B.shape[0]}, L-1={self.L - 1} or a scale prefix "
+                f"expected teacher-forcing input (B={rows}, L-1={self.L - 1} or a scale prefix "
                 f"{[e - 1 for e in ends]}, Cvae={self.code_channels}), got {tuple(x_BLCv.shape)}"
             )
-        labels_B = self.drop_labels(labels_B)
+        condition = self.drop_condition(condition)
         with torch.autocast(device_type=x_BLCv.device.type, enabled=False):
-            sos_B1C, cond_BD = self.embed_first_scale(labels_B)
+            sos_B1C, cond_BD, context = self.embed_first_scale(condition)
             x_BLC = torch.cat((sos_B1C, self.embed_token_inputs(x_BLCv, start=1)), dim=1)
         attention = self.block_causal_attention(length)
         cond = self.adaln_condition(cond_BD)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:  # per block, so that it composes with FSDP2's per-block sharding
-                x_BLC = checkpoint(block, x_BLC, cond, attention, use_reentrant=False)
+                x_BLC = checkpoint(block, x_BLC, cond, attention, None, context, use_reentrant=False)
             else:
-                x_BLC = block(x_BLC, cond, attention)
+                x_BLC = block(x_BLC, cond, attention, context=context)
         return self.get_logits(x_BLC, cond_BD)
 
     def flops_per_token(self) -> float:
@@ -386,8 +422,9 @@ class VAR(AdaLNTransformer):
         more_smooth: bool = False,
         batch_size: int | None = None,
         compile: bool | str = False,
+        negative=None,
     ) -> torch.Tensor:
-        """Class-conditional sampling (KV cache, guidance ramp, top-k/top-p).
+        """Class- or text-conditional sampling (KV cache, guidance ramp, top-k/top-p).
 
         ``cfg``, ``top_k`` and ``top_p`` left out (None) come from :attr:`sampling`, the model's recommended
         settings that its file carries; given ones win.
@@ -395,15 +432,18 @@ class VAR(AdaLNTransformer):
         Args:
             labels: (B,) class indices in [0, num_classes] (num_classes = unconditional), a list, or one
                 int together with ``batch_size``; class names (of :attr:`class_names`) stand for their indices.
-            cfg: guidance strength at the last scale; scale k uses t = cfg * k/(K-1).
+                A text model takes prompts instead: a list of str, or one str together with ``batch_size``.
+            cfg: guidance strength at the last scale; scale k uses t = cfg * k/(K-1) (0: no guidance).
             top_k, top_p: 0 disables either filter. seed: seeds a private ``torch.Generator``.
             more_smooth: Gumbel-softmax smoothing of the code embeddings (visual quality, not for FID).
             compile: compile each scale's transformer step (see :func:`varlib.models.sampling.sample_token_maps`).
+            negative: what guidance steers away from instead of the null condition: negative prompts (one, or one
+                per image) for a text model, classes for a class model.
         Returns:
             (B,3,H,W) images in [0,1].
         """
         out = self.generate_tokens(labels, cfg, top_k, top_p, seed=seed, more_smooth=more_smooth,
-                                   batch_size=batch_size, compile=compile)
+                                   batch_size=batch_size, compile=compile, negative=negative)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
@@ -417,8 +457,9 @@ class VAR(AdaLNTransformer):
         top_p: float | None = None,
         seed: int | None = 0,
         more_smooth: bool = False,
+        negative=None,
     ) -> torch.Tensor:
-        """Zero-shot in-painting, out-painting or class-conditional editing (the official method).
+        """Zero-shot in-painting, out-painting or class- or text-conditional editing (the official method).
 
         The ground-truth tokens of ``images`` are teacher-forced wherever ``keep_mask`` is 1 at every
         scale (the 1x1 scale always), and the model generates the rest conditioned on ``labels``.
@@ -427,8 +468,9 @@ class VAR(AdaLNTransformer):
             images: (B,3,H,W) in [-1,1] at the schedule's resolution.
             keep_mask: (H',W') or (B,H',W') in [0,1], 1 = keep; at the final token grid or any multiple of
                 it (e.g. the image resolution). See ``varlib.models.editing.box_keep_mask``.
-            labels: classes as in :meth:`generate`; ``num_classes`` (null) for unconditional in-/out-painting.
-            cfg, top_k, top_p, more_smooth: as :meth:`generate` (left out: the model's :attr:`sampling`).
+            labels: classes or prompts as in :meth:`generate` (one is used for every image); ``num_classes``
+                (null) for unconditional in-/out-painting.
+            cfg, top_k, top_p, more_smooth, negative: as :meth:`generate` (left out: the model's :attr:`sampling`).
         Returns:
             (B,3,H,W) edited images in [0,1].
         """
@@ -438,8 +480,6 @@ class VAR(AdaLNTransformer):
         if grid.shape[0] not in (1, B):
             raise ValueError(f"keep mask batch {grid.shape[0]} does not match the {B} images")
         keep = [m.expand(B, -1, -1) for m in keep_masks_per_scale(grid, self.patch_nums)]
-        if isinstance(labels, int):
-            labels = [labels] * B
         out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, more_smooth=more_smooth,
-                                   constraint=TokenConstraint(tokens, keep))
+                                   batch_size=B, constraint=TokenConstraint(tokens, keep), negative=negative)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
