@@ -3,7 +3,8 @@
 The DataModule comes from the ``data`` config group and is built at the tokenizer's resolution. Splits are
 read in order, without dropping the last batch, with the centre-crop evaluation transform, or with ``crops``
 random crops per image (the official random-crop augmentation, frozen into ``crops`` draws seeded per shard;
-training then picks one per step); ``with_flip`` adds mirrored twins. Several processes share the work:
+training then picks one per step); ``with_flip`` adds mirrored twins. A captioned dataset (``data.captions=true``)
+has its captions kept beside the tokens. Several processes share the work:
 
     torchrun --nproc-per-node 8 -m varlib.cli.tokenize tokenizer=vae.pth data=imagefolder data.root=... out_dir=...
 
@@ -101,7 +102,7 @@ def run(cfg: DictConfig) -> TokenizeResult:
         with inference_precision(cfg.precision, device):
             result = tokenize_split(vae, units, cfg.out_dir, split, datamodule.num_classes, patch_nums,
                                     with_flip=cfg.with_flip, crops=cfg.crops, seed=cfg.seed, rank=rank,
-                                    world_size=world_size)
+                                    world_size=world_size, captions=getattr(datamodule, "captions", False))
         counts[split], skipped[split] = result["written"], result["skipped"]
         logger.info("%s: %d images tokenised, %d unreadable ones skipped, %d finished shards kept (process %d of %d)",
                     split, result["written"], result["skipped"], result["resumed"], rank, world_size)

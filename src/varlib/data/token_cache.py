@@ -5,9 +5,11 @@ Layout of a cache directory (written by ``varlib-tokenize``, see ``varlib.data.t
     index.json                   {"format", "patch_nums", "vocab_size", "num_classes",
                                   "splits": {split: [shard files]}, "skipped": {split: unreadable images}}
     {split}-{i:05d}.safetensors  tokens (N, L) or (N, C, L) int16/int32, labels (N,) int64 [, tokens_flip]
+                                 [, caption_bytes (UTF-8, uint8), caption_offsets (N+1,) int64]
 
 Each row holds the K token maps of one image concatenated in scale order (the first pn_0^2 entries are
-scale 0, ...). With C random crops per image (``crops``) a training sample picks one crop at random, and
+scale 0, ...). A captioned dataset's shards keep each row's caption (text-to-image training encodes them with
+its text encoder). With C random crops per image (``crops``) a training sample picks one crop at random, and
 with ``with_flip`` the horizontally flipped twin half of the time (the official augmentation-free recipe is
 one centre crop, no flip).
 
@@ -41,7 +43,7 @@ from varlib.data.resumable import (
 FORMAT = "varlib-token-cache/1"
 #: the dataset's class names beside ``index.json`` (written by varlib-tokenize when the dataset has them)
 CLASS_NAMES_FILE = "class_names.json"
-SAFETENSORS_DTYPES = {"I16": np.int16, "I32": np.int32, "I64": np.int64}
+SAFETENSORS_DTYPES = {"U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
 def memmap_safetensors(path: str | os.PathLike) -> dict[str, np.memmap]:
@@ -70,13 +72,15 @@ def memmap_safetensors(path: str | os.PathLike) -> dict[str, np.memmap]:
 
 
 class TokenDataset(Dataset):
-    """Rows of a cache split: ``(tokens (L,) int64, label)``, read lazily from memory-mapped shards.
+    """Rows of a cache split: ``(tokens (L,) int64, label)``, with ``captions`` ``(tokens, label, caption)``, read
+    lazily from memory-mapped shards.
 
     ``train=True`` picks one of the stored crops and, with ``use_flip``, the mirrored twin half of the time;
-    otherwise the first crop, unflipped. ``labels`` (N,) is held in memory; token rows are not.
+    otherwise the first crop, unflipped. ``labels`` (N,) is held in memory; token rows and captions are not.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, use_flip: bool = False, train: bool = False):
+    def __init__(self, root: str | os.PathLike, split: str, use_flip: bool = False, train: bool = False,
+                 captions: bool = False):
         root = Path(root)
         index = read_index(root)
         if split not in index["splits"]:
@@ -88,6 +92,10 @@ class TokenDataset(Dataset):
         shards = [memmap_safetensors(p) for p in self.paths]
         if use_flip and not all("tokens_flip" in s for s in shards):
             raise ValueError(f"token cache {root} split {split!r} was written without flipped twins (with_flip)")
+        if captions and not all("caption_offsets" in s for s in shards):
+            raise ValueError(f"token cache {root} split {split!r} has no captions: expected one written from a "
+                             f"captioned dataset (varlib-tokenize data=emoji data.captions=true)")
+        self.captions = captions
         self.labels = torch.from_numpy(np.concatenate([np.asarray(s["labels"]) for s in shards]))
         self.offsets = np.cumsum([0] + [s["labels"].shape[0] for s in shards]).tolist()
         self.crops = shards[0]["tokens"].shape[1] if shards[0]["tokens"].ndim == 3 else 1
@@ -108,6 +116,15 @@ class TokenDataset(Dataset):
         row = rows[i - self.offsets[shard]]
         return torch.from_numpy(np.array(row[crop] if self.crops > 1 else row))
 
+    def caption(self, i: int) -> str:
+        """The caption of image ``i``."""
+        if self._shards is None:
+            self._shards = [memmap_safetensors(p) for p in self.paths]
+        shard = bisect.bisect_right(self.offsets, i) - 1
+        arrays, j = self._shards[shard], i - self.offsets[shard]
+        begin, end = arrays["caption_offsets"][j: j + 2]
+        return bytes(arrays["caption_bytes"][begin:end]).decode()
+
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} rows")
@@ -116,7 +133,8 @@ class TokenDataset(Dataset):
             generator = sample_generator(i)
             crop = int(torch.randint(self.crops, (), generator=generator))
             flipped = self.use_flip and bool(torch.rand((), generator=generator) < 0.5)
-        return self.row(i, crop, flipped).long(), self.labels[i]
+        item = self.row(i, crop, flipped).long(), self.labels[i]
+        return (*item, self.caption(i)) if self.captions else item
 
 
 class RankBlockSampler(ResumableSampler):
@@ -161,7 +179,8 @@ def read_index(root: str | os.PathLike) -> dict:
 
 
 class TokenCacheDataModule(L.LightningDataModule):
-    """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``.
+    """Batches ``(tokens (B, L) int64, labels (B,))`` from a token cache written by ``varlib-tokenize``; with
+    ``captions``, ``(tokens, labels, captions (B str))`` from a cache of a captioned dataset (text-to-image).
 
     The training order depends only on ``shuffle_seed`` and the epoch, and the train loader's position is saved in
     checkpoints (:class:`~varlib.data.resumable.ResumableLoader`), so a resumed run replays it exactly, mid-epoch too;
@@ -171,13 +190,16 @@ class TokenCacheDataModule(L.LightningDataModule):
 
     def __init__(self, root: str, batch_size: int = 64, num_workers: int = 0, use_flip: bool = False,
                  train_split: str = "train", val_split: str = "val", shuffle_seed: int = 0, block_size: int = 1024,
-                 class_balance: float = 0.0):
+                 class_balance: float = 0.0, captions: bool = False):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.root, self.batch_size, self.num_workers, self.use_flip = root, batch_size, num_workers, use_flip
         self.train_split, self.val_split, self.shuffle_seed = train_split, val_split, shuffle_seed
         self.block_size, self.class_balance = block_size, check_class_balance(class_balance)
+        if not isinstance(captions, bool):
+            raise ValueError(f"captions must be a bool, got {captions!r}")
+        self.captions = captions
         index = read_index(root)
         self.patch_nums = tuple(index["patch_nums"])
         self.num_classes = index["num_classes"]
@@ -189,8 +211,9 @@ class TokenCacheDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
-            self.train_set = TokenDataset(self.root, self.train_split, self.use_flip, train=True)
-            self.val_set = TokenDataset(self.root, self.val_split) if self.has_val else None
+            self.train_set = TokenDataset(self.root, self.train_split, self.use_flip, train=True,
+                                          captions=self.captions)
+            self.val_set = TokenDataset(self.root, self.val_split, captions=self.captions) if self.has_val else None
 
     def train_dataloader(self) -> DataLoader:
         if self.class_balance:

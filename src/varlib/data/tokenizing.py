@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Unit:
-    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,))`` or None
-    (a batch whose images were all unreadable); ``size`` is its image count when known (else None);
+    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,)[, captions])``
+    (captions: B str) or None (a batch whose images were all unreadable); ``size`` is its image count when known (else None);
     ``skip_count()`` reads the split's skip counter, whose growth over the unit is the unit's skipped images."""
 
     index: int
@@ -60,12 +61,14 @@ def units_of_range(count: int, shard_size: int, make_loader: Callable[[range], D
 
 
 def tokenize_to_cache(vae: MultiScaleVQVAE, batches, out_dir: str | os.PathLike, split: str, num_classes: int,
-                      patch_nums: Sequence[int] | None = None, with_flip: bool = False) -> int:
-    """Tokenises an iterable of ``(images, labels)`` batches (e.g. a DataLoader) into one shard of ``split``;
-    returns the number of images. For whole data sets use :func:`tokenize_split` (``varlib-tokenize``)."""
+                      patch_nums: Sequence[int] | None = None, with_flip: bool = False, captions: bool = False) -> int:
+    """Tokenises an iterable of ``(images, labels)`` batches (``(images, labels, captions)`` with ``captions``;
+    e.g. a DataLoader) into one shard of ``split``; returns the number of images. For whole data sets use
+    :func:`tokenize_split` (``varlib-tokenize``)."""
     unit = Unit(0, lambda: batches, None, lambda: 0)
     pns = tuple(vae.patch_nums if patch_nums is None else patch_nums)
-    return tokenize_split(vae, [unit], out_dir, split, num_classes, pns, with_flip=with_flip)["written"]
+    return tokenize_split(vae, [unit], out_dir, split, num_classes, pns, with_flip=with_flip,
+                          captions=captions)["written"]
 
 
 @torch.no_grad()
@@ -76,18 +79,33 @@ def _encode(vae: MultiScaleVQVAE, images: torch.Tensor, patch_nums: Sequence[int
     return tokens.view(*images.shape[:-3], tokens.shape[-1])
 
 
+def encode_captions(captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Captions as shard tensors: ``caption_bytes`` (their UTF-8 bytes concatenated, uint8) and ``caption_offsets``
+    (N+1,) int64, caption i being bytes offsets[i]:offsets[i+1] (safetensors holds no strings)."""
+    encoded = [caption.encode() for caption in captions]
+    offsets = torch.tensor([0, *(len(b) for b in encoded)], dtype=torch.int64).cumsum(0)
+    return {"caption_bytes": torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()),
+            "caption_offsets": offsets}
+
+
 def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: int, signature: dict,
                 progress: tqdm) -> tuple[int, int]:
     """Tokenises one unit into ``path`` (atomically); returns (images written, images skipped)."""
     device = next(vae.parameters()).device
     dtype = torch.int16 if vae.vocab_size <= 2**15 else torch.int32
     parts = {"tokens": [], "labels": [], "tokens_flip": []}
+    captions = []
     skipped_before = unit.skip_count()
     torch.manual_seed(seed + unit.index)  # random crops (and DataLoader worker seeds) depend only on the unit
     for batch in unit.make_loader():
         if batch is None:
             continue
-        images, labels = batch
+        if len(batch) != 2 + signature["captions"]:
+            raise ValueError(f"expected batches of (images, labels{', captions' if signature['captions'] else ''}), "
+                             f"got {len(batch)} entries")
+        images, labels, *batch_captions = batch
+        if batch_captions:
+            captions.extend(batch_captions[0])
         images = images.to(device)
         parts["tokens"].append(_encode(vae, images, patch_nums, dtype))
         if with_flip:
@@ -101,6 +119,8 @@ def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: 
              "labels": torch.cat(parts["labels"]) if parts["labels"] else torch.zeros(0, dtype=torch.long)}
     if with_flip:
         shard["tokens_flip"] = torch.cat(parts["tokens_flip"]) if parts["tokens_flip"] else empty
+    if signature["captions"]:
+        shard.update(encode_captions(captions))
     # one metadata entry: safetensors writes several in no fixed order, and a resumed run must write the same bytes
     metadata = {"varlib": json.dumps({**signature, "unit": unit.index, "skipped": skipped}, sort_keys=True)}
     partial = path.with_name(path.name + ".partial")
@@ -121,8 +141,10 @@ def tokenize_split(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    captions: bool = False,
 ) -> dict[str, int]:
     """Tokenises this process's share of ``units`` into ``out_dir``; finished shards are kept, not redone.
+    With ``captions`` the units' batches carry captions, which the shards keep (:func:`encode_captions`).
 
     Returns ``{"written", "skipped", "resumed"}`` for this process (``resumed``: finished shards found). Raises
     ValueError when ``out_dir`` holds shards written with other settings (schedule, tokenizer size, crops, ...).
@@ -133,7 +155,7 @@ def tokenize_split(
     out.mkdir(parents=True, exist_ok=True)
     signature = {"format": FORMAT, "split": split, "units": len(units), "patch_nums": list(patch_nums),
                  "vocab_size": vae.vocab_size, "num_classes": num_classes, "with_flip": with_flip, "crops": crops,
-                 "seed": seed}
+                 "seed": seed, "captions": captions}
     mine = [unit for unit in units if unit.index % world_size == rank]
     todo = []
     for unit in mine:
@@ -141,7 +163,8 @@ def tokenize_split(
         if not path.is_file():
             todo.append(unit)
             continue
-        found = {k: v for k, v in read_shard_metadata(path).items() if k in signature}
+        # shards written before captions existed have none
+        found = {k: v for k, v in {"captions": False, **read_shard_metadata(path)}.items() if k in signature}
         if found != signature:
             raise ValueError(f"{path} was written by another tokenisation run ({found}); this run writes "
                              f"{signature}: choose another out_dir")

@@ -1,0 +1,106 @@
+"""Training a text-conditional VAR through the normal pipeline (issue 26): captioned data (the emoji with their names,
+token caches that keep each row's caption), VARModule on captions, and ``varlib-train experiment=t2i_emoji``
+end to end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from varlib.data.emoji import EmojiDataModule, emoji_caption
+from varlib.data.token_cache import TokenCacheDataModule
+from varlib.data.tokenizing import tokenize_split, tokenize_to_cache
+from varlib.data.transforms import ImageTransform
+from varlib.models.vqvae import MultiScaleVQVAE
+
+CAPTIONS = ["red heart", "cat face with wry smile", "", "café ü", "a", "blue circle", "star", "smiling face"]
+
+
+def tiny_vae() -> MultiScaleVQVAE:
+    torch.manual_seed(0)
+    return MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def captioned_cache(tmp_path_factory) -> Path:
+    """An 8-image train / 4-image val cache with captions (UTF-8 and an empty one among them)."""
+    root = tmp_path_factory.mktemp("captioned")
+    vae = tiny_vae()
+    torch.manual_seed(1)
+    images, labels = torch.rand(8, 3, 64, 64) * 2 - 1, torch.arange(8) % 3
+    batches = [(images[:4], labels[:4], CAPTIONS[:4]), (images[4:], labels[4:], CAPTIONS[4:])]
+    tokenize_to_cache(vae, batches, root, "train", num_classes=3, captions=True)
+    tokenize_to_cache(vae, batches[:1], root, "val", num_classes=3, captions=True)
+    return root
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+
+
+def test_token_cache_keeps_each_rows_caption_and_label(captioned_cache):
+    data = TokenCacheDataModule(str(captioned_cache), batch_size=4, captions=True)
+    data.setup()
+    rows = [data.train_set[i] for i in range(8)]
+    assert [caption for _, _, caption in rows] == CAPTIONS
+    assert [int(label) for _, label, _ in rows] == [i % 3 for i in range(8)]
+    tokens, labels, captions = next(iter(data.val_dataloader()))
+    assert tokens.shape == (4, 30) and list(captions) == CAPTIONS[:4] and labels.tolist() == [0, 1, 2, 0]
+    # without the flag the batches are the class model's (tokens, labels)
+    plain = TokenCacheDataModule(str(captioned_cache), batch_size=4)
+    plain.setup()
+    assert len(next(iter(plain.train_dataloader()))) == 2
+
+
+@pytest.mark.parametrize("class_balance", [0.0, 1.0])
+def test_resumed_captioned_loader_continues_with_the_same_rows(captioned_cache, class_balance):
+    def loader():
+        data = TokenCacheDataModule(str(captioned_cache), batch_size=2, captions=True, class_balance=class_balance,
+                                    block_size=2, shuffle_seed=3)
+        data.setup()
+        return data.train_dataloader()
+
+    whole = loader()
+    batches = list(whole)
+    first = loader()
+    iterator = iter(first)
+    next(iterator)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    for want, got in zip(batches[1:], resumed, strict=True):
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_caption_cache_errors_name_what_was_expected(captioned_cache, tmp_path):
+    vae = tiny_vae()
+    images, labels = torch.rand(2, 3, 64, 64) * 2 - 1, torch.zeros(2, dtype=torch.long)
+    tokenize_to_cache(vae, [(images, labels)], tmp_path / "plain", "train", num_classes=1)
+    with pytest.raises(ValueError, match="has no captions: expected one written from a captioned dataset"):
+        TokenCacheDataModule(str(tmp_path / "plain"), captions=True).setup()
+    with pytest.raises(ValueError, match=r"expected batches of \(images, labels, captions\), got 2 entries"):
+        tokenize_to_cache(vae, [(images, labels)], tmp_path / "other", "train", num_classes=1, captions=True)
+    with pytest.raises(ValueError, match="written by another tokenisation run"):  # a resumed run keeps its setting
+        tokenize_to_cache(vae, [(images, labels, ["a", "b"])], tmp_path / "plain", "train", num_classes=1,
+                          captions=True)
+
+
+def test_captioned_emoji_batches_and_their_cache_keep_name_and_category(tmp_path):
+    data = EmojiDataModule(batch_size=4, image_size=64, captions=True, class_balance=1.0)
+    data.setup()
+    image, label, caption = data.train_set[0]
+    row = data.train_set.indices[0]
+    assert image.shape == (3, 64, 64) and caption == emoji_caption(Path(data.file_names[row]).stem)
+    assert int(label) == int(data.train_set.labels[0])
+    _, labels, captions = next(iter(data.train_dataloader()))
+    assert len(captions) == 4 and all(isinstance(c, str) and c for c in captions) and labels.shape == (4,)
+    # varlib-tokenize's path: the val split in order, each row keeping its emoji's name and category
+    units = data.tokenizing_units("val", ImageTransform(64, train=False), shard_size=64)
+    tokenize_split(tiny_vae(), units, tmp_path, "val", data.num_classes, (1, 2, 3, 4), captions=True)
+    cached = TokenCacheDataModule(str(tmp_path), val_split="val", train_split="val", captions=True)
+    cached.setup()
+    val_rows = data.val_set.indices
+    assert len(cached.val_set) == len(val_rows) > 100
+    for i in (0, len(val_rows) // 2, len(val_rows) - 1):
+        _, label, caption = cached.val_set[i]
+        assert caption == emoji_caption(Path(data.file_names[val_rows[i]]).stem)
+        assert int(label) == int(data.val_set.labels[i])
