@@ -4,16 +4,24 @@ end to end."""
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from PIL import Image
 
+import varlib
 from varlib.data.emoji import EmojiDataModule, emoji_caption
 from varlib.data.token_cache import TokenCacheDataModule
 from varlib.data.tokenizing import tokenize_split, tokenize_to_cache
 from varlib.data.transforms import ImageTransform
+from varlib.models.conditioning import TextConditioning
 from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.training.var_module import VARModule
 
 CAPTIONS = ["red heart", "cat face with wry smile", "", "café ü", "a", "blue circle", "star", "smiling face"]
+TEXT = dict(type="text", encoder=dict(_target_="varlib.models.text.SmallTextEncoder", width=32, depth=1, num_heads=2,
+                                      max_length=32))
+TINY_TEXT_VAR = dict(depth=2, num_classes=0, width=64, num_heads=2, conditioning=TEXT)
 
 
 def tiny_vae() -> MultiScaleVQVAE:
@@ -104,3 +112,59 @@ def test_captioned_emoji_batches_and_their_cache_keep_name_and_category(tmp_path
         _, label, caption = cached.val_set[i]
         assert caption == emoji_caption(Path(data.file_names[val_rows[i]]).stem)
         assert int(label) == int(data.val_set.labels[i])
+
+
+# -- VARModule on captions ------------------------------------------------------------------------------------------
+
+
+def trainer(tmp_path, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def test_text_var_module_trains_on_captions_and_shows_the_grid_prompts(captioned_cache, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    prompts = ["red heart", "pizza", "blue circle"]
+    module = VARModule(var=TINY_TEXT_VAR, vae=tiny_vae(), optim=dict(lr=1e-2), grid_prompts=prompts, grid_per_class=2)
+    assert module.text_conditional and isinstance(module.var.conditioning, TextConditioning)
+    encoder = module.var.conditioning.encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    data = TokenCacheDataModule(str(captioned_cache), batch_size=4, captions=True, class_balance=1.0)
+    fit = trainer(tmp_path, 4, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0,
+                  logger=CSVLogger(tmp_path, name="csv", version=""))
+    fit.fit(module, datamodule=data)
+    assert any(not torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # the encoder trains too
+    grids = sorted((tmp_path / "csv" / "images" / "val_samples").glob("*.png"))
+    assert len(grids) == 2  # one per validation: the prompts in columns, grid_per_class rows, 64 px, 2 px padding
+    assert Image.open(grids[-1]).size == (3 * 66 + 2, 2 * 66 + 2)
+    assert module.var.class_names is None  # the data's categories do not name a text model's (absent) classes
+
+    module.export(tmp_path / "t2i.safetensors")
+    loaded = varlib.load(tmp_path / "t2i.safetensors")
+    for key, tensor in module.var.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    images = loaded.generate(prompts, seed=0, cfg=1.0)
+    assert torch.equal(images, module.var.generate(prompts, seed=0, cfg=1.0))
+
+
+def test_text_and_class_settings_that_do_not_fit_fail_before_training(captioned_cache, tmp_path):
+    plain = TokenCacheDataModule(str(captioned_cache), batch_size=4)
+    module = VARModule(var=TINY_TEXT_VAR, vae=tiny_vae())
+    with pytest.raises(ValueError, match="expected data.captions=true, got false"):
+        trainer(tmp_path, 1, logger=False).fit(module, datamodule=plain)
+    plain.setup()
+    batch = next(iter(plain.train_dataloader()))
+    with pytest.raises(ValueError, match="got batches without captions: set data.captions=true"):
+        module.tokens_and_input(batch)
+    with pytest.raises(ValueError, match="grid_prompts are for a text-conditional model"):
+        VARModule(var=dict(TINY_TEXT_VAR, num_classes=3, conditioning=None), vae=tiny_vae(), grid_prompts=["a"])
+    with pytest.raises(ValueError, match="grid_prompts must be a list of non-empty prompts"):
+        VARModule(var=TINY_TEXT_VAR, vae=tiny_vae(), grid_prompts=["a", ""])
+    # a class model trains on a captioned cache's labels, the captions unused
+    class_module = VARModule(var=dict(TINY_TEXT_VAR, num_classes=3, conditioning=None), vae=tiny_vae())
+    captioned = TokenCacheDataModule(str(captioned_cache), batch_size=4, captions=True)
+    captioned.setup()
+    labels, _, _ = class_module.tokens_and_input(next(iter(captioned.train_dataloader())))
+    assert labels.dtype == torch.long and labels.shape == (4,)
+
