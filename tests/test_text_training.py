@@ -2,6 +2,10 @@
 token caches that keep each row's caption), VARModule on captions, and ``varlib-train experiment=t2i_emoji``
 end to end."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -168,3 +172,45 @@ def test_text_and_class_settings_that_do_not_fit_fail_before_training(captioned_
     labels, _, _ = class_module.tokens_and_input(next(iter(captioned.train_dataloader())))
     assert labels.dtype == torch.long and labels.shape == (4,)
 
+
+# -- varlib-train experiment=t2i_emoji -------------------------------------------------------------------------------
+
+
+def train(tmp: Path, out: str, *extra: str) -> dict:
+    """A tiny text VAR on the tiny captioned cache through ``varlib-train``; returns its final val metrics."""
+    overrides = [
+        "experiment=t2i_emoji", f"paths.output_dir={tmp / out}", f"data.root={tmp / 'cache'}",
+        f"model.tokenizer_path={tmp / 'tok.safetensors'}", "data.batch_size=4", "model.var.depth=2",
+        "model.var.width=64", "model.var.conditioning.encoder.width=32", "model.var.conditioning.encoder.depth=1",
+        "trainer.val_check_interval=10", "trainer.num_sanity_val_steps=0", "logger=csv",
+        "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", *extra,
+    ]
+    run = subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp, env=dict(os.environ),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((tmp / out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_varlib_train_t2i_emoji_lowers_the_held_out_loss_and_exports_a_text_var(tmp_path):
+    vae = tiny_vae()
+    varlib.save_tokenizer(vae, tmp_path / "tok.safetensors")
+    torch.manual_seed(1)
+    images, labels = torch.rand(24, 3, 64, 64) * 2 - 1, torch.arange(24) % 3
+    captions = [f"{colour} {shape}" for colour in ("red", "blue", "green") for shape in
+                ("heart", "circle", "square", "star", "moon", "tree", "cat", "dog")]
+    batches = [(images[i:i + 8], labels[i:i + 8], captions[i:i + 8]) for i in range(0, 24, 8)]
+    tokenize_to_cache(vae, batches[:2], tmp_path / "cache", "train", num_classes=3, captions=True)
+    tokenize_to_cache(vae, batches[2:], tmp_path / "cache", "val", num_classes=3, captions=True)  # held out
+
+    untrained = train(tmp_path, "untrained", "trainer.max_steps=0")["val/loss_avg"]
+    trained = train(tmp_path, "trained", "trainer.max_steps=20")["val/loss_avg"]
+    assert untrained == pytest.approx(torch.log(torch.tensor(32.0)).item(), abs=0.1)  # near-uniform at init
+    assert trained < untrained - 0.5
+
+    model = varlib.load(tmp_path / "trained" / "model.safetensors")
+    assert isinstance(model.conditioning, TextConditioning) and model.num_classes == 0
+    assert model.conditioning.context_dim == 32  # the config's encoder, with cross-attention
+    images = model.generate(["red heart", "blue moon", "pizza"], seed=0)  # the file's sampling settings (cfg 2)
+    assert images.shape == (3, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert len(list((tmp_path / "trained" / "csv" / "images" / "val_samples").glob("*.png"))) == 2
