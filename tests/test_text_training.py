@@ -9,16 +9,19 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import varlib
+from varlib.configs import compose_config
 from varlib.data.emoji import EmojiDataModule, emoji_caption
 from varlib.data.token_cache import TokenCacheDataModule
 from varlib.data.tokenizing import tokenize_split, tokenize_to_cache
 from varlib.data.transforms import ImageTransform
 from varlib.models.conditioning import TextConditioning
+from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.var_module import VARModule
 
@@ -214,3 +217,57 @@ def test_varlib_train_t2i_emoji_lowers_the_held_out_loss_and_exports_a_text_var(
     images = model.generate(["red heart", "blue moon", "pizza"], seed=0)  # the file's sampling settings (cfg 2)
     assert images.shape == (3, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
     assert len(list((tmp_path / "trained" / "csv" / "images" / "val_samples").glob("*.png"))) == 2
+
+
+# -- varlib-sample prompts=[...] ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_var_file(tmp_path_factory) -> Path:
+    torch.manual_seed(2)
+    var = varlib.VAR(tiny_vae(), **TINY_TEXT_VAR)
+    with torch.no_grad():  # open gates, so the token features (and a negative prompt) reach the logits
+        for block in var.blocks:
+            block.cross_gate.fill_(1.0)
+    var.sampling = SamplingConfig(cfg=2.0, top_k=8, top_p=0.9)
+    path = tmp_path_factory.mktemp("t2i") / "t2i.safetensors"
+    varlib.save_var(var, path)
+    return path
+
+
+def test_varlib_sample_draws_per_class_images_of_each_prompt(text_var_file, tmp_path):
+    from varlib.cli import sample
+
+    prompts = ["red heart", "cat face", "pizza"]
+    overrides = [f"checkpoint={text_var_file}", "prompts=[red heart, cat face, pizza]", "per_class=2", "batch_size=4",
+                 "seed=5", "device=cpu"]
+    result = sample.run(compose_config("sample", [*overrides, f"out_dir={tmp_path / 'a'}"]))
+    assert result.prompts == [p for p in prompts for _ in range(2)] and result.labels == []
+    assert [p.name for p in result.image_paths] == [f"{i:05d}_prompt{i // 2}.png" for i in range(6)]
+    assert Image.open(result.grid_path).size == (2 * 66 + 2, 3 * 66 + 2)  # a row per prompt, 64 px, 2 px padding
+    # batch i of the prompt rows with seed + i and the file's sampling settings
+    var = varlib.load(text_var_file)
+    want = torch.cat([var.generate(result.prompts[:4], seed=5), var.generate(result.prompts[4:], seed=6)])
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in result.image_paths])
+    assert torch.equal(got, (want * 255).round().to(torch.uint8))
+    negative = sample.run(compose_config("sample", [*overrides, "negative=blue heart", f"out_dir={tmp_path / 'b'}"]))
+    steered = torch.cat([var.generate(result.prompts[:4], seed=5, negative="blue heart"),
+                         var.generate(result.prompts[4:], seed=6, negative="blue heart")])
+    assert not torch.equal(steered, want)
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in negative.image_paths])
+    assert torch.equal(got, (steered * 255).round().to(torch.uint8))
+
+
+def test_varlib_sample_refuses_labels_for_text_and_prompts_for_class_models(text_var_file, tmp_path):
+    from varlib.cli import sample
+
+    base = [f"checkpoint={text_var_file}", "device=cpu", f"out_dir={tmp_path}"]
+    with pytest.raises(ValueError, match="a text-conditional model samples prompts"):
+        sample.run(compose_config("sample", base))
+    with pytest.raises(ValueError, match="takes prompts, not labels"):
+        sample.run(compose_config("sample", [*base, "prompts=[a]", "labels=[0]"]))
+    class_var = varlib.VAR(tiny_vae(), **dict(TINY_TEXT_VAR, num_classes=3, conditioning=None))
+    varlib.save_var(class_var, tmp_path / "class.safetensors")
+    with pytest.raises(ValueError, match="prompts and negative are for a text-conditional model"):
+        sample.run(compose_config("sample", [f"checkpoint={tmp_path / 'class.safetensors'}", "device=cpu",
+                                             "prompts=[red heart]", f"out_dir={tmp_path}"]))
