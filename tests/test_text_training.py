@@ -176,6 +176,16 @@ def test_text_and_class_settings_that_do_not_fit_fail_before_training(captioned_
     assert labels.dtype == torch.long and labels.shape == (4,)
 
 
+def test_the_class_sampling_fid_callback_is_disabled_for_a_text_model(tmp_path):
+    from varlib.evaluation.generation_callback import GenerationMetricsCallback
+
+    callback = GenerationMetricsCallback(extractor=torch.nn.Identity(), reference=str(tmp_path / "none.npz"),
+                                         num_classes=3, num_per_class=4, num_is_splits=2)
+    with pytest.warns(UserWarning, match="trains a text-conditional model; this callback samples classes 0..2"):
+        assert not callback._prepare(VARModule(var=TINY_TEXT_VAR, vae=tiny_vae()))
+    assert "text-conditional" in callback.disabled_reason
+
+
 # -- varlib-train experiment=t2i_emoji -------------------------------------------------------------------------------
 
 
