@@ -17,11 +17,12 @@ from PIL import Image
 import varlib
 from varlib.configs import compose_config
 from varlib.data.emoji import EmojiDataModule, emoji_caption
-from varlib.data.token_cache import TokenCacheDataModule
-from varlib.data.tokenizing import tokenize_split, tokenize_to_cache
+from varlib.data.token_cache import TokenCacheDataModule, TokenDataset
+from varlib.data.tokenizing import tokenize_split, tokenize_to_cache, write_text_encoder
 from varlib.data.transforms import ImageTransform
 from varlib.models.conditioning import TextConditioning
 from varlib.models.sampling import SamplingConfig
+from varlib.models.text import HFTextEncoder, SmallTextEncoder, TextFeatures, build_text_encoder
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.var_module import VARModule
 
@@ -184,6 +185,104 @@ def test_the_class_sampling_fid_callback_is_disabled_for_a_text_model(tmp_path):
     with pytest.warns(UserWarning, match="trains a text-conditional model; this callback samples classes 0..2"):
         assert not callback._prepare(VARModule(var=TINY_TEXT_VAR, vae=tiny_vae()))
     assert "text-conditional" in callback.disabled_reason
+
+
+# -- precomputed features of a frozen encoder -------------------------------------------------------------------------
+
+CLIP = dict(model_type="clip_text_model", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, vocab_size=300, max_position_embeddings=40)
+CLIP_ENCODER = dict(_target_="varlib.models.text.HFTextEncoder", config=CLIP, max_length=40)
+
+
+def clip_encoder(seed: int) -> HFTextEncoder:
+    torch.manual_seed(seed)
+    return build_text_encoder(CLIP_ENCODER)
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory) -> Path:
+    """The captioned cache's images and captions with the features of a random frozen CLIP text model."""
+    root = tmp_path_factory.mktemp("features")
+    vae, encoder = tiny_vae(), clip_encoder(seed=3)
+    torch.manual_seed(1)
+    images, labels = torch.rand(8, 3, 64, 64) * 2 - 1, torch.arange(8) % 3
+    batches = [(images[:4], labels[:4], CAPTIONS[:4]), (images[4:], labels[4:], CAPTIONS[4:])]
+    tokenize_to_cache(vae, batches, root, "train", num_classes=3, captions=True, text_encoder=encoder)
+    tokenize_to_cache(vae, batches[:1], root, "val", num_classes=3, captions=True, text_encoder=encoder)
+    write_text_encoder(root, encoder)
+    return root
+
+
+def test_cached_text_features_are_the_frozen_encoders_and_train_like_the_captions(feature_cache, tmp_path):
+    data = TokenCacheDataModule(str(feature_cache), batch_size=4, captions=True, text_features=True)
+    data.setup()
+    encoder = clip_encoder(seed=3)
+    want = encoder.encode(CAPTIONS)  # padded to the longest of all 8; the shards to their own longest, then the split's
+    rows = [data.train_set[i] for i in range(8)]
+    assert [caption for _, _, caption, _ in rows] == CAPTIONS
+    for i, (_, _, _, features) in enumerate(rows):
+        length = int(want.mask_BT[i].sum())
+        assert features["mask"].sum() == length and features["mask"][:length].all()
+        torch.testing.assert_close(features["tokens"][:length], want.tokens_BTD[i, :length], rtol=0, atol=1e-6)
+        torch.testing.assert_close(features["pooled"], want.pooled_BD[i], rtol=0, atol=1e-6)
+    # a model whose frozen encoder is configured alike takes the cache's weights (its own random ones differ)
+    var = dict(TINY_TEXT_VAR, conditioning=dict(type="text", encoder=CLIP_ENCODER))
+    torch.manual_seed(4)
+    module = VARModule(var=var, vae=tiny_vae(), optim=dict(lr=1e-2), ema_decay=0.5)
+    trainer(tmp_path, 2, logger=False, limit_val_batches=1, num_sanity_val_steps=0).fit(module, datamodule=data)
+    model_encoder = module.var.conditioning.encoder
+    for key, tensor in encoder.state_dict().items():
+        assert torch.equal(model_encoder.state_dict()[key], tensor), key
+    # the cached features condition the model as its encoder's own features of the captions do
+    batch = next(iter(data.val_dataloader()))
+    module.var.eval()
+    features, targets_BL, x_BLCv = module.tokens_and_input(batch)
+    assert isinstance(features, TextFeatures)
+    with torch.no_grad():
+        from_cache, from_captions = module.var(features, x_BLCv), module.var(list(batch[2]), x_BLCv)
+    torch.testing.assert_close(from_cache, from_captions, rtol=1e-5, atol=1e-5)
+    module.export(tmp_path / "t2i.safetensors")  # prompts at sampling go through the cache's encoder
+    exported = varlib.load(tmp_path / "t2i.safetensors").conditioning.encoder.state_dict()
+    for key, tensor in encoder.state_dict().items():
+        assert torch.equal(exported[key], tensor), key
+
+
+def test_text_feature_settings_that_do_not_fit_fail_with_what_was_expected(feature_cache, captioned_cache, tmp_path):
+    images, labels = torch.rand(2, 3, 64, 64) * 2 - 1, torch.zeros(2, dtype=torch.long)
+    trainable = SmallTextEncoder(width=16, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="need captions=True and a frozen text encoder"):
+        tokenize_to_cache(tiny_vae(), [(images, labels, ["a", "b"])], tmp_path / "c", "train", 1, captions=True,
+                          text_encoder=trainable)
+    with pytest.raises(ValueError, match="text_features=true expects the encoder that computed them"):
+        TokenCacheDataModule(str(captioned_cache), captions=True, text_features=True)
+    with pytest.raises(ValueError, match="expected captions=True and shards with text_"):
+        TokenDataset(feature_cache, "train", text_features=True)
+    data = TokenCacheDataModule(str(feature_cache), batch_size=4, captions=True, text_features=True)
+    other = dict(CLIP_ENCODER, max_length=20)
+    module = VARModule(var=dict(TINY_TEXT_VAR, conditioning=dict(type="text", encoder=other)), vae=tiny_vae())
+    with pytest.raises(ValueError, match="expected model.var.conditioning.encoder alike"):
+        trainer(tmp_path, 1, logger=False).fit(module, datamodule=data)
+
+
+def test_varlib_tokenize_writes_the_emoji_captions_with_their_features(tmp_path):
+    from varlib.cli import tokenize
+
+    varlib.save_tokenizer(tiny_vae(), tmp_path / "tok.safetensors")
+    clip = ", ".join(f"{k}: {v}" for k, v in CLIP.items())
+    config = compose_config("tokenize", [
+        f"tokenizer={tmp_path / 'tok.safetensors'}", "data.captions=true", "splits=[val]", "device=cpu",
+        f"out_dir={tmp_path / 'cache'}", "seed=3",
+        f"text_encoder={{_target_: varlib.models.text.HFTextEncoder, config: {{{clip}}}, max_length: 40}}"])
+    tokenize.run(config)
+    data = TokenCacheDataModule(str(tmp_path / "cache"), captions=True, text_features=True, train_split="val")
+    data.setup()
+    _, _, caption, features = data.val_set[5]
+    want = clip_encoder(seed=3).encode([caption])  # the command draws a config-only encoder with its seed
+    length = int(want.mask_BT.sum())
+    torch.testing.assert_close(features["tokens"][:length], want.tokens_BTD[0], rtol=0, atol=1e-6)
+    emoji = EmojiDataModule(captions=True)
+    emoji.setup()
+    assert caption == emoji.val_set[5][2]
 
 
 # -- varlib-train experiment=t2i_emoji -------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from safetensors.torch import load_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from varlib.data.token_cache import read_text_encoder_config
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import load_tokenizer, pop_ema_tensors
@@ -36,6 +38,7 @@ from varlib.models.hub import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.models.sampling import SamplingConfig
 from varlib.models.conditioning import TextConditioning
+from varlib.models.text import TextFeatures
 from varlib.models.transformer import AdaLNTransformer
 from varlib.models.transfer import lora_scaling, merge_lora_state
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -161,15 +164,31 @@ class TokenTransformerModule(L.LightningModule):
         """Whether the transformer is conditioned on text (it then trains on captions, not labels)."""
         return isinstance(self.transformer.conditioning, TextConditioning)
 
-    def batch_condition(self, labels: torch.Tensor, captions: list) -> torch.Tensor | list[str]:
-        """What the transformer is conditioned on for a batch's labels and its captions (``[]``, or one entry: the
-        B captions): a text model's captions, a class model's labels (int64)."""
+    def batch_condition(self, labels: torch.Tensor, text: list) -> torch.Tensor | list[str] | TextFeatures:
+        """What the transformer is conditioned on, from a batch's labels and what follows them (``text``: nothing,
+        the B captions, or the captions and their precomputed features): a class model's labels (int64), a text
+        model's caption features when the batch has them, else its captions (encoded by the model)."""
         if not self.text_conditional:
             return labels.long()
-        if not captions:
+        if not text:
             raise ValueError("a text-conditional VAR trains on captioned batches (tokens or images, labels, "
                              "captions), got batches without captions: set data.captions=true")
-        return list(captions[0])
+        if len(text) == 2:
+            features = text[1]
+            return TextFeatures(features["tokens"], features["mask"], features["pooled"])
+        return list(text[0])
+
+    def take_text_encoder(self, path: Path) -> None:
+        """Training on precomputed text features: the model's frozen encoder must be configured as the one that
+        computed them (saved at ``path``) and takes its weights, so that prompts are encoded as the captions were."""
+        encoder = self.transformer.conditioning.encoder
+        cached, mine = read_text_encoder_config(path), json.loads(json.dumps(encoder.config))
+        if not encoder.frozen or cached != mine:
+            raise ValueError(f"the token cache's text features come from the frozen encoder {cached} ({path}); "
+                             f"expected model.var.conditioning.encoder alike, got {mine} (frozen={encoder.frozen})")
+        load_model(encoder, str(path))
+        if self.ema is not None:  # its copy of the encoder must hold these weights too
+            self.ema = ModelEMA(self.transformer, self.ema.decay)
 
     def build_transformer(self) -> AdaLNTransformer:
         """A new transformer from the module's hyperparameters (the sharded model's plain copy uses it too)."""
@@ -251,6 +270,8 @@ class TokenTransformerModule(L.LightningModule):
         if self.text_conditional:  # the data's classes only score a text model's samples
             if getattr(data, "captions", None) is False:
                 raise ValueError("a text-conditional VAR trains on captions: expected data.captions=true, got false")
+            if getattr(data, "text_encoder_path", None) is not None:
+                self.take_text_encoder(data.text_encoder_path)
             return
         num_classes = getattr(data, "num_classes", None)
         if num_classes is not None and num_classes > self.transformer.num_classes:
