@@ -12,9 +12,9 @@ Layout of a cache directory (written by ``varlib-tokenize``, see ``varlib.data.t
 Each row holds the K token maps of one image concatenated in scale order (the first pn_0^2 entries are
 scale 0, ...). A captioned dataset's shards keep each row's caption (text-to-image training encodes them with
 its text encoder), and with a frozen text encoder their features (training then does not run it; the model's
-encoder takes the cache's weights, ``text_encoder.safetensors``). With C random crops per image (``crops``) a training sample picks one crop at random, and
-with ``with_flip`` the horizontally flipped twin half of the time (the official augmentation-free recipe is
-one centre crop, no flip).
+encoder takes the cache's weights, ``text_encoder.safetensors``). With C random crops per image (``crops``) a
+training sample picks one crop at random, and with ``with_flip`` the horizontally flipped twin half of the time
+(the official augmentation-free recipe is one centre crop, no flip).
 
 Shards are memory-mapped, never loaded whole: a process holds the labels (8 bytes per image) and touches
 only the token rows it reads. :class:`RankBlockSampler` gives each rank contiguous blocks of rows, so a

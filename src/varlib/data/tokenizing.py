@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Unit:
     """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,)[, captions])``
-    (captions: B str) or None (a batch whose images were all unreadable); ``size`` is its image count when known (else None);
+    (captions: B str) or None (a batch whose images were all unreadable); ``size`` is its image count when known
+    (else None);
     ``skip_count()`` reads the split's skip counter, whose growth over the unit is the unit's skipped images."""
 
     index: int
