@@ -2,6 +2,7 @@
 token caches that keep each row's caption), VARModule on captions, and ``varlib-train experiment=t2i_emoji``
 end to end."""
 
+import csv
 import json
 import os
 import subprocess
@@ -288,44 +289,82 @@ def test_varlib_tokenize_writes_the_emoji_captions_with_their_features(tmp_path)
 # -- varlib-train experiment=t2i_emoji -------------------------------------------------------------------------------
 
 
-def train(tmp: Path, out: str, *extra: str) -> dict:
-    """A tiny text VAR on the tiny captioned cache through ``varlib-train``; returns its final val metrics."""
+def run_train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    """``varlib-train experiment=t2i_emoji``: a tiny text VAR on the tiny captioned cache of ``t2i_cache``."""
     overrides = [
         "experiment=t2i_emoji", f"paths.output_dir={tmp / out}", f"data.root={tmp / 'cache'}",
         f"model.tokenizer_path={tmp / 'tok.safetensors'}", "data.batch_size=4", "model.var.depth=2",
         "model.var.width=64", "model.var.conditioning.encoder.width=32", "model.var.conditioning.encoder.depth=1",
-        "trainer.val_check_interval=10", "trainer.num_sanity_val_steps=0", "logger=csv",
-        "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", *extra,
+        "trainer.num_sanity_val_steps=0", "logger=csv", "trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null", *extra,
     ]
-    run = subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp, env=dict(os.environ),
-                         capture_output=True, text=True, timeout=600)
+    # tests/ for the helper callbacks, after whatever PYTHONPATH selects the varlib under test
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).parent)]))
+    return subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp,
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600)
+
+
+def train(tmp: Path, out: str, *extra: str) -> dict:
+    """:func:`run_train` to its end; returns the final val metrics."""
+    run = run_train(tmp, out, *extra)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((tmp / out / "metrics.json").read_text())
 
 
-@pytest.mark.slow
-def test_varlib_train_t2i_emoji_lowers_the_held_out_loss_and_exports_a_text_var(tmp_path):
+@pytest.fixture(scope="module")
+def t2i_cache(tmp_path_factory) -> Path:
+    """A tokenizer and a cache of 16 train / 8 held-out val images captioned "<colour> <thing>"."""
+    tmp = tmp_path_factory.mktemp("t2i_train")
     vae = tiny_vae()
-    varlib.save_tokenizer(vae, tmp_path / "tok.safetensors")
+    varlib.save_tokenizer(vae, tmp / "tok.safetensors")
     torch.manual_seed(1)
     images, labels = torch.rand(24, 3, 64, 64) * 2 - 1, torch.arange(24) % 3
     captions = [f"{colour} {shape}" for colour in ("red", "blue", "green") for shape in
                 ("heart", "circle", "square", "star", "moon", "tree", "cat", "dog")]
     batches = [(images[i:i + 8], labels[i:i + 8], captions[i:i + 8]) for i in range(0, 24, 8)]
-    tokenize_to_cache(vae, batches[:2], tmp_path / "cache", "train", num_classes=3, captions=True)
-    tokenize_to_cache(vae, batches[2:], tmp_path / "cache", "val", num_classes=3, captions=True)  # held out
+    tokenize_to_cache(vae, batches[:2], tmp / "cache", "train", num_classes=3, captions=True)
+    tokenize_to_cache(vae, batches[2:], tmp / "cache", "val", num_classes=3, captions=True)  # held out
+    return tmp
 
-    untrained = train(tmp_path, "untrained", "trainer.max_steps=0")["val/loss_avg"]
-    trained = train(tmp_path, "trained", "trainer.max_steps=20")["val/loss_avg"]
+
+@pytest.mark.slow
+def test_varlib_train_t2i_emoji_lowers_the_held_out_loss_and_exports_a_text_var(t2i_cache):
+    untrained = train(t2i_cache, "untrained", "trainer.max_steps=0")["val/loss_avg"]
+    trained = train(t2i_cache, "trained", "trainer.max_steps=20", "trainer.val_check_interval=10")["val/loss_avg"]
     assert untrained == pytest.approx(torch.log(torch.tensor(32.0)).item(), abs=0.1)  # near-uniform at init
     assert trained < untrained - 0.5
 
-    model = varlib.load(tmp_path / "trained" / "model.safetensors")
+    model = varlib.load(t2i_cache / "trained" / "model.safetensors")
     assert isinstance(model.conditioning, TextConditioning) and model.num_classes == 0
     assert model.conditioning.context_dim == 32  # the config's encoder, with cross-attention
     images = model.generate(["red heart", "blue moon", "pizza"], seed=0)  # the file's sampling settings (cfg 2)
     assert images.shape == (3, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
-    assert len(list((tmp_path / "trained" / "csv" / "images" / "val_samples").glob("*.png"))) == 2
+    assert len(list((t2i_cache / "trained" / "csv" / "images" / "val_samples").glob("*.png"))) == 2
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(row["step"]): float(row["train/loss"]) for row in rows if row.get("train/loss")}
+
+
+@pytest.mark.slow
+def test_a_killed_t2i_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_one(t2i_cache):
+    # 4 class-balanced batches an epoch, validated (and saved) every 2: killed after step 6, mid-epoch
+    steps = ("trainer.max_steps=12", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1")
+    train(t2i_cache, "reference", *steps)
+    kill = ("+callbacks.kill._target_=helpers.callbacks.KillAtStep", "+callbacks.kill.step=6")
+    assert run_train(t2i_cache, "resumed", *steps, *kill).returncode == -9
+    resumed = run_train(t2i_cache, "resumed", *steps, *kill)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr  # not a fresh (equally deterministic) run
+    # the same captions in the same order, text dropout and optimiser state (the text encoder's too)
+    want, got = step_losses(t2i_cache / "reference"), step_losses(t2i_cache / "resumed")
+    assert sorted(got) == list(range(12))
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], abs=1e-6), step
+    reference = varlib.load(t2i_cache / "reference" / "model.safetensors").state_dict()
+    for key, tensor in varlib.load(t2i_cache / "resumed" / "model.safetensors").state_dict().items():
+        torch.testing.assert_close(tensor, reference[key], atol=1e-6, rtol=0, msg=key)
 
 
 # -- varlib-sample prompts=[...] ------------------------------------------------------------------------------------
