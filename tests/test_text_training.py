@@ -230,7 +230,11 @@ def test_cached_text_features_are_the_frozen_encoders_and_train_like_the_caption
     var = dict(TINY_TEXT_VAR, conditioning=dict(type="text", encoder=CLIP_ENCODER))
     torch.manual_seed(4)
     module = VARModule(var=var, vae=tiny_vae(), optim=dict(lr=1e-2), ema_decay=0.5)
-    trainer(tmp_path, 2, logger=False, limit_val_batches=1, num_sanity_val_steps=0).fit(module, datamodule=data)
+    fit = trainer(tmp_path, 2, logger=False, limit_val_batches=1, num_sanity_val_steps=0)
+    fit.fit(module, datamodule=data)
+    ema = {k: v.clone() for k, v in module.ema.shadow_params.items()}
+    fit.validate(module, datamodule=data)  # a later stage takes the weights no more: the EMA stays
+    assert all(torch.equal(module.ema.shadow_params[k], v) for k, v in ema.items())
     model_encoder = module.var.conditioning.encoder
     for key, tensor in encoder.state_dict().items():
         assert torch.equal(model_encoder.state_dict()[key], tensor), key

@@ -114,6 +114,7 @@ class TokenTransformerModule(L.LightningModule):
     optimizer_factory: partial
     loss_config: TokenLossConfig
     val_metrics: PerScaleAccumulator | None = None
+    text_encoder_from: Path | None = None  # the token cache's encoder file whose weights the model's encoder took
 
     def __init__(
         self,
@@ -180,7 +181,10 @@ class TokenTransformerModule(L.LightningModule):
 
     def take_text_encoder(self, path: Path) -> None:
         """Training on precomputed text features: the model's frozen encoder must be configured as the one that
-        computed them (saved at ``path``) and takes its weights, so that prompts are encoded as the captions were."""
+        computed them (saved at ``path``) and takes its weights, so that prompts are encoded as the captions were.
+        Once per module: a later stage (the validation after fit) must not reset the EMA."""
+        if self.text_encoder_from == Path(path):
+            return
         encoder = self.transformer.conditioning.encoder
         cached, mine = read_text_encoder_config(path), json.loads(json.dumps(encoder.config))
         if not encoder.frozen or cached != mine:
@@ -189,6 +193,7 @@ class TokenTransformerModule(L.LightningModule):
         load_model(encoder, str(path))
         if self.ema is not None:  # its copy of the encoder must hold these weights too
             self.ema = ModelEMA(self.transformer, self.ema.decay)
+        self.text_encoder_from = Path(path)
 
     def build_transformer(self) -> AdaLNTransformer:
         """A new transformer from the module's hyperparameters (the sharded model's plain copy uses it too)."""
