@@ -1,6 +1,7 @@
 """Training a text-conditional VAR through the normal pipeline (issue 26): captioned data (the emoji with their names,
-token caches that keep each row's caption), VARModule on captions, and ``varlib-train experiment=t2i_emoji``
-end to end."""
+token caches that keep each row's caption, and a frozen encoder's precomputed features), VARModule on captions or
+features, ``varlib-train experiment=t2i_emoji`` end to end (held-out loss, export, a killed run resumed) and
+``varlib-sample prompts=[...]``. Tiny random models; nothing is downloaded."""
 
 import csv
 import json
