@@ -140,10 +140,12 @@ def sampling_options(cfg: DictConfig, model: VAR) -> dict[str, Any]:
 
 
 def generate_in_batches(
-    var: VAR, labels: Sequence[int], batch_size: int, seed: int, options: dict[str, Any], desc: str = "sampling",
+    var: VAR, labels: Sequence[int] | Sequence[str], batch_size: int, seed: int, options: dict[str, Any],
+    desc: str = "sampling",
     precision: str = "fp32", batches: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    """Yields ``(images (b,3,H,W) in [0,1] on the CPU, their labels)`` for consecutive chunks of ``labels``.
+    """Yields ``(images (b,3,H,W) in [0,1] on the CPU, their labels)`` for consecutive chunks of ``labels``
+    (a text model's prompts).
 
     Batch i is sampled with seed ``seed + i``, so a run is reproducible for a fixed batch_size (images
     depend on how labels are grouped, because a batch shares one random stream). ``batches`` (indices i,
@@ -152,7 +154,7 @@ def generate_in_batches(
     caller does with the images.
     """
     check_int_at_least("batch_size", batch_size, 1)
-    device = var.class_emb.weight.device
+    device = var.device
     num_batches = -(-len(labels) // batch_size)
     indices = range(num_batches) if batches is None else list(batches)
     if any(not 0 <= index < num_batches for index in indices):

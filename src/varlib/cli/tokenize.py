@@ -3,7 +3,9 @@
 The DataModule comes from the ``data`` config group and is built at the tokenizer's resolution. Splits are
 read in order, without dropping the last batch, with the centre-crop evaluation transform, or with ``crops``
 random crops per image (the official random-crop augmentation, frozen into ``crops`` draws seeded per shard;
-training then picks one per step); ``with_flip`` adds mirrored twins. Several processes share the work:
+training then picks one per step); ``with_flip`` adds mirrored twins. A captioned dataset (``data.captions=true``)
+has its captions kept beside the tokens, and with a frozen ``text_encoder`` their features too (its weights saved
+beside them, so that a text VAR trained on them encodes prompts alike). Several processes share the work:
 
     torchrun --nproc-per-node 8 -m varlib.cli.tokenize tokenizer=vae.pth data=imagefolder data.root=... out_dir=...
 
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from varlib.cli.common import (
     CONFIG_PATH,
@@ -32,11 +35,12 @@ from varlib.configs import datamodule_config, instantiate_config
 from varlib.data import ImageDataModule, ImageTransform
 from varlib.data.base import check_int_at_least
 from varlib.data.token_cache import CLASS_NAMES_FILE, read_index
-from varlib.data.tokenizing import distributed_rank, tokenize_split
+from varlib.data.tokenizing import distributed_rank, tokenize_split, write_text_encoder
 from varlib.data.transforms import MultiCropTransform
 from varlib.inference import inference_precision, resolve_precision
 from varlib.io import load_tokenizer
 from varlib.models.patch_schedules import validate_patch_nums
+from varlib.models.text import build_text_encoder
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val")
@@ -93,6 +97,12 @@ def run(cfg: DictConfig) -> TokenizeResult:
     class_names = getattr(datamodule, "class_names", None)
     if rank == 0 and class_names is not None:  # training names the model's classes with them
         write_class_names(Path(cfg.out_dir), list(class_names))
+    text_encoder = None
+    if cfg.text_encoder is not None:
+        torch.manual_seed(cfg.seed)  # a config-only encoder is random: every process draws the same weights
+        text_encoder = build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True)).to(device).eval()
+        if rank == 0:
+            write_text_encoder(cfg.out_dir, text_encoder)
 
     transform = ImageTransform(resolution, train=False) if cfg.crops == 1 else MultiCropTransform(resolution, cfg.crops)
     counts, skipped = {}, {}
@@ -101,7 +111,8 @@ def run(cfg: DictConfig) -> TokenizeResult:
         with inference_precision(cfg.precision, device):
             result = tokenize_split(vae, units, cfg.out_dir, split, datamodule.num_classes, patch_nums,
                                     with_flip=cfg.with_flip, crops=cfg.crops, seed=cfg.seed, rank=rank,
-                                    world_size=world_size)
+                                    world_size=world_size, captions=getattr(datamodule, "captions", False),
+                                    text_encoder=text_encoder)
         counts[split], skipped[split] = result["written"], result["skipped"]
         logger.info("%s: %d images tokenised, %d unreadable ones skipped, %d finished shards kept (process %d of %d)",
                     split, result["written"], result["skipped"], result["resumed"], rank, world_size)

@@ -179,7 +179,8 @@ def decode_emoji_images(
 
 
 class CachedImageDataset(Dataset):
-    """Images held in memory as uint8; item i -> `(image (3, R, R) in [-1, 1], label () int64)`.
+    """Images held in memory as uint8; item i -> `(image (3, R, R) in [-1, 1], label () int64)`, with its
+    caption (str) appended when the dataset has captions.
 
     Args:
         images_NHWC: uint8 tensor (N, H, W, 3) of decoded RGB images, possibly shared with other
@@ -188,15 +189,18 @@ class CachedImageDataset(Dataset):
         indices: rows of `images_NHWC` that belong to this dataset.
         transform: `(RGB PIL image, generator or None) -> tensor`, e.g. `ImageTransform`; the generator is
             seeded for the item by a `SeededIndex` (training sampler), else None.
+        captions_N: one caption per row of `images_NHWC`, or None (items without captions).
     """
 
     def __init__(
-        self, images_NHWC: torch.Tensor, labels_N: torch.Tensor, indices: list[int], transform: Callable
+        self, images_NHWC: torch.Tensor, labels_N: torch.Tensor, indices: list[int], transform: Callable,
+        captions_N: list[str] | None = None,
     ) -> None:
         self.images_NHWC = images_NHWC
         self.labels_N = labels_N
         self.indices = indices
         self.transform = transform
+        self.captions_N = captions_N
 
     @property
     def labels(self) -> torch.Tensor:
@@ -206,10 +210,11 @@ class CachedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
         row = self.indices[index]
         image = Image.fromarray(self.images_NHWC[row].numpy())
-        return self.transform(image, sample_generator(index)), self.labels_N[row]
+        item = self.transform(image, sample_generator(index)), self.labels_N[row]
+        return item if self.captions_N is None else (*item, self.captions_N[row])
 
 
 class EmojiDataModule(ImageDataModule):
@@ -228,6 +233,8 @@ class EmojiDataModule(ImageDataModule):
             (60% of the images are People & Body).
         val_fraction: share of images hashed into the validation split, in (0, 1).
         split_seed: seed of the hash split.
+        captions: items are `(image, label, caption)`, captioned by :func:`emoji_caption` (text-to-image); the
+            category stays the label, for class-balanced draws and scoring.
 
     Attributes (after `setup`): `train_set`, `val_set`; `dropped`, a Counter of files left out by
     reason ('no_category', 'excluded_category', 'undecodable'); `file_names`, the PNG name of each
@@ -244,10 +251,14 @@ class EmojiDataModule(ImageDataModule):
         split_seed: int = 0,
         shuffle_seed: int = 0,
         class_balance: float = 0.0,
+        captions: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed, class_balance)
         self.val_fraction = check_open_fraction("val_fraction", val_fraction)
         self.split_seed = check_int_at_least("split_seed", split_seed, 0)
+        if not isinstance(captions, bool):
+            raise ValueError(f"captions must be a bool, got {captions!r}")
+        self.captions = captions
         self.class_names = emoji_class_names()
         self.num_classes = len(self.class_names)
         self.dropped: Counter = Counter()
@@ -275,10 +286,11 @@ class EmojiDataModule(ImageDataModule):
                 f"val_fraction={self.val_fraction} leaves an empty split "
                 f"({len(train_indices)} train / {len(val_indices)} val images)"
             )
+        captions_N = [emoji_caption(Path(name).stem) for name in names] if self.captions else None
         train_transform = ImageTransform(self.image_size, train=True, hflip=self.hflip)
-        self.train_set = CachedImageDataset(images_NHWC, labels_N, train_indices, train_transform)
+        self.train_set = CachedImageDataset(images_NHWC, labels_N, train_indices, train_transform, captions_N)
         val_transform = ImageTransform(self.image_size, train=False)
-        self.val_set = CachedImageDataset(images_NHWC, labels_N, val_indices, val_transform)
+        self.val_set = CachedImageDataset(images_NHWC, labels_N, val_indices, val_transform, captions_N)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

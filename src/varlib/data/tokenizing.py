@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from varlib.data.token_cache import FORMAT
+from varlib.data.token_cache import FORMAT, TEXT_ENCODER_FILE
+from varlib.models.text import TextEncoder
 from varlib.models.vqvae import MultiScaleVQVAE
 
 logger = logging.getLogger(__name__)
@@ -31,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Unit:
-    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,))`` or None
-    (a batch whose images were all unreadable); ``size`` is its image count when known (else None);
+    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,)[, captions])``
+    (captions: B str) or None (a batch whose images were all unreadable); ``size`` is its image count when known
+    (else None);
     ``skip_count()`` reads the split's skip counter, whose growth over the unit is the unit's skipped images."""
 
     index: int
@@ -60,12 +63,15 @@ def units_of_range(count: int, shard_size: int, make_loader: Callable[[range], D
 
 
 def tokenize_to_cache(vae: MultiScaleVQVAE, batches, out_dir: str | os.PathLike, split: str, num_classes: int,
-                      patch_nums: Sequence[int] | None = None, with_flip: bool = False) -> int:
-    """Tokenises an iterable of ``(images, labels)`` batches (e.g. a DataLoader) into one shard of ``split``;
-    returns the number of images. For whole data sets use :func:`tokenize_split` (``varlib-tokenize``)."""
+                      patch_nums: Sequence[int] | None = None, with_flip: bool = False, captions: bool = False,
+                      text_encoder: TextEncoder | None = None) -> int:
+    """Tokenises an iterable of ``(images, labels)`` batches (``(images, labels, captions)`` with ``captions``;
+    e.g. a DataLoader) into one shard of ``split``; returns the number of images. For whole data sets use
+    :func:`tokenize_split` (``varlib-tokenize``), whose arguments these are."""
     unit = Unit(0, lambda: batches, None, lambda: 0)
     pns = tuple(vae.patch_nums if patch_nums is None else patch_nums)
-    return tokenize_split(vae, [unit], out_dir, split, num_classes, pns, with_flip=with_flip)["written"]
+    return tokenize_split(vae, [unit], out_dir, split, num_classes, pns, with_flip=with_flip, captions=captions,
+                          text_encoder=text_encoder)["written"]
 
 
 @torch.no_grad()
@@ -76,18 +82,55 @@ def _encode(vae: MultiScaleVQVAE, images: torch.Tensor, patch_nums: Sequence[int
     return tokens.view(*images.shape[:-3], tokens.shape[-1])
 
 
+def encode_captions(captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Captions as shard tensors: ``caption_bytes`` (their UTF-8 bytes concatenated, uint8) and ``caption_offsets``
+    (N+1,) int64, caption i being bytes offsets[i]:offsets[i+1] (safetensors holds no strings)."""
+    encoded = [caption.encode() for caption in captions]
+    offsets = torch.tensor([0, *(len(b) for b in encoded)], dtype=torch.int64).cumsum(0)
+    return {"caption_bytes": torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()),
+            "caption_offsets": offsets}
+
+
+@torch.no_grad()
+def encode_text(encoder: TextEncoder, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A frozen encoder's features of ``captions`` on the CPU, in fp32: ``text_tokens`` (B,T,D), ``text_mask``
+    (B,T) uint8 (1 at real tokens), ``text_pooled`` (B,D)."""
+    device = next(encoder.parameters()).device
+    with torch.autocast(device_type=device.type, enabled=False):  # fp32, as a sampling model encodes prompts
+        features = encoder.encode(list(captions))
+    return {"text_tokens": features.tokens_BTD.float().cpu(), "text_mask": features.mask_BT.to(torch.uint8).cpu(),
+            "text_pooled": features.pooled_BD.float().cpu()}
+
+
+def _cat_padded(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Rows of ``parts`` (B_i, T_i, ...) padded with zeros to the longest T: a shard's text features."""
+    if not parts:
+        return empty
+    length = max(part.shape[1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.ndim - 2) + (0, length - p.shape[1])) for p in parts])
+
+
 def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: int, signature: dict,
-                progress: tqdm) -> tuple[int, int]:
+                progress: tqdm, text_encoder: TextEncoder | None) -> tuple[int, int]:
     """Tokenises one unit into ``path`` (atomically); returns (images written, images skipped)."""
     device = next(vae.parameters()).device
     dtype = torch.int16 if vae.vocab_size <= 2**15 else torch.int32
     parts = {"tokens": [], "labels": [], "tokens_flip": []}
+    captions, text = [], {"text_tokens": [], "text_mask": [], "text_pooled": []}
     skipped_before = unit.skip_count()
     torch.manual_seed(seed + unit.index)  # random crops (and DataLoader worker seeds) depend only on the unit
     for batch in unit.make_loader():
         if batch is None:
             continue
-        images, labels = batch
+        if len(batch) != 2 + signature["captions"]:
+            raise ValueError(f"expected batches of (images, labels{', captions' if signature['captions'] else ''}), "
+                             f"got {len(batch)} entries")
+        images, labels, *batch_captions = batch
+        if batch_captions:
+            captions.extend(batch_captions[0])
+        if text_encoder is not None:
+            for name, value in encode_text(text_encoder, batch_captions[0]).items():
+                text[name].append(value)
         images = images.to(device)
         parts["tokens"].append(_encode(vae, images, patch_nums, dtype))
         if with_flip:
@@ -101,6 +144,13 @@ def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: 
              "labels": torch.cat(parts["labels"]) if parts["labels"] else torch.zeros(0, dtype=torch.long)}
     if with_flip:
         shard["tokens_flip"] = torch.cat(parts["tokens_flip"]) if parts["tokens_flip"] else empty
+    if signature["captions"]:
+        shard.update(encode_captions(captions))
+    if text_encoder is not None:
+        dim = text_encoder.dim
+        shard.update(text_tokens=_cat_padded(text["text_tokens"], torch.zeros(0, 1, dim)),
+                     text_mask=_cat_padded(text["text_mask"], torch.zeros(0, 1, dtype=torch.uint8)),
+                     text_pooled=torch.cat(text["text_pooled"]) if text["text_pooled"] else torch.zeros(0, dim))
     # one metadata entry: safetensors writes several in no fixed order, and a resumed run must write the same bytes
     metadata = {"varlib": json.dumps({**signature, "unit": unit.index, "skipped": skipped}, sort_keys=True)}
     partial = path.with_name(path.name + ".partial")
@@ -121,8 +171,12 @@ def tokenize_split(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    captions: bool = False,
+    text_encoder: TextEncoder | None = None,
 ) -> dict[str, int]:
     """Tokenises this process's share of ``units`` into ``out_dir``; finished shards are kept, not redone.
+    With ``captions`` the units' batches carry captions, which the shards keep (:func:`encode_captions`); a frozen
+    ``text_encoder`` adds their features (:func:`encode_text`), so that training does not run it.
 
     Returns ``{"written", "skipped", "resumed"}`` for this process (``resumed``: finished shards found). Raises
     ValueError when ``out_dir`` holds shards written with other settings (schedule, tokenizer size, crops, ...).
@@ -131,9 +185,15 @@ def tokenize_split(
         raise ValueError(f"expected 0 <= rank < world_size, got rank {rank} of {world_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if text_encoder is not None and not (captions and text_encoder.frozen):
+        raise ValueError(f"precomputed text features need captions=True and a frozen text encoder (a trainable one "
+                         f"encodes the captions at each step), got captions={captions} and "
+                         f"{type(text_encoder).__name__} (frozen={text_encoder.frozen})")
     signature = {"format": FORMAT, "split": split, "units": len(units), "patch_nums": list(patch_nums),
                  "vocab_size": vae.vocab_size, "num_classes": num_classes, "with_flip": with_flip, "crops": crops,
-                 "seed": seed}
+                 "seed": seed, "captions": captions,
+                 # as the metadata's JSON reads back (a Hugging Face config has int dict keys)
+                 "text_encoder": None if text_encoder is None else json.loads(json.dumps(text_encoder.config))}
     mine = [unit for unit in units if unit.index % world_size == rank]
     todo = []
     for unit in mine:
@@ -141,7 +201,9 @@ def tokenize_split(
         if not path.is_file():
             todo.append(unit)
             continue
-        found = {k: v for k, v in read_shard_metadata(path).items() if k in signature}
+        # shards written before captions existed have none
+        metadata = {"captions": False, "text_encoder": None, **read_shard_metadata(path)}
+        found = {k: v for k, v in metadata.items() if k in signature}
         if found != signature:
             raise ValueError(f"{path} was written by another tokenisation run ({found}); this run writes "
                              f"{signature}: choose another out_dir")
@@ -154,11 +216,22 @@ def tokenize_split(
               smoothing=0.05) as progress:
         for unit in todo:
             written, skipped = _write_unit(vae, unit, out / shard_name(split, unit.index), patch_nums, with_flip,
-                                           seed, signature, progress)
+                                           seed, signature, progress, text_encoder)
             counts["written"] += written
             counts["skipped"] += skipped
     write_index_when_complete(out, split, len(units))
     return counts
+
+
+def write_text_encoder(out_dir: str | os.PathLike, encoder: TextEncoder) -> Path:
+    """``out_dir/text_encoder.safetensors``: the weights and config of the frozen encoder whose features the cache
+    holds, which a text VAR trained on them takes (:func:`varlib.data.token_cache.read_text_encoder`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{TEXT_ENCODER_FILE}.{os.getpid()}.partial"
+    save_model(encoder, str(partial), metadata={"config": json.dumps(encoder.config, sort_keys=True)})
+    os.replace(partial, out / TEXT_ENCODER_FILE)
+    return out / TEXT_ENCODER_FILE
 
 
 def write_index_when_complete(out: Path, split: str, num_units: int) -> bool:

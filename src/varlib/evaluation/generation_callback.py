@@ -14,8 +14,8 @@ training on any data (token cache, shards, folders) is scored against the same s
 The images are cut into fixed batches (batch i: labels ``i*batch_size...``, seed ``seed + i``); rank r makes
 batches i with i % world_size == r, and the features are gathered back in batch order, so every rank computes
 the same values, and they equal those of one process. If the feature extractor or the reference cannot be
-loaded (e.g. the Inception weights are absent), or the module has no ``image_generator``, the callback warns once
-and does nothing more: it never stops training.
+loaded (e.g. the Inception weights are absent), or the module has no ``image_generator`` or trains a text-conditional
+model, the callback warns once and does nothing more: it never stops training.
 """
 
 from __future__ import annotations
@@ -128,6 +128,9 @@ class GenerationMetricsCallback(lightning.Callback):
         """Builds the extractor and loads the reference once; False (after one warning) when that fails."""
         if self.disabled_reason is None and not callable(getattr(pl_module, "image_generator", None)):
             self._disable(f"{type(pl_module).__name__} has no image_generator() method")
+        if self.disabled_reason is None and getattr(pl_module, "text_conditional", False):
+            self._disable(f"{type(pl_module).__name__} trains a text-conditional model; this callback samples "
+                          f"classes 0..{self.num_classes - 1}")
         if self.statistics is None and self.disabled_reason is None:
             try:
                 if not isinstance(self.extractor, nn.Module):

@@ -2,12 +2,13 @@
 names the network's keyword arguments in both), the official optimisation recipe (AdamW with the no-decay groups,
 the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded randomness, the
 teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample grid,
-whole-weight sampling/export and checkpoint metadata.
+whole-weight sampling/export and checkpoint metadata. A text-conditional VAR (``var.conditioning`` a text spec)
+trains on the captions of captioned batches where a class model takes the labels, and its grid shows prompts.
 
 A subclass names its network class (:attr:`transformer_class`, whose ``FILE_PREFIX`` is also the module attribute
 holding it, so checkpoints and model files agree) and its loss settings (:attr:`loss_class`), and implements
-:meth:`tokens_and_input`. The transformer is called as ``transformer(labels (B,), input[:, :length-1])`` and
-returns logits (B, length, V).
+:meth:`tokens_and_input`. The transformer is called as ``transformer(condition, input[:, :length-1])``
+(condition: labels (B,), or B captions for a text model) and returns logits (B, length, V).
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ import lightning as L
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from safetensors.torch import load_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from varlib.data.token_cache import read_text_encoder_config
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import load_tokenizer, pop_ema_tensors
 from varlib.models.hub import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.models.sampling import SamplingConfig
+from varlib.models.conditioning import TextConditioning
+from varlib.models.text import TextFeatures
 from varlib.models.transformer import AdaLNTransformer
 from varlib.models.transfer import lora_scaling, merge_lora_state
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -58,10 +63,12 @@ def recipe_optimizer_factory(spec: Mapping[str, Any] | None) -> partial:
     return component_factory(RECIPE_OPTIMIZER if spec is None else spec, "model.optimizer", "torch.optim.AdamW")
 
 
-def check_grid(grid_classes: int, grid_per_class: int) -> None:
+def check_grid(grid_classes: int, grid_per_class: int, grid_prompts: list[str] | None = None) -> None:
     """Raises ValueError for sample-grid values outside their range."""
     if grid_classes < 0 or grid_per_class < 1:
         raise ValueError(f"expected grid_classes >= 0 and grid_per_class >= 1, got {grid_classes}, {grid_per_class}")
+    if grid_prompts is not None and not all(isinstance(p, str) and p for p in grid_prompts):
+        raise ValueError(f"grid_prompts must be a list of non-empty prompts, got {grid_prompts!r}")
 
 
 class TokenTransformerModule(L.LightningModule):
@@ -83,6 +90,7 @@ class TokenTransformerModule(L.LightningModule):
         grid_classes, grid_per_class: after each validation, a grid of ``grid_per_class`` samples (rows) of
             classes 0..grid_classes-1 (columns), drawn with ``sampling`` and a fixed seed, goes to every logger
             (``val/samples``, :func:`varlib.training.loggers.log_image`); 0 classes, or no logger, skips it.
+        grid_prompts: a text model's grid columns: these prompts (None or empty: no grid). A class model takes none.
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
             seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
         init_from: fine-tuning: start from the weights (only) of any file ``varlib.load`` opens (official
@@ -106,6 +114,7 @@ class TokenTransformerModule(L.LightningModule):
     optimizer_factory: partial
     loss_config: TokenLossConfig
     val_metrics: PerScaleAccumulator | None = None
+    text_encoder_from: Path | None = None  # the token cache's encoder file whose weights the model's encoder took
 
     def __init__(
         self,
@@ -125,6 +134,7 @@ class TokenTransformerModule(L.LightningModule):
         class_names: list[str] | None = None,
         trainable: list[str] | None = None,
         lora: Mapping[str, Any] | None = None,
+        grid_prompts: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["vae"])
@@ -134,18 +144,56 @@ class TokenTransformerModule(L.LightningModule):
         self.optim_config = build_config(RecipeOptimConfig, hparams.optim, "model.optim")
         self.optimizer_factory = recipe_optimizer_factory(hparams.optimizer)
         self.loss_config = build_config(self.loss_class, hparams.loss, "model.loss")
-        check_grid(hparams.grid_classes, hparams.grid_per_class)
+        check_grid(hparams.grid_classes, hparams.grid_per_class, hparams.grid_prompts)
         self.vae = load_tokenizer(hparams.tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
         pretrained = self.load_pretrained(hparams.init_from)
         transformer = self.build_transformer()
         transformer.sampling = SamplingConfig.from_dict(hparams.sampling or {})
         setattr(self, self.transformer_class.FILE_PREFIX, transformer)
+        if hparams.grid_prompts and not self.text_conditional:
+            raise ValueError(f"model.grid_prompts are for a text-conditional model (var.conditioning type text); "
+                             f"this one is conditioned on classes, got grid_prompts={list(hparams.grid_prompts)}")
         self.prepare_finetuning(pretrained, hparams.class_map, hparams.trainable, hparams.lora, hparams.class_names)
         self.ema = ModelEMA(transformer, hparams.ema_decay) if hparams.ema_decay else None
 
     @property
     def transformer(self) -> AdaLNTransformer:
         return getattr(self, self.transformer_class.FILE_PREFIX)
+
+    @property
+    def text_conditional(self) -> bool:
+        """Whether the transformer is conditioned on text (it then trains on captions, not labels)."""
+        return isinstance(self.transformer.conditioning, TextConditioning)
+
+    def batch_condition(self, labels: torch.Tensor, text: list) -> torch.Tensor | list[str] | TextFeatures:
+        """What the transformer is conditioned on, from a batch's labels and what follows them (``text``: nothing,
+        the B captions, or the captions and their precomputed features): a class model's labels (int64), a text
+        model's caption features when the batch has them, else its captions (encoded by the model)."""
+        if not self.text_conditional:
+            return labels.long()
+        if not text:
+            raise ValueError("a text-conditional VAR trains on captioned batches (tokens or images, labels, "
+                             "captions), got batches without captions: set data.captions=true")
+        if len(text) == 2:
+            features = text[1]
+            return TextFeatures(features["tokens"], features["mask"], features["pooled"])
+        return list(text[0])
+
+    def take_text_encoder(self, path: Path) -> None:
+        """Training on precomputed text features: the model's frozen encoder must be configured as the one that
+        computed them (saved at ``path``) and takes its weights, so that prompts are encoded as the captions were.
+        Once per module: a later stage (the validation after fit) must not reset the EMA."""
+        if self.text_encoder_from == Path(path):
+            return
+        encoder = self.transformer.conditioning.encoder
+        cached, mine = read_text_encoder_config(path), json.loads(json.dumps(encoder.config))
+        if not encoder.frozen or cached != mine:
+            raise ValueError(f"the token cache's text features come from the frozen encoder {cached} ({path}); "
+                             f"expected model.var.conditioning.encoder alike, got {mine} (frozen={encoder.frozen})")
+        load_model(encoder, str(path))
+        if self.ema is not None:  # its copy of the encoder must hold these weights too
+            self.ema = ModelEMA(self.transformer, self.ema.decay)
+        self.text_encoder_from = Path(path)
 
     def build_transformer(self) -> AdaLNTransformer:
         """A new transformer from the module's hyperparameters (the sharded model's plain copy uses it too)."""
@@ -224,6 +272,12 @@ class TokenTransformerModule(L.LightningModule):
                     f"tokenizer with V={self.vae.vocab_size} and downsample {self.vae.downsample}); the last patch "
                     f"number must equal the latent side"
                 )
+        if self.text_conditional:  # the data's classes only score a text model's samples
+            if getattr(data, "captions", None) is False:
+                raise ValueError("a text-conditional VAR trains on captions: expected data.captions=true, got false")
+            if getattr(data, "text_encoder_path", None) is not None:
+                self.take_text_encoder(data.text_encoder_path)
+            return
         num_classes = getattr(data, "num_classes", None)
         if num_classes is not None and num_classes > self.transformer.num_classes:
             raise ValueError(f"data has {num_classes} classes but the model only {self.transformer.num_classes}")
@@ -291,16 +345,21 @@ class TokenTransformerModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=True)
 
     def _log_sample_grid(self) -> None:
-        """Class-conditional samples to every logger (:func:`~varlib.training.loggers.log_image`). Every rank
-        samples (a sharded model's forward is collective), rank 0 logs; a fixed seed makes grids of successive
-        validations comparable."""
-        classes = min(self.hparams.grid_classes, self.transformer.num_classes)
-        if not self.loggers or classes == 0 or self.trainer.sanity_checking:
+        """Samples of the first classes, or a text model's ``grid_prompts``, to every logger
+        (:func:`~varlib.training.loggers.log_image`). Every rank samples (a sharded model's forward is collective),
+        rank 0 logs; a fixed seed makes grids of successive validations comparable."""
+        if self.text_conditional:
+            columns = list(self.hparams.grid_prompts or [])
+        else:
+            columns = torch.arange(min(self.hparams.grid_classes, self.transformer.num_classes), device=self.device)
+        if not self.loggers or len(columns) == 0 or self.trainer.sanity_checking:
             return
-        labels_B = torch.arange(classes, device=self.device).repeat(self.hparams.grid_per_class)
+        per_column = self.hparams.grid_per_class
+        condition = columns * per_column if self.text_conditional else columns.repeat(per_column)
         with self.image_generator() as generate:
-            images_BCHW = generate(labels_B, self.hparams.seed)
-        log_image(self.trainer, "val/samples", image_grid(images_BCHW.float().cpu(), columns=classes), self.global_step)
+            images_BCHW = generate(condition, self.hparams.seed)
+        log_image(self.trainer, "val/samples", image_grid(images_BCHW.float().cpu(), columns=len(columns)),
+                  self.global_step)
 
     # -- optimisation ----------------------------------------------------------------------------
 
@@ -383,11 +442,11 @@ class TokenTransformerModule(L.LightningModule):
 
     @contextmanager
     def image_generator(self) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
-        """Context giving ``generate(labels_B, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights with the
-        model's sampling settings (the hook that the FID/IS callback and the validation grid use). Collective on
-        entry under FSDP2; ``generate`` calls are local."""
+        """Context giving ``generate(labels_B or prompts, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights
+        with the model's sampling settings (the hook that the FID/IS callback and the validation grid use).
+        Collective on entry under FSDP2; ``generate`` calls are local."""
         with self.full_weights() as model:
-            yield lambda labels_B, seed: model.generate(labels_B, seed=seed)
+            yield lambda condition, seed: model.generate(condition, seed=seed)
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.

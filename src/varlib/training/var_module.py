@@ -1,7 +1,8 @@
 """VARModule: trains the VAR transformer on a frozen tokenizer with the official recipe (Lightning, thin).
 
 Batches are either images ``(img (B,3,H,W) in [-1,1], labels (B,))``, tokenised on the fly by the frozen
-tokenizer in fp32, or pre-tokenised ``(tokens (B,L) int64, labels (B,))`` from the token cache.
+tokenizer in fp32, or pre-tokenised ``(tokens (B,L) int64, labels (B,))`` from the token cache; captioned data
+appends the captions (B str), on which a text-conditional VAR trains, and a cache may add their precomputed features.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class VARModule(TokenTransformerModule):
 
     @torch.no_grad()
     def tokens_and_input(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(labels (B,), targets (B,L), teacher-forcing input (B,L-1,Cvae)), computed in fp32."""
-        x, labels = batch
+        """(condition: labels (B,), captions or their features, targets (B,L), teacher-forcing input (B,L-1,Cvae)),
+        in fp32."""
+        x, labels, *text = batch
         with torch.autocast(device_type=self.device.type, enabled=False):
             if x.dtype == torch.long:
                 self.check_token_batch(x)
@@ -51,7 +53,7 @@ class VARModule(TokenTransformerModule):
             else:
                 tokens = self.vae.encode_tokens(x.float(), self.var.patch_nums)
             x_BLCv = self.vae.teacher_forcing_input(tokens, self.var.patch_nums)
-        return labels.long(), torch.cat(tokens, dim=1), x_BLCv
+        return self.batch_condition(labels, text), torch.cat(tokens, dim=1), x_BLCv
 
     def active_length(self) -> int:
         """Tokens trained at the current step (all of them unless progressive training is on)."""
