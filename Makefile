@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.varlib-installed
 
-.PHONY: setup test test-fast test-gpu demo bench clean
+.PHONY: setup test test-fast test-gpu demo demo-text bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -26,6 +26,10 @@ test-gpu:
 
 demo: $(STAMP)
 	$(VENV)/bin/varlib-demo
+
+## text-to-image on the captioned emoji (reuses make demo's tokenizer when it ran): outputs/demo_text/
+demo-text: $(STAMP)
+	$(VENV)/bin/varlib-demo-text
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py

@@ -22,8 +22,8 @@ import varlib
 REPO = Path(__file__).resolve().parents[1]
 CLI_CONFIGS = {"varlib-train": "train", "varlib-sample": "sample", "varlib-evaluate": "evaluate",
                "varlib-edit": "edit", "varlib-tokenize": "tokenize", "varlib-reference": "reference",
-               "varlib-demo": "demo", "varlib-ablation": "ablation", "varlib-scaling": "scaling",
-               "varlib-app": "app"}
+               "varlib-demo": "demo", "varlib-demo-text": "demo_text", "varlib-ablation": "ablation",
+               "varlib-scaling": "scaling", "varlib-app": "app"}
 
 
 def test_version_matches_the_installed_metadata():

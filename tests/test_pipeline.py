@@ -1,5 +1,6 @@
-"""varlib.pipeline (the stages of varlib-demo, varlib-ablation, varlib-scaling and the notebooks) and those commands:
-when a stage counts as done, where a run's files lie, the demo end to end at a tiny size, and each command's --help."""
+"""varlib.pipeline (the stages of varlib-demo, varlib-demo-text, varlib-ablation, varlib-scaling and the notebooks) and
+those commands: when a stage counts as done, where a run's files lie, both demos end to end at a tiny size, and each
+command's --help."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from helpers.runs import untrained_validation
 
 import varlib
 from varlib import pipeline
-from varlib.cli import demo, scaling
+from varlib.cli import demo, demo_text, scaling
 from varlib.configs import compose_config, datamodule_config
 from varlib.evaluation.scaling import SCALING_RECORD_FILENAME, ScalingRecord, write_scaling_record
 from varlib.evaluation.emoji_classifier import halfway_progress
+from varlib.images import image_grid
 from varlib.pipeline import (
     PROJECT_DIR_VARIABLE,
     RunFiles,
@@ -32,7 +36,6 @@ from varlib.pipeline import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 # -- what counts as done -----------------------------------------------------------------------------------------
@@ -126,11 +129,15 @@ def test_prepare_models_uses_the_demo_files_without_training(tmp_path, monkeypat
 
 @pytest.mark.parametrize("command, config, line", [
     ("varlib-demo", "demo", "scored_per_class: 50           # samples per class that the emoji classifier scores"),
+    ("varlib-demo-text", "demo_text", "colour_per_prompt: 8           # samples per colour-test prompt"),
     ("varlib-ablation", "ablation", "token_cache: true              # false: tokenise on the fly while training"),
     ("varlib-scaling", "scaling", "skip_fraction: 0.0             # leave each run's first fraction of training"),
 ])
 def test_help_prints_the_commands_own_commented_config(command, config, line):
-    completed = subprocess.run([BIN / command, "--help"], capture_output=True, text=True, timeout=120)
+    # The module behind the script (test_packaging checks that each script is its module's main): an environment
+    # installed before a command was added lacks its script until reinstalled.
+    completed = subprocess.run([sys.executable, "-m", f"varlib.cli.{config}", "--help"], capture_output=True,
+                               text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert (REPO / "conf" / f"{config}.yaml").read_text() in completed.stdout  # every key with its comment
     assert line in completed.stdout
@@ -188,3 +195,33 @@ def test_tiny_demo_writes_samples_and_figures_and_reuses_its_stages(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in trained} == trained
     assert again["emoji_classifier"] == emoji and again["loss_avg"] == metrics["loss_avg"]
     assert again["seconds"]["tokenizer"] < 1.0 and again["seconds"]["var"] < 1.0
+
+
+@pytest.mark.slow
+def test_tiny_text_demo_writes_samples_and_every_figure_and_repeats_them(tmp_path):
+    overrides = [f"out_dir={tmp_path / 'text'}", f"demo_dir={tmp_path / 'demo'}", "prompts=[red heart, pizza]",
+                 "per_prompt=2", "scored_per_class=3", "colour_per_prompt=1",
+                 'tokenizer.overrides=["trainer.max_steps=3","model.vae.ch=16","cpu_threads=1"]',
+                 'var.overrides=["trainer.max_steps=3","trainer.val_check_interval=3","cpu_threads=1"]']
+    metrics = demo_text.run(compose_config("demo_text", overrides))
+    assert json.loads((tmp_path / "text" / "metrics.json").read_text()) == metrics
+    assert set(metrics) == {"loss_avg", "loss_last", "err_avg", "err_last", "sampling", "emoji_classifier",
+                            "colour_test", "rows", "seconds", "checkpoints"}
+    assert metrics["rows"] == ["red heart", "pizza"]
+    grid = image_grid(torch.zeros(4, 3, 32, 32), columns=2)  # two prompts' rows of two 32 px samples
+    assert Image.open(tmp_path / "text" / "samples.png").size == (grid.shape[2], grid.shape[1])
+    assert metrics["sampling"]["no_guidance"]["cfg"] == 0.0 and metrics["sampling"]["model"]["cfg"] > 0.0
+    for setting in ("model", "no_guidance"):
+        emoji = metrics["emoji_classifier"][setting]
+        assert emoji["per_class"] == 3 and set(emoji["calibration"]) == {"real", "blurred_8x8", "noise"}
+        assert 0.0 <= emoji["class_accuracy"] <= 1.0 and emoji["feature_distance"] >= 0.0
+        assert 0.0 <= metrics["colour_test"][setting] <= 1.0
+    colour = metrics["colour_test"]
+    assert colour["real_emoji"] == 1.0 and colour["per_prompt"] == 1 and len(colour["prompts"]) == 21
+    assert set(metrics["seconds"]) == {"tokenizer", "tokenize", "var", "sample", "score", "total"}
+    assert stage_done(tmp_path / "demo" / "tokenizer") and stage_done(tmp_path / "text" / "token_cache")
+
+    # Again: every stage is reused and the seeded sampling gives the same figures.
+    again = demo_text.run(compose_config("demo_text", overrides))
+    assert again["emoji_classifier"] == metrics["emoji_classifier"]
+    assert again["colour_test"] == metrics["colour_test"] and again["seconds"]["var"] < 1.0

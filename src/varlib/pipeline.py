@@ -1,4 +1,5 @@
-"""The stages behind ``varlib-demo``, ``varlib-ablation``, ``varlib-scaling`` and the notebooks, written once.
+"""The stages behind ``varlib-demo``, ``varlib-demo-text``, ``varlib-ablation``, ``varlib-scaling`` and the
+notebooks, written once.
 
 Stages: train a tokenizer (``varlib-train``), tokenise the data into a token cache (``varlib-tokenize``), train a
 transformer on it (``varlib-train``), sample every class (:func:`varlib.models.sampling.sample_per_class`: batch i of
@@ -32,7 +33,9 @@ import torch
 import varlib
 from varlib.configs import compose_config
 from varlib.data import EmojiDataModule
-from varlib.evaluation.emoji_classifier import emoji_metric, labelled_images
+from varlib.data.emoji import CachedImageDataset
+from varlib.evaluation.colour import COLOURS, colour_share
+from varlib.evaluation.emoji_classifier import balanced_draw, emoji_metric, labelled_images
 from varlib.evaluation.scaling import (
     METRICS,
     fit_compute_frontier,
@@ -42,7 +45,7 @@ from varlib.evaluation.scaling import (
     plot_scaling_vs_params,
 )
 from varlib.images import image_grid, save_png
-from varlib.models.sampling import sample_per_class
+from varlib.models.sampling import sample_per_class, sample_prompts
 from varlib.training.runner import train_experiment
 
 log = logging.getLogger(__name__)
@@ -206,6 +209,118 @@ def run_demo(
         "rows": EmojiDataModule().class_names,  # samples.png has one row per class, in this order
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "checkpoints": {"tokenizer": str(files.tokenizer), "var": str(files.transformer)},
+    }
+    (files.root / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# -- make demo-text -----------------------------------------------------------------------------------------------
+
+COLOUR_SHAPES = ("heart", "circle", "square")  # Twemoji has each in every colour of varlib.evaluation.colour
+NO_GUIDANCE = {"cfg": 0.0}  # varlib's guidance (1+t)*cond - t*uncond with t = cfg*k/(K-1) is off at cfg 0
+
+
+def colour_prompts() -> list[tuple[str, str]]:
+    """The colour test's (prompt, colour) pairs: "<colour> <shape>" for every colour and shape, colour by colour."""
+    return [(f"{colour} {shape}", colour) for colour in COLOURS for shape in COLOUR_SHAPES]
+
+
+def captioned_emoji(image_size: int) -> EmojiDataModule:
+    """The captioned emoji at ``image_size``, set up: ``val_set`` is the held-out split the VAR never trained on."""
+    datamodule = EmojiDataModule(image_size=image_size, captions=True)
+    datamodule.setup("validate")
+    return datamodule
+
+
+def emoji_named(datamodule: EmojiDataModule, captions: Sequence[str]) -> torch.Tensor:
+    """The emoji images (len(captions), 3, H, W) in [0,1] captioned exactly ``captions``, from either split."""
+    all_captions = datamodule.val_set.captions_N
+    missing = sorted(set(captions) - set(all_captions))
+    if missing:
+        raise ValueError(f"expected emoji captioned {missing}, found none (captions come from emoji_caption)")
+    rows = [all_captions.index(caption) for caption in captions]
+    val = datamodule.val_set
+    named = CachedImageDataset(val.images_NHWC, val.labels_N, rows, val.transform, all_captions)
+    return torch.stack([named[i][0] for i in range(len(rows))]).add(1).div(2)
+
+
+def run_demo_text(
+    out_dir: str | Path = "outputs/demo_text",
+    demo_dir: str | Path = "outputs/demo",
+    tokenizer_experiment: str = "demo_tokenizer",
+    tokenizer_overrides: Sequence[str] = (),
+    transformer_experiment: str = "t2i_emoji",
+    transformer_overrides: Sequence[str] = (),
+    prompts: Sequence[str] = ("red heart", "cat face", "pizza"),
+    per_prompt: int = 8,
+    scored_per_class: int = 50,
+    colour_per_prompt: int = 8,
+    seed: int = 0,
+) -> dict:
+    """``make demo-text``: the class demo's tokenizer (``<demo_dir>/tokenizer``, trained there unless done), the
+    captioned token cache and a text VAR into ``out_dir``, then samples and scores; writes and returns
+    ``metrics.json``'s content (see ``conf/demo_text.yaml``).
+
+    Sampling runs at the VAR file's own settings and again without guidance (cfg 0), with the same seeds.
+    ``samples.png`` has one row of ``per_prompt`` samples per prompt (model settings). The emoji classifier scores
+    ``scored_per_class`` samples per category, each of the caption of a held-out emoji drawn class-balanced; the
+    colour test samples ``colour_per_prompt`` images of every :func:`colour_prompts` prompt.
+    """
+    demo = RunFiles(Path(demo_dir), "demo")
+    files = RunFiles(Path(out_dir), "text")
+    files.root.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+
+    start = time.perf_counter()
+    train_stage(tokenizer_experiment, demo.tokenizer.parent, ["logger=csv", f"seed={seed}", *tokenizer_overrides])
+    seconds["tokenizer"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tokenize_stage(demo.tokenizer, files.token_cache, ["data.num_workers=0", "data.captions=true"])
+    seconds["tokenize"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    var_metrics = train_stage(transformer_experiment, files.transformer.parent,
+                              ["logger=csv", f"seed={seed}", f"data.root={files.token_cache}",
+                               f"model.tokenizer_path={demo.tokenizer}", *transformer_overrides])
+    seconds["var"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    var = varlib.load(files.transformer)
+    datamodule = captioned_emoji(var.vae.image_size)
+    held_out_N, labels_N = labelled_images(datamodule.val_set)
+    draw = balanced_draw(labels_N, datamodule.num_classes, scored_per_class, seed)
+    scored_prompts = [datamodule.val_set.captions_N[datamodule.val_set.indices[int(i)]] for i in draw]
+    colour_pairs = colour_prompts()
+    colour_rows = [prompt for prompt, _ in colour_pairs for _ in range(colour_per_prompt)]
+    settings = {"model": var.sampling.resolve(), "no_guidance": var.sampling.resolve(**NO_GUIDANCE)}
+    shown = [prompt for prompt in prompts for _ in range(per_prompt)]
+    samples = {name: {"shown": sample_prompts(var, shown, seed, **setting),
+                      "scored": sample_prompts(var, scored_prompts, seed, **setting),
+                      "colour": sample_prompts(var, colour_rows, seed, **setting)}
+               for name, setting in settings.items()}
+    save_png(image_grid(samples["model"]["shown"], columns=per_prompt), files.root / "samples.png")
+    seconds["sample"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    metric = emoji_metric(held_out_N, labels_N, scored_per_class, seed)
+    named_colours = [colour for _, colour in colour_pairs for _ in range(colour_per_prompt)]
+    real_colours = [colour for _, colour in colour_pairs]
+    colour_test = {"prompts": [prompt for prompt, _ in colour_pairs], "per_prompt": colour_per_prompt,
+                   "real_emoji": colour_share(emoji_named(datamodule, [p for p, _ in colour_pairs]), real_colours),
+                   **{name: colour_share(s["colour"], named_colours) for name, s in samples.items()}}
+    emoji = {name: metric(s["scored"], labels_N[draw]) for name, s in samples.items()}
+    seconds["score"] = time.perf_counter() - start
+    seconds["total"] = sum(seconds.values())
+
+    metrics = {
+        **{key: var_metrics[f"val/{key}"] for key in ("loss_avg", "loss_last", "err_avg", "err_last")},
+        "sampling": settings,
+        "emoji_classifier": emoji,
+        "colour_test": colour_test,
+        "rows": list(prompts),  # samples.png has one row per prompt, in this order
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "checkpoints": {"tokenizer": str(demo.tokenizer), "var": str(files.transformer)},
     }
     (files.root / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -129,6 +129,19 @@ def sample_per_class(
     return torch.cat(images)
 
 
+def sample_prompts(
+    model: ClassConditionalGenerator, prompts: Sequence[str], seed: int, batch_size: int = 50, **sampling
+) -> torch.Tensor:
+    """One sample of each of ``prompts`` (a text model's), in order: (len(prompts), 3, H, W) in [0,1] on the CPU.
+
+    Batch i (of at most ``batch_size`` consecutive prompts) uses seed + i; ``sampling`` as in
+    :func:`sample_per_class`.
+    """
+    prompts = list(prompts)
+    return torch.cat([model.generate(prompts[start:start + batch_size], seed=seed + i, **sampling).cpu()
+                      for i, start in enumerate(range(0, len(prompts), batch_size))])
+
+
 def check_sampling_values(cfg: float, top_k: int, top_p: float) -> None:
     if top_k < 0 or not 0.0 <= top_p <= 1.0 or cfg < 0:
         raise ValueError(f"expected top_k >= 0, top_p in [0, 1], cfg >= 0; got {top_k}, {top_p}, {cfg}")
