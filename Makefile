@@ -10,13 +10,15 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 
 setup: $(STAMP)
 
-## the whole suite; tests marked slow (subprocess training, notebooks) take a few minutes each on CPU
+## the whole suite, one worker per core (pytest-xdist; a test file stays on one worker, so its module fixtures are
+## built once); tests marked slow (subprocess training, notebooks) take up to a minute each on CPU
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 ## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests
 
 ## the CUDA-only paths (tests/gpu: FlexAttention's backward, auto -> flex, bf16 FSDP2, fused AdamW, the compiled
 ## sampler) on a machine with a GPU; any Python with CUDA torch, einops, safetensors, tqdm, numpy and pytest will do:

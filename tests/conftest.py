@@ -1,12 +1,20 @@
 """Shared fixtures: the official tiny parity bundles (made by running the official VAR code), and the torch thread
 count restored after every test (a test that sets it must not change the tests after it)."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+# `make test` runs one pytest worker per core (pytest-xdist): each worker, and the commands its tests start, take
+# their share of the cores, not all of them (oversubscribed torch threads spin and slow everything).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    WORKER_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(WORKER_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
 
 
 @pytest.fixture(autouse=True)
