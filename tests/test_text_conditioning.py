@@ -2,6 +2,8 @@
 step 0), training, guidance with the null text and negative prompts, KV-cache sampling, model files, and the emoji
 captions. Tiny randomly initialised models; nothing is downloaded."""
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from varlib.models.flops import per_token_linear_params
 from varlib.models.layers import AdaLNSelfAttn
 from varlib.models.patch_schedules import scale_slices
 from varlib.models.text import (ByteTokenizer, HFTextEncoder, SmallTextEncoder, TextEncoder, TextFeatures,
-                                build_text_encoder)
+                                WordTokenizer, build_text_encoder)
 
 PROMPTS = ["red heart", "cat face with wry smile"]
 
@@ -59,6 +61,30 @@ def test_byte_tokenizer_ids_and_padding():
     ids, mask = ByteTokenizer(max_length=5)(["ab", "abcdef"])
     assert ids.tolist() == [[257, 98, 99, 258, 0], [257, 98, 99, 100, 258]]  # the second cut to 5 ids, EOS kept
     assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+
+
+def test_word_tokenizer_hashes_lower_case_words_and_pads():
+    tokenizer = WordTokenizer(buckets=1000, max_length=4)
+    ids, mask = tokenizer(["Red heart", "cat face: with wry smile!"])
+    red, heart, cat, face = (3 + zlib.crc32(w.encode()) % 1000 for w in ("red", "heart", "cat", "face"))
+    assert ids.tolist() == [[1, red, heart, 2], [1, cat, face, 2]]  # the second cut to 4 ids, EOS kept
+    assert mask.all() and tokenizer.vocab_size == 1003
+    ids, mask = tokenizer(["RED", "red heart"])
+    assert ids.tolist() == [[1, red, 2, 0], [1, red, heart, 2]] and mask.tolist() == [[True] * 3 + [False], [True] * 4]
+    with pytest.raises(ValueError, match="buckets=0"):
+        WordTokenizer(buckets=0)
+
+
+def test_small_encoder_over_words_gives_one_token_per_word_and_rejects_other_tokens():
+    torch.manual_seed(1)
+    encoder = SmallTextEncoder(width=16, depth=1, num_heads=2, tokens="words", buckets=64)
+    features = encoder.encode(["red heart", "a"])
+    assert features.mask_BT.sum(1).tolist() == [4, 3] and encoder.token_embed.num_embeddings == 67
+    rebuilt = build_text_encoder(encoder.config)
+    rebuilt.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(rebuilt.encode(["red heart"]).pooled_BD, features.pooled_BD[:1])
+    with pytest.raises(ValueError, match="'words' or 'bytes', got 'chars'"):
+        SmallTextEncoder(tokens="chars")
 
 
 def test_small_encoder_shapes_padding_and_trainable():

@@ -5,8 +5,8 @@ Two kinds, both :class:`TextEncoder`:
 - :class:`HFTextEncoder`: a frozen Hugging Face ``transformers`` text model (a CLIP text model, a T5 encoder),
   from a Hub name or from a config (randomly initialised: tests, or weights that come from a VAR file). Needs the
   optional ``transformers`` package (``pip install 'varlib[text]'``).
-- :class:`SmallTextEncoder`: a small trainable transformer over UTF-8 bytes (:class:`ByteTokenizer`), for when no
-  pretrained encoder is at hand.
+- :class:`SmallTextEncoder`: a small trainable transformer over words (:class:`WordTokenizer`, hashed: no vocabulary
+  file) or UTF-8 bytes (:class:`ByteTokenizer`), for when no pretrained encoder is at hand.
 
 An encoder's ``config`` holds its ``_target_`` and constructor arguments; :func:`build_text_encoder` rebuilds it
 (a VAR file records it under its conditioning).
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -97,6 +99,37 @@ class ByteTokenizer:
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B,T) int64, mask (B,T) bool)."""
         rows = [[self.bos_id, *(b + 1 for b in p.encode()[: self.max_length - 2]), self.eos_id] for p in prompts]
+        length = max(len(r) for r in rows)
+        ids = torch.tensor([r + [self.pad_id] * (length - len(r)) for r in rows], dtype=torch.long)
+        return ids, ids != self.pad_id
+
+
+class WordTokenizer:
+    """Prompts as lower-case words, each hashed (CRC-32) to one of ``buckets`` ids: pad 0, BOS 1, EOS 2, word w ->
+    3 + crc32(w) mod ``buckets``.
+
+    No vocabulary to build or ship, and a word never seen in training still gets a stable id. Words are runs of
+    letters and digits; each prompt becomes BOS, its words (cut to ``max_length`` - 2) and EOS; rows are padded to
+    the longest.
+    """
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    WORD = re.compile(r"[a-z0-9]+")
+
+    def __init__(self, buckets: int = 4096, max_length: int = 32):
+        if buckets < 1 or max_length < 3:
+            raise ValueError(f"WordTokenizer needs buckets >= 1 and max_length >= 3 (BOS, a word, EOS), got "
+                             f"buckets={buckets}, max_length={max_length}")
+        self.buckets, self.max_length = buckets, max_length
+        self.vocab_size = buckets + 3
+
+    def word_id(self, word: str) -> int:
+        return 3 + zlib.crc32(word.encode()) % self.buckets
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B,T) int64, mask (B,T) bool)."""
+        rows = [[self.bos_id, *(self.word_id(w) for w in self.WORD.findall(p.lower())[: self.max_length - 2]),
+                 self.eos_id] for p in prompts]
         length = max(len(r) for r in rows)
         ids = torch.tensor([r + [self.pad_id] * (length - len(r)) for r in rows], dtype=torch.long)
         return ids, ids != self.pad_id
@@ -215,21 +248,29 @@ class HFTextEncoder(TextEncoder):
 
 
 class SmallTextEncoder(TextEncoder):
-    """A small trainable text encoder: byte embeddings plus learned positions, ``depth`` pre-norm transformer
+    """A small trainable text encoder: token embeddings plus learned positions, ``depth`` pre-norm transformer
     layers with padding masked, a final LayerNorm; the pooled feature is the mean of the real tokens.
 
     Args:
         width: D. depth, num_heads, mlp_ratio: the layers. max_length: the longest tokenised prompt.
+        tokens: ``"words"`` (:class:`WordTokenizer`, ``buckets`` hashed ids) or ``"bytes"``
+            (:class:`ByteTokenizer`). Words learn from few captions: a word's meaning is one embedding row, where
+            bytes must first be composed into words by the layers.
     """
 
     frozen = False
 
     def __init__(self, width: int = 128, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 max_length: int = 64):
+                 max_length: int = 64, tokens: str = "bytes", buckets: int = 4096):
         super().__init__()
-        self._tokenizer = ByteTokenizer(max_length)
+        if tokens == "words":
+            self._tokenizer = WordTokenizer(buckets, max_length)
+        elif tokens == "bytes":
+            self._tokenizer = ByteTokenizer(max_length)
+        else:
+            raise ValueError(f"SmallTextEncoder tokens must be 'words' or 'bytes', got {tokens!r}")
         self.dim = width
-        self.token_embed = nn.Embedding(ByteTokenizer.vocab_size, width)
+        self.token_embed = nn.Embedding(self._tokenizer.vocab_size, width)
         self.pos_1TD = nn.Parameter(torch.empty(1, max_length, width))
         nn.init.trunc_normal_(self.pos_1TD, std=0.02)
         layer = nn.TransformerEncoderLayer(width, num_heads, round(width * mlp_ratio), dropout=0.0,
@@ -237,7 +278,7 @@ class SmallTextEncoder(TextEncoder):
         self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.config = dict(_target_=f"{__name__}.SmallTextEncoder", width=width, depth=depth, num_heads=num_heads,
-                           mlp_ratio=mlp_ratio, max_length=max_length)
+                           mlp_ratio=mlp_ratio, max_length=max_length, tokens=tokens, buckets=buckets)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._tokenizer(prompts)
