@@ -114,8 +114,9 @@ def run(cfg: DictConfig) -> TokenizeResult:
                                     world_size=world_size, captions=getattr(datamodule, "captions", False),
                                     text_encoder=text_encoder)
         counts[split], skipped[split] = result["written"], result["skipped"]
-        logger.info("%s: %d images tokenised, %d unreadable ones skipped, %d finished shards kept (process %d of %d)",
-                    split, result["written"], result["skipped"], result["resumed"], rank, world_size)
+        logger.info("%s: %d images tokenised, %d skipped (unreadable or uncaptioned), %d finished shards kept "
+                    "(process %d of %d)", split, result["written"], result["skipped"], result["resumed"], rank,
+                    world_size)
     return TokenizeResult(out_dir=Path(cfg.out_dir), counts=counts, skipped=skipped)
 
 

@@ -4,8 +4,9 @@
 - `ImageFolderDataModule`: ImageNet / OpenImages style `root/{train,val}/<class>/*.jpg` or flat folders.
 - `WebDatasetDataModule`: tar shards (local, glob, brace, `pipe:`, fsspec URLs), local training shards read by index.
 
-All yield batches `(images (B, 3, R, R) float32 in [-1, 1], labels (B,) int64)`; unreadable
-samples are skipped and counted in each DataModule's `skipped` property.
+All yield batches `(images (B, 3, R, R) float32 in [-1, 1], labels (B,) int64)`, with `captions=True`
+`(images, labels, captions (B str))` for text-to-image; unreadable (or, with captions, uncaptioned) samples are
+skipped and counted in each DataModule's `skipped` property.
 """
 
 from varlib.data.base import ImageDataModule

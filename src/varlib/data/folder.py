@@ -4,10 +4,17 @@ Layouts under `root` (split folder names are configurable):
 
     root/train/<class>/**/*.jpg   root/val/<class>/**/*.jpg   class = subfolder, sorted -> index
     root/train/*.jpg              root/val/*.jpg              flat: one class, label 0
+
+With captions (text-to-image), each image's caption comes from `captions.jsonl` at the split root, one JSON object
+per line such as `{"file": "cat/001.jpg", "caption": "a grey cat asleep"}` (`file` relative to the split root,
+the caption under `caption` or `text`), else from a `.txt` file beside the image with the same stem
+(`cat/001.txt`). The class folder stays the label. An image with neither is skipped and counted like an unreadable
+one (read lazily, so a missing `.txt` costs nothing at scan time).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 FLAT_CLASS_NAME = "unlabelled"
+CAPTIONS_FILE = "captions.jsonl"
+CAPTION_KEYS = ("caption", "text")
 
 Sample = tuple[str, int]
 
@@ -86,20 +95,81 @@ def scan_split(split_dir: Path, class_names: list[str]) -> list[Sample]:
     return samples
 
 
+def read_captions_jsonl(path: Path) -> dict[str, str]:
+    """`{file: caption}` from a `captions.jsonl`: one JSON object per line with the image's path relative to the
+    split root under `file` (POSIX separators) and its caption under `caption` or `text`; blank lines are ignored.
+
+    Raises ValueError naming the file and line for a line that is not such an object, or a file listed twice.
+    """
+    captions: dict[str, str] = {}
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {line.strip()[:80]!r} "
+                                 f"({error.msg})") from None
+            key = next((key for key in CAPTION_KEYS if isinstance(entry, dict) and key in entry), None)
+            if key is None or not isinstance(entry.get("file"), str) or not isinstance(entry[key], str):
+                raise ValueError(f"{path} line {number}: expected an object with a 'file' string and a 'caption' "
+                                 f"(or 'text') string, got {line.strip()[:80]!r}")
+            if entry["file"] in captions:
+                raise ValueError(f"{path} line {number}: {entry['file']!r} is captioned a second time")
+            captions[entry["file"]] = entry[key]
+    return captions
+
+
+class MissingCaptionError(ValueError):
+    """An image of a captioned split has no caption that can be read."""
+
+
+class FolderCaptions:
+    """The captions of one split's images: `captions.jsonl` at the split root (:func:`read_captions_jsonl`, read
+    once), else the `.txt` file beside the image with the same stem (read when asked, stripped of surrounding
+    white space).
+
+    Calling it with an image path returns the caption; raises `MissingCaptionError` for an image with neither.
+    """
+
+    def __init__(self, split_dir: Path) -> None:
+        self.split_dir = split_dir
+        jsonl = split_dir / CAPTIONS_FILE
+        self.listed = read_captions_jsonl(jsonl) if jsonl.is_file() else {}
+
+    def __call__(self, path: str) -> str:
+        relative = Path(os.path.relpath(path, self.split_dir)).as_posix()
+        if relative in self.listed:
+            return self.listed[relative]
+        text_path = Path(path).with_suffix(".txt")
+        try:
+            return text_path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise MissingCaptionError(f"no caption: expected an entry for {relative!r} in "
+                                      f"{self.split_dir / CAPTIONS_FILE} or a file {text_path}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise MissingCaptionError(f"caption file {text_path} cannot be read as UTF-8 text "
+                                      f"({type(error).__name__}: {error})") from None
+
+
 class ImageFileDataset(Dataset):
-    """Map-style dataset over image files; item i -> `(image (3, R, R) in [-1, 1], label () int64)`.
+    """Map-style dataset over image files; item i -> `(image (3, R, R) in [-1, 1], label () int64)`, with its
+    caption (str) appended when `captions` is given.
 
     `transform` is called as `transform(image, generator)`, the generator seeded for the item by a
-    `SeededIndex` (training sampler), else None. An unreadable file yields None (counted in `skip_counter` and logged); pair the DataLoader
-    with `collate_skipping_none`.
+    `SeededIndex` (training sampler), else None. An unreadable file, or an image `captions` has no caption for,
+    yields None (counted in `skip_counter` and logged); pair the DataLoader with `collate_skipping_none`.
     """
 
     def __init__(
-        self, samples: list[Sample], transform: Callable, skip_counter: SkipCounter | None = None
+        self, samples: list[Sample], transform: Callable, skip_counter: SkipCounter | None = None,
+        captions: FolderCaptions | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.skip_counter = skip_counter if skip_counter is not None else SkipCounter()
+        self.captions = captions
 
     @property
     def skipped(self) -> int:
@@ -113,14 +183,16 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, index: int) -> tuple | None:
         path, label = self.samples[index]
         try:
+            caption = None if self.captions is None else self.captions(path)
             image = decode_rgb_image(path)
-        except ImageDecodeError as error:
+        except (MissingCaptionError, ImageDecodeError) as error:
             self.skip_counter.record(f"image file {path}", str(error))
             return None
-        return self.transform(image, sample_generator(index)), torch.tensor(label, dtype=torch.int64)
+        item = self.transform(image, sample_generator(index)), torch.tensor(label, dtype=torch.int64)
+        return item if caption is None else (*item, caption)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -134,6 +206,9 @@ class ImageFolderDataModule(ImageDataModule):
         shuffle_seed: seeds the training order and augmentation (with the epoch and index).
         class_balance: in [0, 1]; > 0 draws training images class-balanced, 1.0 every class equally often.
         train_dir, val_dir: split folder names under `root`.
+        captions: items are `(image, label, caption)` (text-to-image), captioned by each split's `captions.jsonl`
+            or the images' `.txt` files (module docstring); the class folder stays the label. Images without a
+            caption are skipped and counted.
     """
 
     def __init__(
@@ -147,8 +222,12 @@ class ImageFolderDataModule(ImageDataModule):
         val_dir: str = "val",
         shuffle_seed: int = 0,
         class_balance: float = 0.0,
+        captions: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed, class_balance)
+        if not isinstance(captions, bool):
+            raise ValueError(f"captions must be a bool, got {captions!r}")
+        self.captions = captions
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder root not found: expected a directory at {self.root}")
@@ -175,12 +254,14 @@ class ImageFolderDataModule(ImageDataModule):
                 scan_split(self.train_split, self.class_names),
                 ImageTransform(self.image_size, train=True, hflip=self.hflip),
                 self.skip_counters["train"],
+                FolderCaptions(self.train_split) if self.captions else None,
             )
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = ImageFileDataset(
                 scan_split(self.val_split, self.class_names),
                 ImageTransform(self.image_size, train=False),
                 self.skip_counters["val"],
+                FolderCaptions(self.val_split) if self.captions else None,
             )
 
     def train_dataloader(self) -> DataLoader:

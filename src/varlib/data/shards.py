@@ -10,6 +10,9 @@ samples form one map-style set, shuffled, shared among ranks and resumed mid-epo
 other map-style sets (`varlib.data.resumable`). Remote or `pipe:` shards are streamed instead (`indexed=False`):
 shard order and a shuffle buffer, no mid-epoch resume. Validation is always streamed.
 
+With captions (text-to-image), a sample's caption is its `txt` entry (UTF-8 text), else the `caption` (or `text`)
+field of its `json` entry; the label stays `label_key`'s. A sample without one is skipped and counted.
+
 Bad data never stops the stream: unreadable shards, undecodable images, missing or out-of-range
 labels are passed to `CountingHandler`, which counts them in a `SkipCounter`, logs a warning
 naming the sample and its shard, and continues. Bad samples are dropped before batching, so
@@ -19,6 +22,7 @@ batches stay full. A truncated shard typically counts twice: its cut member and 
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import tarfile
@@ -44,6 +48,7 @@ from varlib.data.transforms import ImageTransform
 GLOB_CHARACTERS = ("*", "?", "[")
 LOCAL_SCHEMES = ("", "file")
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_FIELDS = ("caption", "text")
 
 
 class BadSampleError(ValueError):
@@ -127,15 +132,41 @@ def open_shards(
         yield {**source, "stream": stream}
 
 
+def sample_caption(sample: dict[str, Any], what: str) -> str:
+    """The caption of a raw sample: its `txt` entry (UTF-8, stripped of surrounding white space), else the `caption`
+    (or `text`) string of its `json` entry. Raises `BadSampleError` when it has neither or they cannot be read."""
+    if "txt" in sample:
+        try:
+            return sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise BadSampleError(what, f"txt entry is not UTF-8 text ({error})") from None
+    if "json" not in sample:
+        entries = sorted(key for key in sample if not key.startswith("__"))
+        raise BadSampleError(what, f"no caption: expected a 'txt' entry or a 'json' entry with a 'caption' or 'text' "
+                                   f"field, got entries {entries}")
+    try:
+        fields = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadSampleError(what, f"json entry is not JSON ({error})") from None
+    field = next((name for name in CAPTION_FIELDS if isinstance(fields, dict) and name in fields), None)
+    if field is None or not isinstance(fields[field], str):
+        raise BadSampleError(what, f"no caption: expected the json entry to be an object with a 'caption' or 'text' "
+                                   f"string, got {sample['json'][:80]!r}")
+    return fields[field]
+
+
 class ShardSampleDecoder:
-    """Callable: raw WebDataset sample dict -> `(image (3, R, R) in [-1, 1], label () int64)`.
+    """Callable: raw WebDataset sample dict -> `(image (3, R, R) in [-1, 1], label () int64)`, with its caption
+    (str, :func:`sample_caption`) appended when `captions`.
 
     Args:
         transform: RGB PIL image -> tensor (3, R, R), e.g. `ImageTransform`.
         num_classes: labels must lie in [0, num_classes).
         label_key: sample key holding the integer label as text (e.g. 'cls'); None labels all 0.
         image_keys: sample keys tried in order for the encoded image.
-    Raises `BadSampleError` for a missing/undecodable image or a missing/invalid label.
+        captions: also read each sample's caption.
+    Raises `BadSampleError` for a missing/undecodable image, a missing/invalid label or (with `captions`) a
+    missing caption.
     """
 
     def __init__(
@@ -144,11 +175,13 @@ class ShardSampleDecoder:
         num_classes: int,
         label_key: str | None = "cls",
         image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
+        captions: bool = False,
     ) -> None:
         self.transform = transform
         self.num_classes = num_classes
         self.label_key = label_key
         self.image_keys = tuple(image_keys)
+        self.captions = captions
 
     def label(self, sample: dict[str, Any], what: str) -> int:
         if self.label_key is None:
@@ -165,21 +198,21 @@ class ShardSampleDecoder:
             raise BadSampleError(what, f"label {label} outside [0, {self.num_classes})")
         return label
 
-    def __call__(
-        self, sample: dict[str, Any], generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator | None = None) -> tuple:
         """``generator`` draws the random augmentation (None: torch's global generator)."""
         what = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
         image_key = next((key for key in self.image_keys if key in sample), None)
         if image_key is None:
             raise BadSampleError(what, f"no image entry among {list(self.image_keys)}")
         label = self.label(sample, what)
+        caption = sample_caption(sample, what) if self.captions else None
         try:
             image = decode_rgb_image(sample[image_key])
         except ImageDecodeError as error:
             raise BadSampleError(what, str(error)) from None
         image_CHW = self.transform(image) if generator is None else self.transform(image, generator)
-        return image_CHW, torch.tensor(label, dtype=torch.int64)
+        item = image_CHW, torch.tensor(label, dtype=torch.int64)
+        return item if caption is None else (*item, caption)
 
 
 def local_shard_path(url: str) -> str:
@@ -207,13 +240,13 @@ class IndexedShardDataset(Dataset):
     Every shard's file offsets are listed once (``tarfile``); a row is then read with ``os.pread``, so any order (a
     seeded shuffle over all shards, shared among ranks) costs the same, nothing stays open, and a resumed run
     starts at its row. The listing is kept in numpy arrays (24 bytes per file), shared by forked workers. Item
-    ``i`` is ``(image (3, R, R) in [-1, 1], label () int64)``, augmented with the generator of a
-    :class:`~varlib.data.resumable.SeededIndex`, or None for a bad sample (counted in ``skip_counter``). A shard
-    that cannot be listed (a truncated or compressed tar) is counted once and left out.
+    ``i`` is the decoder's ``(image (3, R, R) in [-1, 1], label () int64[, caption])``, augmented with the
+    generator of a :class:`~varlib.data.resumable.SeededIndex`, or None for a bad sample (counted in
+    ``skip_counter``). A shard that cannot be listed (a truncated or compressed tar) is counted once and left out.
 
     Args:
         urls: local shard paths (or file:// URLs) of uncompressed tars.
-        decoder: raw sample dict -> (image, label).
+        decoder: raw sample dict -> (image, label[, caption]).
         skip_counter: where bad samples and shards are counted.
     """
 
@@ -252,7 +285,7 @@ class IndexedShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sample_shards)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __getitem__(self, index: int) -> tuple | None:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} outside [0, {len(self)})")
         path = self.paths[self.sample_shards[index]]
@@ -286,7 +319,7 @@ def shard_pipeline(
     shuffle_buffer: int = 0,
     resampled: bool = False,
 ) -> wds.DataPipeline:
-    """Iterable of decoded `(image, label)` samples streamed from `urls`.
+    """Iterable of decoded `(image, label[, caption])` samples (the decoder's) streamed from `urls`.
 
     Without resampling, shards are split disjointly across distributed ranks, then across
     DataLoader workers (a rank or worker with no shard yields nothing), and shard order is
@@ -312,7 +345,8 @@ def shard_pipeline(
 
 
 class WebDatasetDataModule(ImageDataModule):
-    """LightningDataModule of `(image, label)` samples from WebDataset tar shards.
+    """LightningDataModule of `(image, label)` samples (`(image, label, caption)` with `captions`) from WebDataset
+    tar shards.
 
     Training with `indexed=True` (local shards) reads them by index (`IndexedShardDataset`): the order and
     augmentation depend only on (shuffle_seed, epoch, row), and a run killed mid-epoch resumes at the next sample,
@@ -337,6 +371,9 @@ class WebDatasetDataModule(ImageDataModule):
             where ranks must see equally many batches); requires samples_per_epoch and indexed=False.
         samples_per_epoch: streamed training samples per epoch over all ranks and workers; None streams
             each rank's shards once per epoch.
+        captions: samples are `(image, label, caption)` (text-to-image), captioned by their `txt` entry or their
+            `json` entry's `caption`/`text` (:func:`sample_caption`); samples without a caption are skipped and
+            counted.
     """
 
     def __init__(
@@ -355,8 +392,12 @@ class WebDatasetDataModule(ImageDataModule):
         samples_per_epoch: int | None = None,
         indexed: bool = True,
         shuffle_seed: int = 0,
+        captions: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed)
+        if not isinstance(captions, bool):
+            raise ValueError(f"captions must be a bool, got {captions!r}")
+        self.captions = captions
         self.num_classes = check_int_at_least("num_classes", num_classes, 1)
         self.class_names = [str(index) for index in range(num_classes)]
         self.shuffle_buffer = check_int_at_least("shuffle_buffer", shuffle_buffer, 0)
@@ -381,7 +422,7 @@ class WebDatasetDataModule(ImageDataModule):
 
     def _decoder(self, train: bool) -> ShardSampleDecoder:
         transform = ImageTransform(self.image_size, train=train, hflip=self.hflip)
-        return ShardSampleDecoder(transform, self.num_classes, self.label_key, self.image_keys)
+        return ShardSampleDecoder(transform, self.num_classes, self.label_key, self.image_keys, self.captions)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -393,7 +434,7 @@ class WebDatasetDataModule(ImageDataModule):
         if urls is None:
             raise ValueError(f"split {split!r} needs data.val_urls, got null (or leave it out of splits)")
         counter = self.skip_counters[split]
-        decoder = ShardSampleDecoder(transform, self.num_classes, self.label_key, self.image_keys)
+        decoder = ShardSampleDecoder(transform, self.num_classes, self.label_key, self.image_keys, self.captions)
 
         def tar_loader(url: str) -> DataLoader:
             return self.make_loader(shard_pipeline([url], decoder, CountingHandler(counter), train=False), train=False)

@@ -102,7 +102,7 @@ class TokenDataset(Dataset):
             raise ValueError(f"token cache {root} split {split!r} was written without flipped twins (with_flip)")
         if captions and not all("caption_offsets" in s for s in shards):
             raise ValueError(f"token cache {root} split {split!r} has no captions: expected one written from a "
-                             f"captioned dataset (varlib-tokenize data=emoji data.captions=true)")
+                             f"captioned dataset (varlib-tokenize data.captions=true)")
         if text_features and not (captions and all("text_pooled" in s for s in shards)):
             raise ValueError(f"text features come with captions from a cache written with a frozen text encoder "
                              f"(varlib-tokenize data.captions=true text_encoder=...): expected captions=True and "
