@@ -1,5 +1,6 @@
 """varlib-app without a server: the model thread's batching, the scale strip, the edit mask, the checks and the
-model page, on a tiny random VAR (the served app: test_app_api.py; in a browser: test_app_browser.py)."""
+model page, on a tiny random VAR, class- and text-conditional (the served app: test_app_api.py; in a browser:
+test_app_browser.py)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,29 @@ from varlib.app import AppService, ModelWorker, SamplingSettings, held_out_emoji
 from varlib.data.emoji import EmojiDataModule, emoji_category, is_validation_name
 from varlib.evaluation import to_uint8_nhwc
 from varlib.models.editing import box_keep_mask
+from varlib.models.text import SmallTextEncoder
 
 SIDE = 32  # last patch number 16 x downsample 2
 NUM_CLASSES = 3
 
 
-def tiny_var(class_names=None) -> varlib.VAR:
+def tiny_vae() -> varlib.MultiScaleVQVAE:
     torch.manual_seed(0)
-    vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
-                                 num_res_blocks=1, using_sa=False, using_mid_sa=False)
-    var = varlib.VAR(vae, depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2).eval()
+    return varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
+                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
+
+
+def tiny_var(class_names=None) -> varlib.VAR:
+    var = varlib.VAR(tiny_vae(), depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2).eval()
     var.class_names = class_names
     return var
+
+
+def tiny_text_var() -> varlib.VAR:
+    vae = tiny_vae()
+    torch.manual_seed(1)
+    encoder = SmallTextEncoder(width=16, depth=1, num_heads=2, max_length=32)
+    return varlib.VAR(vae, depth=2, width=64, num_heads=2, conditioning={"type": "text", "encoder": encoder}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +342,79 @@ def test_bad_app_settings_exit_2_naming_the_setting(tmp_path, caplog):
     assert "none.safetensors" in caplog.text and "got nothing there" in caplog.text
     config = compose_config("app", [])
     assert (config.host, config.port, config.batch_size) == ("127.0.0.1", 7860, 8)
+
+
+# -- a text-conditional model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_var():
+    return tiny_text_var()
+
+
+@pytest.fixture
+def text_service(text_var):
+    service = AppService(text_var, batch_size=4, max_images=6)
+    yield service
+    service.close()
+
+
+def test_generate_from_prompts_returns_var_generate_images_captioned_with_their_prompts(text_var, text_service):
+    images = text_service.generate(" red heart\n\ncat face ", 2, 1.5, 20, 0.9, 7)  # one per line, blanks left out
+    assert [caption for _, caption in images] == ["red heart", "red heart", "cat face", "cat face"]
+    prompts = ["red heart", "red heart", "cat face", "cat face"]
+    want = to_uint8_nhwc(text_var.generate(prompts, cfg=1.5, top_k=20, top_p=0.9, seed=7))
+    np.testing.assert_array_equal(np.stack([image for image, _ in images]), want)
+
+    negative = text_service.generate("red heart\ncat face", 2, 1.5, 20, 0.9, 7, negative="blue square")
+    want = to_uint8_nhwc(text_var.generate(prompts, cfg=1.5, top_k=20, top_p=0.9, seed=7, negative="blue square"))
+    np.testing.assert_array_equal(np.stack([image for image, _ in negative]), want)
+    assert not np.array_equal(want, np.stack([image for image, _ in images]))  # the negative prompt steers
+
+
+def test_scale_strip_of_a_prompt_ends_at_the_generated_image(text_var, text_service):
+    strip = text_service.scale_strip("cat face", 2.0, 10, 0.8, 5, "red heart")
+    assert [caption for _, caption in strip] == ["1x1", "2x2", "4x4", "8x8", "16x16"]
+    want = text_var.generate(["cat face"], cfg=2.0, top_k=10, top_p=0.8, seed=5, negative="red heart")
+    np.testing.assert_array_equal(strip[-1][0], to_uint8_nhwc(want)[0])
+
+
+def test_edit_with_a_text_model_is_conditioned_on_the_prompt(text_var, text_service):
+    image = photo()
+    outcome = text_service.edit(image, [drawing(image.size, (0, 0, 16, 16))], "outpaint", "red heart", 3)
+    keep = box_keep_mask(16, (0, 0, 0.5, 0.5), inpainting=False)
+    sampling = text_var.sampling
+    want = text_var.edit(varlib.data.ImageTransform(SIDE, train=False)(image).unsqueeze(0), keep, ["red heart"],
+                         cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p, seed=3)
+    np.testing.assert_array_equal(outcome.after, to_uint8_nhwc(want)[0])
+    assert outcome.tokens == 256 - 64
+
+
+def test_a_text_model_refuses_empty_prompts_with_a_message(text_service, service):
+    image = photo()
+    region = [drawing(image.size, (0, 0, 16, 16))]
+    cases = [
+        (lambda: text_service.generate("", 1, 1.5, 0, 0.0, 0), r"type at least one prompt \(one per line\): got none"),
+        (lambda: text_service.generate(" \n \n", 1, 1.5, 0, 0.0, 0), "type at least one prompt"),
+        (lambda: text_service.generate(None, 1, 1.5, 0, 0.0, 0), "type at least one prompt"),
+        (lambda: text_service.generate("a\nb\nc\nd", 2, 1.5, 0, 0.0, 0),
+         "at most 6 images per request, got 4 prompts x 2 = 8"),
+        (lambda: text_service.generate("red heart", 1, 1.5, 0, 0.0, 0, negative=3), "negative prompt must be text"),
+        (lambda: text_service.scale_strip("", 1.5, 0, 0.0, 0), "type at least one prompt"),
+        (lambda: text_service.scale_strip("red heart\ncat face", 1.5, 0, 0.0, 0),
+         r"the scale strip takes one prompt, got 2: \['red heart', 'cat face'\]"),
+        (lambda: text_service.edit(image, region, "inpaint", "  ", 0), "type at least one prompt"),
+        (lambda: service.generate(["0"], 1, 1.5, 0, 0.0, 0, negative="red heart"), "takes no negative prompt"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert text_service.worker.calls == service.worker.calls == 0  # nothing bad reached the model
+
+
+def test_model_page_of_a_text_model_names_its_encoder(text_service):
+    page = text_service.model_card()
+    assert "| conditioning | text-conditional (prompts): text encoder SmallTextEncoder (16-wide features), with " \
+           "cross-attention |" in page
+    assert "| classes |" not in page
+    assert text_service.class_names == []

@@ -24,6 +24,7 @@ from varlib.data import ImageTransform  # noqa: E402
 from varlib.evaluation import to_uint8_nhwc  # noqa: E402
 from varlib.models.editing import box_keep_mask  # noqa: E402
 from varlib.models.sampling import SamplingConfig  # noqa: E402
+from varlib.models.text import SmallTextEncoder  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starts Gradio servers (imports and start-up take several seconds)
 SIDE = 32
@@ -207,4 +208,28 @@ def test_a_full_queue_says_so(model_file):
         assert client.predict(["2"], 1, 2.0, 20, 0.9, 0, api_name="/generate")[0]["caption"] == "2"
     finally:
         release.set()
+        server.close()
+
+
+def test_a_text_model_takes_prompts_and_a_negative_prompt(tmp_path):
+    torch.manual_seed(0)
+    vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
+                                 num_res_blocks=1, using_sa=False, using_mid_sa=False)
+    encoder = SmallTextEncoder(width=16, depth=1, num_heads=2, max_length=32)
+    var = varlib.VAR(vae, depth=2, width=64, num_heads=2, conditioning={"type": "text", "encoder": encoder})
+    var.sampling = SamplingConfig(cfg=2.0, top_k=20, top_p=0.9)
+    varlib.save_var(var, tmp_path / "text_var.safetensors")
+    server = serve(tmp_path / "text_var.safetensors")
+    try:
+        client = Client(server.url, verbose=False)
+        samples = client.predict("red heart\ncat face", "blue square", 1, 2.0, 20, 0.9, 4, api_name="/generate")
+        assert [sample["caption"] for sample in samples] == ["red heart", "cat face"]
+        want = server.service.var.generate(["red heart", "cat face"], seed=4, negative="blue square")
+        np.testing.assert_array_equal(np.stack([read(s["image"]) for s in samples]), to_uint8_nhwc(want))
+        strip = client.predict("red heart", "", 2.0, 20, 0.9, 4, api_name="/scale_strip")
+        assert [frame["caption"] for frame in strip] == ["1x1", "2x2", "4x4", "8x8", "16x16"]
+        with pytest.raises(AppError, match="type at least one prompt"):
+            client.predict("\n", "", 1, 2.0, 20, 0.9, 0, api_name="/generate")
+        assert "text-conditional (prompts): text encoder SmallTextEncoder" in client.predict(api_name="/model_card")
+    finally:
         server.close()

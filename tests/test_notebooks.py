@@ -18,9 +18,10 @@ from varlib.pipeline import PROJECT_DIR_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01_quickstart.ipynb", "02_zero_shot_editing.ipynb", "03_scaling_laws.ipynb",
-             "04_next_scale_vs_next_token.ipynb"]
+             "04_next_scale_vs_next_token.ipynb", "05_text_to_image.ipynb"]
 # What each notebook's tiny run leaves in the temporary project folder.
-TINY_OUTPUT = {"04_next_scale_vs_next_token.ipynb": "ablation/results.json"}
+TINY_OUTPUT = {"04_next_scale_vs_next_token.ipynb": "ablation/results.json",
+               "05_text_to_image.ipynb": "text_var/model.safetensors"}
 KERNEL_NAME = "varlib-notebook-test"
 
 

@@ -526,6 +526,12 @@ TINY_VAR = (
     "model.var.depth=2", "model.var.width=128", "model.var.num_heads=4", "model.optim.lr=2.5e-3",
     "data.batch_size=32", "trainer.max_steps=90", "trainer.val_check_interval=90", "trainer.limit_val_batches=2",
 )
+# TINY_VAR conditioned on the emoji's names (t2i_emoji) through a one-layer encoder over words, which learns from few
+# captions faster than one over bytes.
+TINY_TEXT_VAR = (
+    *TINY_VAR, "model.var.conditioning.encoder.width=64", "model.var.conditioning.encoder.depth=1",
+    "+model.var.conditioning.encoder.tokens=words", "model.var.conditioning.encoder.max_length=32",
+)
 # The ablation at a tiny size: 32 px, an 8x8 latent (VAR's schedule [1,2,4,8], 85 tokens; the baseline's [8],
 # 64 tokens), depth-1 transformers, a few steps, on-the-fly tokenisation.
 TINY_ABLATION_TOKENIZER = (
@@ -566,3 +572,16 @@ def prepare_models(with_var: bool = True) -> RunFiles:
         train_stage("var_emoji", tiny.transformer.parent, [*TINY_RUN, *tiny.transformer_data_overrides(), *TINY_VAR])
     return tiny
 
+
+
+def prepare_text_model() -> Path:
+    """The text VAR file of ``make demo-text`` (``<project>/outputs/demo_text/var``) when it wrote one, else a tiny
+    one's under ``<project>/outputs/notebooks/text_var``, trained on the emoji names (``t2i_emoji`` with
+    ``TINY_TEXT_VAR``) over :func:`prepare_models`' tiny tokenizer, training whatever is missing."""
+    demo_text = RunFiles(project_dir() / "outputs" / "demo_text", "text")
+    if demo_text.transformer.is_file():
+        return demo_text.transformer
+    tiny = RunFiles(project_dir() / "outputs" / "notebooks", "tiny", transformer_dir="text_var")
+    train_stage("tokenizer_emoji", tiny.tokenizer.parent, [*TINY_RUN, *TINY_TOKENIZER])
+    train_stage("t2i_emoji", tiny.transformer.parent, [*TINY_RUN, *tiny.transformer_data_overrides(), *TINY_TEXT_VAR])
+    return tiny.transformer

@@ -1,13 +1,15 @@
 """What the app's pages do, without Gradio: checking a request, running it on the model thread, and the model page.
 
-* Generate: classes by name (``var.class_names``, or the indices as names when the file has none), a count per
-  class and the sampling settings (defaults: the model file's ``var.sampling``) -> ``VAR.generate``, batched by
+* Generate: classes by name (``var.class_names``, or the indices as names when the file has none), or prompts for a
+  text-conditional model (one per line, with an optional negative prompt), a count per class or prompt and the
+  sampling settings (defaults: the model file's ``var.sampling``) -> ``VAR.generate``, batched by
   :class:`varlib.app.worker.ModelWorker`.
-* Scale strip: one image sampled with the same settings (``VAR.generate_tokens``, the sampler itself), decoded from
-  the running f_hat after every scale, coarse to fine; its last picture is what ``VAR.generate`` returns.
+* Scale strip: one image of one class or prompt sampled with the same settings (``VAR.generate_tokens``, the sampler
+  itself), decoded from the running f_hat after every scale, coarse to fine; its last picture is what
+  ``VAR.generate`` returns.
 * Edit: an image and a drawn region; the region becomes a pixel keep-mask cropped like the image
   (``varlib.inference.keep_mask_from_image``), which ``VAR.edit`` maps to the token grid of every scale
-  (``varlib.models.editing``).
+  (``varlib.models.editing``). A text model edits every mode conditioned on a prompt.
 
 Bad input raises ValueError with what was expected and what came; the app shows it in the page.
 """
@@ -29,21 +31,25 @@ from varlib.data import ImageTransform
 from varlib.data.images import to_rgb
 from varlib.images import unit_float_to_uint8
 from varlib.inference import inference_precision, keep_mask_from_image, model_resolution, regenerated_tokens
+from varlib.models.conditioning import TextConditioning
 from varlib.models.transformer import VAR
 
-#: Edit modes: the drawn region is regenerated (in-painting, class-conditional editing) or kept (out-painting).
+#: Edit modes: the drawn region is regenerated (in-painting, class-conditional editing) or kept (out-painting). A
+#: text model conditions every mode on a prompt, so that "class" is in-painting there.
 EDIT_MODES = ("inpaint", "outpaint", "class")
 MAX_SEED = 2**53 - 1  # the largest integer a JSON number (so the page and the API) carries exactly
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """The settings of one request; requests with equal settings may share one ``VAR.generate`` call."""
+    """The settings of one request; requests with equal settings may share one ``VAR.generate`` call.
+    ``negative``: the negative prompt of a text model ("" = the null text)."""
 
     cfg: float
     top_k: int
     top_p: float
     seed: int
+    negative: str = ""
 
 
 @dataclass
@@ -102,7 +108,7 @@ class AppService:
     Args:
         var: the model, in eval mode.
         batch_size: images one ``VAR.generate`` call samples at most (see :class:`ModelWorker`); 1 = no batching.
-        max_images: images one Generate request may ask for (classes x count).
+        max_images: images one Generate request may ask for (classes or prompts x count).
         precision: ``fp32``, ``bf16`` or ``auto`` (see :func:`varlib.inference.inference_precision`).
         source: where the model came from (shown on the model page); ``model_card``: its card (markdown) or None.
     """
@@ -113,7 +119,8 @@ class AppService:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.var, self.max_images, self.precision = var, max_images, precision
         self.source, self.card = source, model_card
-        self.class_names = class_names_of(var)
+        self.text = isinstance(var.conditioning, TextConditioning)  # takes prompts instead of classes
+        self.class_names = [] if self.text else class_names_of(var)
         self.resolution = model_resolution(var)
         self.worker = ModelWorker(self._generate_batch, batch_size)
 
@@ -129,12 +136,42 @@ class AppService:
         shown = ", ".join(self.class_names[:20]) + (" ..." if len(self.class_names) > 20 else "")
         raise ValueError(f"unknown class {name!r}: expected one of the model's classes ({shown})")
 
-    def settings(self, cfg: Any, top_k: Any, top_p: Any, seed: Any) -> SamplingSettings:
-        """Checked sampling settings: cfg >= 0, top_k in [0, vocabulary], top_p in [0, 1], seed in [0, 2^53)."""
+    def prompts(self, text: Any) -> list[str]:
+        """The prompts of ``text`` (one per line, or a list of them), stripped, blank lines left out; ValueError
+        when there is none."""
+        lines = text.splitlines() if isinstance(text, str) else [] if text is None else text
+        if not isinstance(lines, (list, tuple)) or not all(isinstance(line, str) for line in lines):
+            raise ValueError(f"prompts must be text, one prompt per line, got {text!r}")
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError("type at least one prompt (one per line): got none")
+        return prompts
+
+    def one_prompt(self, text: Any, what: str) -> str:
+        """The single prompt of ``text`` (see :meth:`prompts`); ``what`` says what it is for in the message."""
+        prompts = self.prompts(text)
+        if len(prompts) != 1:
+            raise ValueError(f"{what} takes one prompt, got {len(prompts)}: {prompts}")
+        return prompts[0]
+
+    def negative_prompt(self, negative: Any) -> str:
+        """The negative prompt, stripped ("" = none); ValueError for anything but text, or one for a class model."""
+        if negative is None:
+            return ""
+        if not isinstance(negative, str):
+            raise ValueError(f"the negative prompt must be text, got {negative!r}")
+        if negative.strip() and not self.text:
+            raise ValueError("this model is class-conditional: it takes no negative prompt")
+        return negative.strip()
+
+    def settings(self, cfg: Any, top_k: Any, top_p: Any, seed: Any, negative: Any = "") -> SamplingSettings:
+        """Checked sampling settings: cfg >= 0, top_k in [0, vocabulary], top_p in [0, 1], seed in [0, 2^53), a
+        negative prompt for a text model."""
         return SamplingSettings(cfg=_number("cfg", cfg, 0, 1e6, integer=False),
                                 top_k=_number("top_k", top_k, 0, self.var.vocab_size, integer=True),
                                 top_p=_number("top_p", top_p, 0, 1, integer=False),
-                                seed=_number("seed", seed, 0, MAX_SEED, integer=True))
+                                seed=_number("seed", seed, 0, MAX_SEED, integer=True),
+                                negative=self.negative_prompt(negative))
 
     def default_settings(self) -> SamplingSettings:
         """The model file's recommended settings (``var.sampling``), top_k clipped to the vocabulary, seed 0."""
@@ -144,41 +181,53 @@ class AppService:
 
     # -- generate ------------------------------------------------------------------------------------
 
-    def generate(self, classes: Any, count: Any, cfg: Any, top_k: Any, top_p: Any,
-                 seed: Any) -> list[tuple[np.ndarray, str]]:
-        """``count`` images of each class, in class order: (H,W,3) uint8 images with their class names."""
-        if isinstance(classes, str):
-            classes = [classes]
-        if not classes:
-            raise ValueError("pick at least one class, got none")
-        labels = [self.class_index(name) for name in classes]
-        per_class = _number("count", count, 1, self.max_images, integer=True)
-        total = per_class * len(labels)
+    def generate(self, classes: Any, count: Any, cfg: Any, top_k: Any, top_p: Any, seed: Any,
+                 negative: Any = "") -> list[tuple[np.ndarray, str]]:
+        """``count`` images of each class, in class order: (H,W,3) uint8 images with their class names. A text
+        model takes prompts instead of classes (see :meth:`prompts`) and a negative prompt, and captions each image
+        with its prompt."""
+        if self.text:
+            conditions = captions = self.prompts(classes)
+            what = "prompts"
+        else:
+            if isinstance(classes, str):
+                classes = [classes]
+            if not classes:
+                raise ValueError("pick at least one class, got none")
+            conditions = [self.class_index(name) for name in classes]
+            captions, what = classes, "classes"
+        per_condition = _number("count", count, 1, self.max_images, integer=True)
+        total = per_condition * len(conditions)
         if total > self.max_images:
-            raise ValueError(f"at most {self.max_images} images per request, got {len(labels)} classes x "
-                             f"{per_class} = {total}")
-        settings = self.settings(cfg, top_k, top_p, seed)
-        labels = [label for label in labels for _ in range(per_class)]
-        images = self.worker.generate(labels, settings).result()
-        return [(image, self.class_names[label]) for image, label in zip(to_uint8_images(images), labels)]
+            raise ValueError(f"at most {self.max_images} images per request, got {len(conditions)} {what} x "
+                             f"{per_condition} = {total}")
+        settings = self.settings(cfg, top_k, top_p, seed, negative)
+        conditions = [condition for condition in conditions for _ in range(per_condition)]
+        captions = [caption for caption in captions for _ in range(per_condition)]
+        images = self.worker.generate(conditions, settings).result()
+        return list(zip(to_uint8_images(images), captions))
 
-    def _generate_batch(self, labels: list[int], settings: SamplingSettings) -> torch.Tensor:
+    def _sampling_options(self, settings: SamplingSettings) -> dict[str, Any]:
+        """``VAR.generate``'s keyword arguments for ``settings``."""
+        return dict(cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed,
+                    negative=settings.negative or None)
+
+    def _generate_batch(self, conditions: list[int] | list[str], settings: SamplingSettings) -> torch.Tensor:
         """One ``VAR.generate`` call (on the model thread)."""
         with inference_precision(self.precision, self.var.device):
-            return self.var.generate(labels, cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p,
-                                     seed=settings.seed).float().cpu()
+            return self.var.generate(conditions, **self._sampling_options(settings)).float().cpu()
 
-    def scale_strip(self, class_name: Any, cfg: Any, top_k: Any, top_p: Any,
-                    seed: Any) -> list[tuple[np.ndarray, str]]:
-        """One image of ``class_name`` after each scale, coarse to fine: (H,W,3) uint8 images captioned with the
-        scale's token grid ("4x4"); the last equals ``VAR.generate([class], seed=seed, ...)``."""
-        label = self.class_index(class_name)
-        settings = self.settings(cfg, top_k, top_p, seed)
+    def scale_strip(self, class_name: Any, cfg: Any, top_k: Any, top_p: Any, seed: Any,
+                    negative: Any = "") -> list[tuple[np.ndarray, str]]:
+        """One image of ``class_name`` (a text model: of one prompt, with an optional negative prompt) after each
+        scale, coarse to fine: (H,W,3) uint8 images captioned with the scale's token grid ("4x4"); the last equals
+        ``VAR.generate([class], seed=seed, ...)``."""
+        condition = self.one_prompt(class_name, "the scale strip") if self.text else self.class_index(class_name)
+        settings = self.settings(cfg, top_k, top_p, seed, negative)
 
         def strip() -> list[torch.Tensor]:
             with inference_precision(self.precision, self.var.device), torch.no_grad():
-                out = self.var.generate_tokens([label], cfg=settings.cfg, top_k=settings.top_k,
-                                               top_p=settings.top_p, seed=settings.seed)
+                out = self.var.generate_tokens([condition], **self._sampling_options(settings))
                 return running_fhat_images(self.var, out.tokens)
 
         frames = self.worker.call(strip).result()
@@ -210,12 +259,16 @@ class AppService:
              target_class: Any, seed: Any) -> EditOutcome:
         """Regenerates the region drawn on ``background`` (see :meth:`region_to_regenerate`) with ``VAR.edit``
         and the model's sampling settings: unconditionally for in- and out-painting, conditioned on
-        ``target_class`` for class-conditional editing."""
+        ``target_class`` for class-conditional editing. A text model takes a prompt as ``target_class`` and
+        is conditioned on it in every mode."""
         if background is None:
             raise ValueError("upload an image (or pick an example) to edit: got none")
         if mode not in EDIT_MODES:
             raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
-        label = self.class_index(target_class) if mode == "class" else self.var.num_classes
+        if self.text:
+            condition = self.one_prompt(target_class, "editing")
+        else:
+            condition = self.class_index(target_class) if mode == "class" else self.var.num_classes
         settings = self.settings(self.var.sampling.cfg, min(self.var.sampling.top_k, self.var.vocab_size),
                                  self.var.sampling.top_p, seed)
         image = to_rgb(background)
@@ -227,7 +280,7 @@ class AppService:
         def edit() -> torch.Tensor:
             device = self.var.device
             with inference_precision(self.precision, device):
-                return self.var.edit(image_13HW.to(device), keep_HW.to(device), [label], cfg=settings.cfg,
+                return self.var.edit(image_13HW.to(device), keep_HW.to(device), [condition], cfg=settings.cfg,
                                      top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed).float().cpu()
 
         after = self.worker.call(edit).result()
@@ -241,7 +294,7 @@ class AppService:
 
     def model_card(self) -> str:
         """The model page (markdown): architecture, parameter counts, tokenizer, schedule, sampling settings,
-        classes and the model card."""
+        classes (a text model: its conditioning and text encoder) and the model card."""
         var, vae = self.var, self.var.vae
         total = sum(p.numel() for p in var.parameters())
         rows = [
@@ -253,14 +306,23 @@ class AppService:
             ("schedule", f"{len(var.patch_nums)} scales {', '.join(f'{pn}x{pn}' for pn in var.patch_nums)}; "
                          f"{var.L} tokens; {self.resolution}x{self.resolution} px"),
             ("sampling (the file's)", ", ".join(f"{k}={v}" for k, v in asdict(var.sampling).items())),
-            ("classes", f"{var.num_classes}: {', '.join(self.class_names[:50])}"
-                        + (" ..." if var.num_classes > 50 else "")),
+            self._conditioning_row(),
             ("batching", f"up to {self.worker.batch_size} images per generate call"),
         ]
         table = "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
         configs = json.dumps({"var": var.config, "tokenizer": vae.config}, indent=1, default=list)
         card = self.card if self.card else "This model has no model card (a `README.md` beside its weights)."
         return f"{table}\n\n### Model card\n\n{card}\n\n### Configs\n\n```json\n{configs}\n```\n"
+
+    def _conditioning_row(self) -> tuple[str, str]:
+        """The model page's row on what the model is conditioned on: its classes, or its text encoder."""
+        var = self.var
+        if not self.text:
+            return "classes", f"{var.num_classes}: {', '.join(self.class_names[:50])}" + (
+                " ..." if var.num_classes > 50 else "")
+        kind, encoder = var.conditioning.describe()
+        attention = "with" if var.conditioning.context_dim is not None else "without"
+        return "conditioning", f"{kind} (prompts): {encoder}, {attention} cross-attention"
 
 
 def model_card_text(checkpoint: str | None) -> str | None:

@@ -1,7 +1,9 @@
 """The Gradio page of ``varlib-app``: Generate (gallery and scale strip), Edit and Model tabs over an
 :class:`varlib.app.service.AppService`.
 
-API endpoints (``gradio_client``): ``/generate``, ``/scale_strip``, ``/edit`` and ``/model_card``. Bad input raises
+API endpoints (``gradio_client``): ``/generate``, ``/scale_strip``, ``/edit`` and ``/model_card``; for a
+text-conditional model ``/generate`` and ``/scale_strip`` take prompts and a negative prompt where a class model's
+take classes, and ``/edit`` takes a prompt for its target. Bad input raises
 ``gr.Error`` with the service's message, which the page shows while the app keeps serving; a full queue is
 answered by Gradio ("Queue is full"). Nothing is fetched from the network: analytics are off and the theme uses
 the system's fonts.
@@ -28,6 +30,12 @@ EDIT_MODE_CHOICES = [
     ("out-painting: keep the drawn region, regenerate the rest", "outpaint"),
     ("class-conditional: regenerate the drawn region as the target class", "class"),
 ]
+# A text model conditions every mode on the prompt (its "class" mode is in-painting).
+TEXT_EDIT_MODE_CHOICES = [
+    ("in-painting: regenerate the drawn region as the prompt", "inpaint"),
+    ("out-painting: keep the drawn region, regenerate the rest as the prompt", "outpaint"),
+]
+EXAMPLE_PROMPT = "red heart"  # a caption of the emoji that the demo's text model trained on
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -50,7 +58,7 @@ def theme() -> gr.themes.Base:
 
 def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
     """The page; queue and launch it with :func:`launch`."""
-    names, defaults = service.class_names, service.default_settings()
+    names, defaults = service.class_names, service.default_settings()  # a text model has no class names
     var = service.var
 
     @user_errors
@@ -58,25 +66,48 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
         return service.generate(classes, count, cfg, top_k, top_p, seed)
 
     @user_errors
+    def generate_from_prompts(prompts, negative, count, cfg, top_k, top_p, seed):
+        return service.generate(prompts, count, cfg, top_k, top_p, seed, negative)
+
+    @user_errors
     def scale_strip(class_name, cfg, top_k, top_p, seed):
         return service.scale_strip(class_name, cfg, top_k, top_p, seed)
 
     @user_errors
-    def edit(editor, mode, target_class, seed):
+    def scale_strip_of_prompt(prompt, negative, cfg, top_k, top_p, seed):
+        return service.scale_strip(prompt, cfg, top_k, top_p, seed, negative)
+
+    def edit_outcome(editor, mode, target, seed):
         if not editor:
             raise ValueError("upload an image (or pick an example) to edit: got none")
-        outcome = service.edit(editor.get("background"), editor.get("layers") or [], mode, target_class, seed)
+        outcome = service.edit(editor.get("background"), editor.get("layers") or [], mode, target, seed)
         images = [(outcome.before, "before"), (outcome.region, "regenerated tokens"), (outcome.after, "after")]
         return images, f"{outcome.tokens} tokens regenerated"
 
+    @user_errors
+    def edit(editor, mode, target_class, seed):
+        return edit_outcome(editor, mode, target_class, seed)
+
+    @user_errors
+    def edit_with_prompt(editor, mode, prompt, seed):
+        return edit_outcome(editor, mode, prompt, seed)
+
+    conditioned_on = "text-conditional (prompts)" if service.text else f"{var.num_classes} classes"
     with gr.Blocks(title="varlib", analytics_enabled=False, delete_cache=(600, 3600)) as app:
-        gr.Markdown(f"## varlib: VAR, next-scale prediction\n{var.num_classes} classes, "
+        gr.Markdown(f"## varlib: VAR, next-scale prediction\n{conditioned_on}, "
                     f"{service.resolution}x{service.resolution} px, scales {', '.join(map(str, var.patch_nums))}")
         with gr.Tab("Generate"):
             with gr.Row():
-                classes = gr.Dropdown(names, value=[names[0]], multiselect=True, label="Classes", elem_id="classes")
+                if service.text:
+                    prompts = gr.Textbox(EXAMPLE_PROMPT, lines=3, label="Prompts, one per line", elem_id="prompts")
+                    negative = gr.Textbox("", label="Negative prompt (guidance steers away from it; empty: none)",
+                                          elem_id="negative")
+                    conditions = [prompts, negative]
+                else:
+                    conditions = [gr.Dropdown(names, value=[names[0]], multiselect=True, label="Classes",
+                                              elem_id="classes")]
                 count = gr.Slider(1, service.max_images, value=min(4, service.max_images), step=1,
-                                  label="Images per class", elem_id="count")
+                                  label="Images per prompt" if service.text else "Images per class", elem_id="count")
             with gr.Row():
                 cfg = gr.Slider(0, 10, value=defaults.cfg, step=0.1, label="Guidance (cfg)")
                 top_k = gr.Slider(0, var.vocab_size, value=defaults.top_k, step=1, label="top-k (0 = off)")
@@ -86,17 +117,23 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
             gallery = gr.Gallery(label="Samples", columns=8, height="auto", format="png", elem_id="gallery",
                                  elem_classes="pixelated")
             with gr.Row():
-                strip_class = gr.Dropdown(names, value=names[0], label="Scale strip: class", elem_id="strip-class")
+                if service.text:
+                    strip_condition = gr.Textbox(EXAMPLE_PROMPT, label="Scale strip: prompt", elem_id="strip-prompt")
+                else:
+                    strip_condition = gr.Dropdown(names, value=names[0], label="Scale strip: class",
+                                                  elem_id="strip-class")
                 strip_button = gr.Button("Show the scales", elem_id="strip-button")
             strip = gr.Gallery(label="One image after each scale, coarse to fine", columns=len(var.patch_nums),
                                height="auto", format="png", elem_id="scale-strip", elem_classes="pixelated")
             # up to batch_size requests wait on the model thread at once (one call can take them all); the rest
             # wait in the bounded queue
-            generate_event = generate_button.click(generate, [classes, count, cfg, top_k, top_p, seed], gallery,
+            generate_event = generate_button.click(generate_from_prompts if service.text else generate,
+                                                   [*conditions, count, cfg, top_k, top_p, seed], gallery,
                                                    api_name="generate", concurrency_limit=service.worker.batch_size)
-            strip_inputs = [strip_class, cfg, top_k, top_p, seed]
-            strip_button.click(scale_strip, strip_inputs, strip, api_name="scale_strip")
-            generate_event.success(scale_strip, strip_inputs, strip, api_name="scale_strip_after_generate",
+            strip_fn = scale_strip_of_prompt if service.text else scale_strip
+            strip_inputs = [strip_condition, *conditions[1:], cfg, top_k, top_p, seed]  # a text model's negative
+            strip_button.click(strip_fn, strip_inputs, strip, api_name="scale_strip")
+            generate_event.success(strip_fn, strip_inputs, strip, api_name="scale_strip_after_generate",
                                    api_visibility="private")
 
         with gr.Tab("Edit"):
@@ -105,8 +142,13 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
                                       label="Image: draw over the region", elem_id="editor", elem_classes="pixelated",
                                       brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
                 with gr.Column():
-                    mode = gr.Radio(EDIT_MODE_CHOICES, value="inpaint", label="Mode", elem_id="edit-mode")
-                    target = gr.Dropdown(names, value=names[0], label="Target class (class-conditional)")
+                    mode = gr.Radio(TEXT_EDIT_MODE_CHOICES if service.text else EDIT_MODE_CHOICES, value="inpaint",
+                                    label="Mode", elem_id="edit-mode")
+                    if service.text:
+                        target = gr.Textbox(EXAMPLE_PROMPT, label="Prompt (what the regenerated part shows)",
+                                            elem_id="edit-prompt")
+                    else:
+                        target = gr.Dropdown(names, value=names[0], label="Target class (class-conditional)")
                     edit_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                     edit_status = gr.Textbox(label="Status", interactive=False, elem_id="edit-status")
@@ -114,7 +156,8 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
                 gr.Examples([[str(path)] for path in examples], [editor], label="Examples", elem_id="examples")
             comparison = gr.Gallery(label="Before (as the model sees it), regenerated tokens (white), after", columns=3,
                                     height="auto", format="png", elem_id="comparison", elem_classes="pixelated")
-            edit_button.click(edit, [editor, mode, target, edit_seed], [comparison, edit_status], api_name="edit")
+            edit_button.click(edit_with_prompt if service.text else edit, [editor, mode, target, edit_seed],
+                              [comparison, edit_status], api_name="edit")
 
         with gr.Tab("Model"):
             card = gr.Markdown(elem_id="model-card")

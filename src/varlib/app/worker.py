@@ -3,9 +3,9 @@ that are waiting together are sampled in one ``VAR.generate`` call.
 
 Gradio's queue hands up to ``batch_size`` Generate requests to the app at once; each waits on its future while the
 thread samples. While one call runs, the next requests pile up here, so under load a call takes every waiting
-request with the first one's settings (classes may differ) up to ``batch_size`` images, and a request alone is
-sampled at once (no waiting window). Requests are never split: one larger than the room left waits for the next
-call, and one larger than ``batch_size`` runs alone.
+request with the first one's settings (classes or prompts may differ) up to ``batch_size`` images, and a request
+alone is sampled at once (no waiting window). Requests are never split: one larger than the room left waits for the
+next call, and one larger than ``batch_size`` runs alone.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ class _Job:
     future: Future
     run: Callable[[], Any] | None = None  # a plain call, never merged
     key: Hashable = None  # a generate request: its settings ...
-    labels: list[int] = field(default_factory=list)  # ... and its classes
+    labels: list = field(default_factory=list)  # ... and its classes (ints) or prompts (str)
 
 
 class ModelWorker:
     """Runs model calls on one thread, in arrival order, merging generate requests with equal ``key``.
 
     Args:
-        generate: ``generate(labels, key) -> (B,3,H,W) images`` for B = len(labels); ``key`` holds the
-            sampling settings (hashable; equal keys may share a call, whose random stream is then shared).
+        generate: ``generate(labels, key) -> (B,3,H,W) images`` for B = len(labels), classes or prompts;
+            ``key`` holds the sampling settings (hashable; equal keys may share a call, whose random stream is
+            then shared).
         batch_size: images one ``generate`` call samples at most when it merges requests; 1 = no merging.
     """
 
-    def __init__(self, generate: Callable[[list[int], Hashable], torch.Tensor], batch_size: int) -> None:
+    def __init__(self, generate: Callable[[list, Hashable], torch.Tensor], batch_size: int) -> None:
         self.batch_size = check_int_at_least("batch_size", batch_size, 1)
         self._generate = generate
         self._pending: deque[_Job] = deque()
@@ -48,7 +49,7 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._serve, name="varlib-app-model", daemon=True)
         self._thread.start()
 
-    def generate(self, labels: list[int], key: Hashable) -> Future:
+    def generate(self, labels: list, key: Hashable) -> Future:
         """Queues one request; the future's result is its (len(labels),3,H,W) images, or the error raised."""
         if not labels:
             raise ValueError("a generate request needs at least one label, got none")
