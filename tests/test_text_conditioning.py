@@ -16,7 +16,7 @@ from varlib.models.flops import per_token_linear_params
 from varlib.models.layers import AdaLNSelfAttn
 from varlib.models.patch_schedules import scale_slices
 from varlib.models.text import (ByteTokenizer, HFTextEncoder, SmallTextEncoder, TextEncoder, TextFeatures,
-                                WordTokenizer, build_text_encoder)
+                                WordTokenizer, build_text_encoder, drop_words)
 
 PROMPTS = ["red heart", "cat face with wry smile"]
 
@@ -85,6 +85,43 @@ def test_small_encoder_over_words_gives_one_token_per_word_and_rejects_other_tok
     torch.testing.assert_close(rebuilt.encode(["red heart"]).pooled_BD, features.pooled_BD[:1])
     with pytest.raises(ValueError, match="'words' or 'bytes', got 'chars'"):
         SmallTextEncoder(tokens="chars")
+
+
+def test_drop_words_leaves_out_words_at_the_rate_and_keeps_one():
+    torch.manual_seed(0)
+    prompts = ["cat face with wry smile"] * 2000 + ["heart"]
+    dropped = drop_words(prompts, 0.3)
+    assert dropped[-1] == "heart"  # one word: kept whatever the draw
+    kept = [p.split() for p in dropped[:-1]]
+    assert all(words and all(w in prompts[0].split() for w in words) for words in kept)
+    assert all(words == sorted(words, key=prompts[0].split().index) for words in kept)  # order kept
+    share = sum(map(len, kept)) / (5 * 2000)  # 0.7 kept, plus the rare prompts where all 5 drew "drop" (0.3^5)
+    assert share == pytest.approx(0.7 + 0.3**5 / 5, abs=4 * (0.21 / 10000) ** 0.5)
+    torch.manual_seed(0)
+    assert drop_words(prompts, 0.3) == dropped  # torch's generator: a seeded step draws the same
+    assert drop_words(prompts[:5], 0.0) == prompts[:5]
+
+
+def test_word_dropout_acts_in_training_mode_only_and_travels_in_the_model_file(tmp_path):
+    torch.manual_seed(2)
+    var = VAR(tiny_vae(), depth=2, width=32, num_heads=2,
+              conditioning=dict(type="text", encoder=small_encoder().config, word_dropout=0.5))
+    prompts = ["cat face with wry smile"] * 4
+    var.eval()
+    torch.testing.assert_close(var.text_cond.prepare(prompts, None, var).pooled_BD,
+                               var.text_cond.encoder.encode(prompts).pooled_BD)
+    var.train()
+    torch.manual_seed(0)
+    trained_on = drop_words(prompts, 0.5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(var.text_cond.prepare(prompts, None, var).pooled_BD,
+                               var.text_cond.encoder.encode(trained_on).pooled_BD)
+    assert trained_on != prompts
+    var.save_pretrained(tmp_path / "m")
+    assert varlib.load(tmp_path / "m").text_cond.word_dropout == 0.5
+    with pytest.raises(ValueError, match=r"word_dropout must lie in \[0, 1\), got 1.0"):
+        VAR(tiny_vae(), depth=2, width=32, num_heads=2,
+            conditioning=dict(type="text", encoder=small_encoder().config, word_dropout=1.0))
 
 
 def test_small_encoder_shapes_padding_and_trainable():
@@ -195,7 +232,8 @@ def test_text_var_forward_shapes_state_and_config():
     assert {"blocks.0.cross_gate", "blocks.1.cross_attn.kv.weight", "text_cond.encoder.token_embed.weight"} <= keys
     assert torch.equal(var.blocks[0].cross_gate, torch.zeros(32))  # zero-initialised
     assert var.num_classes == 0 and var.config["num_classes"] == 0
-    assert var.config["conditioning"] == dict(type="text", encoder=var.text_cond.encoder.config, cross_attention=True)
+    assert var.config["conditioning"] == dict(type="text", encoder=var.text_cond.encoder.config, cross_attention=True,
+                                              word_dropout=0.0)
     pooled_only = VAR(tiny_vae(), depth=2, width=32, num_heads=2,
                       conditioning=dict(type="text", encoder=small_encoder().config, cross_attention=False))
     assert not any("cross" in k for k in pooled_only.state_dict()) and pooled_only(PROMPTS, x).shape == (2, var.L, 16)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from varlib.models.sampling import as_labels
-from varlib.models.text import TextEncoder, TextFeatures, build_text_encoder
+from varlib.models.text import TextEncoder, TextFeatures, build_text_encoder, drop_words
 
 
 class Conditioning(nn.Module):
@@ -125,12 +125,19 @@ class TextConditioning(Conditioning):
         width: D, the transformer's width.
         cross_attention: feed the token features to a cross-attention in each block (False: the pooled feature
             only, as VAR-CLIP).
+        word_dropout: in training mode, each word of a prompt given as text is left out with this probability (at
+            least one kept; :func:`~varlib.models.text.drop_words`), so that a word learns what it means alone and
+            not only as part of one caption ("red" from "red heart", "red apple", ...). Sampling keeps every word.
     """
 
     ATTRIBUTE, EXAMPLE = "text_cond", '["red heart", "cat face"]'
 
-    def __init__(self, encoder: TextEncoder | Mapping, width: int, cross_attention: bool = True):
+    def __init__(self, encoder: TextEncoder | Mapping, width: int, cross_attention: bool = True,
+                 word_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= word_dropout < 1.0:
+            raise ValueError(f"word_dropout must lie in [0, 1), got {word_dropout}")
+        self.word_dropout = word_dropout
         self.encoder = encoder if isinstance(encoder, TextEncoder) else build_text_encoder(encoder)
         dim = self.encoder.dim
         self.pooled_proj = nn.Linear(dim, width)
@@ -146,6 +153,8 @@ class TextConditioning(Conditioning):
         if isinstance(condition, TextFeatures):
             features = condition
         elif isinstance(condition, (list, tuple)) and condition and all(isinstance(p, str) for p in condition):
+            if self.training and self.word_dropout > 0:
+                condition = drop_words(condition, self.word_dropout)
             features = self.encoder.encode(condition)
         else:
             raise ValueError(f"a text model takes prompts (a str or a non-empty list of str) or TextFeatures, "
@@ -183,7 +192,8 @@ class TextConditioning(Conditioning):
 
     @property
     def spec(self) -> dict:
-        return dict(type="text", encoder=self.encoder.config, cross_attention=self.context_dim is not None)
+        return dict(type="text", encoder=self.encoder.config, cross_attention=self.context_dim is not None,
+                    word_dropout=self.word_dropout)
 
     def describe(self) -> tuple[str, str]:
         return "text-conditional", f"text encoder {type(self.encoder).__name__} ({self.encoder.dim}-wide features)"

@@ -81,6 +81,21 @@ def masked_mean(tokens_BTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor
     return (tokens_BTD * weights_BT1).sum(1) / weights_BT1.sum(1)
 
 
+def drop_words(prompts: Sequence[str], rate: float) -> list[str]:
+    """Each prompt with each of its space-separated words left out with probability ``rate`` (torch's random
+    generator, so a seeded training step draws the same), keeping at least one word: the one drawn last to go."""
+    kept_prompts = []
+    for prompt in prompts:
+        words = prompt.split()
+        if len(words) < 2:
+            kept_prompts.append(prompt)
+            continue
+        draws = torch.rand(len(words)).tolist()
+        kept = [w for w, u in zip(words, draws) if u >= rate] or [words[max(range(len(words)), key=draws.__getitem__)]]
+        kept_prompts.append(" ".join(kept))
+    return kept_prompts
+
+
 class ByteTokenizer:
     """Prompts as UTF-8 bytes: pad 0, byte b -> b + 1, then BOS 257 and EOS 258.
 
