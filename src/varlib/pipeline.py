@@ -573,7 +573,6 @@ def prepare_models(with_var: bool = True) -> RunFiles:
     return tiny
 
 
-
 def prepare_text_model() -> Path:
     """The text VAR file of ``make demo-text`` (``<project>/outputs/demo_text/var``) when it wrote one, else a tiny
     one's under ``<project>/outputs/notebooks/text_var``, trained on the emoji names (``t2i_emoji`` with
