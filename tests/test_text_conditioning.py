@@ -71,6 +71,9 @@ def test_word_tokenizer_hashes_lower_case_words_and_pads():
     assert mask.all() and tokenizer.vocab_size == 1003
     ids, mask = tokenizer(["RED", "red heart"])
     assert ids.tolist() == [[1, red, 2, 0], [1, red, heart, 2]] and mask.tolist() == [[True] * 3 + [False], [True] * 4]
+    ids, _ = tokenizer(["Piñata", "猫 face_2"])  # any script; the underscore separates words
+    assert ids[0, 1] == 3 + zlib.crc32("piñata".encode()) % 1000 and ids[1, 1:3].tolist() == [
+        3 + zlib.crc32("猫".encode()) % 1000, face]
     with pytest.raises(ValueError, match="buckets=0"):
         WordTokenizer(buckets=0)
 

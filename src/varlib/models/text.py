@@ -124,12 +124,12 @@ class WordTokenizer:
     3 + crc32(w) mod ``buckets``.
 
     No vocabulary to build or ship, and a word never seen in training still gets a stable id. Words are runs of
-    letters and digits; each prompt becomes BOS, its words (cut to ``max_length`` - 2) and EOS; rows are padded to
-    the longest.
+    letters and digits of any script ("piñata", "猫"); each prompt becomes BOS, its words (cut to ``max_length`` - 2)
+    and EOS; rows are padded to the longest.
     """
 
     pad_id, bos_id, eos_id = 0, 1, 2
-    WORD = re.compile(r"[a-z0-9]+")
+    WORD = re.compile(r"[^\W_]+")
 
     def __init__(self, buckets: int = 4096, max_length: int = 32):
         if buckets < 1 or max_length < 3:
