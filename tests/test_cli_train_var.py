@@ -195,7 +195,8 @@ def test_fsdp_trains_like_ddp_with_global_gradient_clipping_and_whole_export(tin
 def test_fsdp_shards_every_parameter_across_processes_and_runs_its_bf16_policy(tiny_cache):
     """trainer=fsdp at its default precision (bf16-mixed) on 2 CPU processes (gloo): every transformer parameter is an
     fp32 DTensor sharded on dim 0, each rank holding its chunk of the rows (about half of every parameter, half of
-    all elements); the blocks compute with bf16 weights gathered from the shards and the gradients are fp32."""
+    all elements); the root and every block are FSDP units; the blocks compute with bf16 weights gathered from the
+    shards, reduce gradients in fp32 and the gradients are fp32."""
     out = tiny_cache / "fsdp_shards"
     result = train(tiny_cache, "fsdp_shards", "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
                    "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.model_checkpoint=null",
@@ -206,6 +207,7 @@ def test_fsdp_shards_every_parameter_across_processes_and_runs_its_bf16_policy(t
     for rank, record in enumerate(records):
         assert record["world_size"] == 2
         assert record["forward_dtypes"] == ["torch.bfloat16"] and record["grad_dtypes"] == ["torch.float32"]
+        assert all(record["fsdp_units"]) and len(record["fsdp_units"]) > 1 and record["reduce_dtype"] == "torch.float32"
         for name, param in record["params"].items():
             assert param["dtensor"] and param["placements"] == "(Shard(dim=0),)", name
             assert param["dtype"] == "torch.float32", name

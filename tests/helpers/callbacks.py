@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 
@@ -30,7 +31,9 @@ class KillAtStep(L.Callback):
 class RecordSharding(L.Callback):
     """Writes ``<out>/sharding_rank<r>.json`` per process: for every transformer parameter, whether it is a DTensor,
     its placements, local element count, global shape and dtype at the first step; the dtypes of the first block's
-    parameters inside its forward (FSDP2 gathers them, in the mixed-precision policy's dtype); the gradients' dtypes."""
+    parameters inside its forward (FSDP2 gathers them, in the mixed-precision policy's dtype); the gradients' dtypes;
+    which of the root and its blocks are FSDP units (one ``fully_shard`` each), and the first block's reduce dtype
+    (FSDP2 casts reduced gradients back to the shard's dtype, so only its policy shows it; a private attribute)."""
 
     def __init__(self, out: str):
         self.out = Path(out)
@@ -45,7 +48,11 @@ class RecordSharding(L.Callback):
             params[name] = {"dtensor": is_dtensor, "placements": str(param.placements) if is_dtensor else None,
                             "local": param.to_local().numel() if is_dtensor else param.numel(),
                             "shape": list(param.shape), "dtype": str(param.dtype)}
-        self.record = {"world_size": trainer.world_size, "params": params, "forward_dtypes": []}
+        transformer = pl_module.transformer
+        self.record = {"world_size": trainer.world_size, "params": params, "forward_dtypes": [],
+                       "fsdp_units": [isinstance(m, FSDPModule) for m in (transformer, *transformer.blocks)],
+                       "reduce_dtype": str(transformer.blocks[0]._get_fsdp_state()._mp_policy.reduce_dtype)
+                       if isinstance(transformer.blocks[0], FSDPModule) else None}
         pl_module.transformer.blocks[0].register_forward_pre_hook(self._record_forward_dtypes)
 
     def _record_forward_dtypes(self, block, args):
