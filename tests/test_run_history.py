@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from varlib.evaluation.scaling_callback import ScalingRecordCallback
-from varlib.training.loggers import CSVLogger, TensorBoardLogger, log_image
+from varlib.loggers import CSVLogger, TensorBoardLogger, log_image
 from varlib.training.preemption import StepCheckpoint, slurm_job_id
 from varlib.training.run_config import (
     RUN_CONFIG_FILENAME, check_resume_mode, check_run_config, config_changes, flatten, record_run_config,
@@ -134,7 +134,7 @@ def test_images_go_through_each_loggers_own_api(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     wandb = pytest.importorskip("wandb")
-    from varlib.training.loggers import WandbLogger
+    from varlib.loggers import WandbLogger
 
     csv_logger = CSVLogger(str(tmp_path))
     tb_logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
@@ -192,7 +192,7 @@ def test_logger_configs_build_the_history_keeping_loggers(tmp_path):
     from hydra.utils import instantiate
 
     from varlib.configs import compose_config
-    from varlib.training.loggers import WandbLogger
+    from varlib.loggers import WandbLogger
 
     cfg = compose_config("train", ["experiment=var_emoji", f"paths.output_dir={tmp_path}", "logger=[csv,tensorboard,wandb]",
                                    "logger.wandb.offline=true"])

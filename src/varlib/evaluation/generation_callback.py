@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from varlib.evaluation.generative_metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from varlib.evaluation.reference import ReferenceStatistics, load_reference
 from varlib.images import unit_float_to_uint8
-from varlib.training.loggers import log_image
+from varlib.loggers import log_image
 
 
 def gather_in_batch_order(trainer: lightning.Trainer, local: dict[int, torch.Tensor], sizes: Sequence[int]) -> torch.Tensor:

@@ -48,7 +48,7 @@ from varlib.training.ema import ModelEMA
 from varlib.training.finetune import (
     LORA_ALWAYS_TRAINED, LoraSpec, add_lora, freeze_except, initialise_from, pretrained_model,
 )
-from varlib.training.loggers import log_image
+from varlib.loggers import log_image
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
 
@@ -89,7 +89,7 @@ class TokenTransformerModule(L.LightningModule):
             file carries; a key left out or None: :class:`~varlib.models.sampling.SamplingConfig`'s default.
         grid_classes, grid_per_class: after each validation, a grid of ``grid_per_class`` samples (rows) of
             classes 0..grid_classes-1 (columns), drawn with ``sampling`` and a fixed seed, goes to every logger
-            (``val/samples``, :func:`varlib.training.loggers.log_image`); 0 classes, or no logger, skips it.
+            (``val/samples``, :func:`varlib.loggers.log_image`); 0 classes, or no logger, skips it.
         grid_prompts: a text model's grid columns: these prompts (None or empty: no grid). A class model takes none.
         seed: the random draws of training step s (label dropout, drop-path) are seeded with
             seed + s * world_size + rank, so a run resumed from a checkpoint replays them exactly.
@@ -346,7 +346,7 @@ class TokenTransformerModule(L.LightningModule):
 
     def _log_sample_grid(self) -> None:
         """Samples of the first classes, or a text model's ``grid_prompts``, to every logger
-        (:func:`~varlib.training.loggers.log_image`). Every rank samples (a sharded model's forward is collective),
+        (:func:`~varlib.loggers.log_image`). Every rank samples (a sharded model's forward is collective),
         rank 0 logs; a fixed seed makes grids of successive validations comparable."""
         if self.text_conditional:
             columns = list(self.hparams.grid_prompts or [])

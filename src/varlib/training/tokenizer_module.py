@@ -49,7 +49,7 @@ from varlib.training.components import build_component, component_factory
 from varlib.training.ema import ModelEMA
 from varlib.training.finetune import freeze_except, initialise_from, pretrained_model
 from varlib.training.gan import gan_start_factor
-from varlib.training.loggers import log_image
+from varlib.loggers import log_image
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
 from varlib.training.seeding import seed_training_step
