@@ -34,6 +34,7 @@ from varlib.data.token_cache import read_text_encoder_config
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
 from varlib.io import load_tokenizer, pop_ema_tensors
+from varlib.loggers import log_image
 from varlib.models.hub import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.models.sampling import SamplingConfig
@@ -48,7 +49,6 @@ from varlib.training.ema import ModelEMA
 from varlib.training.finetune import (
     LORA_ALWAYS_TRAINED, LoraSpec, add_lora, freeze_except, initialise_from, pretrained_model,
 )
-from varlib.loggers import log_image
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
 

@@ -42,6 +42,7 @@ from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
 from varlib.images import image_grid, signed_float_to_uint8
 from varlib.io import pop_ema_tensors
+from varlib.loggers import log_image
 from varlib.models.hub import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -49,7 +50,6 @@ from varlib.training.components import build_component, component_factory
 from varlib.training.ema import ModelEMA
 from varlib.training.finetune import freeze_except, initialise_from, pretrained_model
 from varlib.training.gan import gan_start_factor
-from varlib.loggers import log_image
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
 from varlib.training.seeding import seed_training_step
