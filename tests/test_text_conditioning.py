@@ -139,6 +139,35 @@ def test_small_encoder_shapes_padding_and_trainable():
     assert features.pooled_BD.requires_grad
 
 
+def test_small_encoder_pools_a_bag_of_words_with_or_without_the_features():
+    torch.manual_seed(1)
+    words = SmallTextEncoder(width=16, depth=1, num_heads=2, max_length=32, tokens="words", pool="words")
+    both = build_text_encoder({**words.config, "pool": "features+words"})
+    features = build_text_encoder({**words.config, "pool": "features"})
+    for encoder in (both, features):
+        encoder.load_state_dict(words.state_dict(), strict=False)  # same embeddings, layers and norms
+    prompts = ["red heart", "heart red", "red", ""]
+    pooled = words.encode(prompts)
+    ids_BT, _ = words.tokenize(["red heart"])
+    words_D = words.token_embed(ids_BT[0, 1:3]).mean(0)  # without BOS and EOS
+    torch.testing.assert_close(pooled.pooled_BD[0], words.pool_norm(words_D), rtol=0, atol=1e-6)
+    # word order moves the token features (positions) but not the bag of words
+    torch.testing.assert_close(pooled.pooled_BD[1], pooled.pooled_BD[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(pooled.tokens_BTD[1, 1:3], pooled.tokens_BTD[0, 1:3], atol=1e-3)
+    assert (pooled.pooled_BD[2] - pooled.pooled_BD[0]).abs().max() > 0.1
+    assert torch.isfinite(pooled.pooled_BD[3]).all()  # the empty prompt pools BOS and EOS
+    # features+words adds the mean of the token features, which the words pool leaves out
+    summed = both.encode(prompts)
+    torch.testing.assert_close(summed.tokens_BTD, pooled.tokens_BTD, rtol=0, atol=0)
+    mean_BD = torch.stack([summed.tokens_BTD[i, summed.mask_BT[i]].mean(0) for i in range(len(prompts))])
+    torch.testing.assert_close(summed.pooled_BD, pooled.pooled_BD + mean_BD, rtol=0, atol=1e-5)
+    (summed.pooled_BD[0] * torch.linspace(-1, 1, 16)).sum().backward()  # LayerNorm: a plain sum has no gradient
+    assert both.token_embed.weight.grad[ids_BT[0, 1:3]].abs().sum(1).min() > 0
+    assert features.pool == "features" and features.pool_norm is None
+    with pytest.raises(ValueError, match=r"pool must be one of \['features', 'words', 'features\+words'\], got 'max'"):
+        SmallTextEncoder(pool="max")
+
+
 def test_clip_encoder_shapes_frozen_and_eos_pooling():
     encoder = clip_encoder()
     features = encoder.encode(PROMPTS)

@@ -264,20 +264,27 @@ class HFTextEncoder(TextEncoder):
 
 class SmallTextEncoder(TextEncoder):
     """A small trainable text encoder: token embeddings plus learned positions, ``depth`` pre-norm transformer
-    layers with padding masked, a final LayerNorm; the pooled feature is the mean of the real tokens.
+    layers with padding masked, a final LayerNorm; the token features are the layers' outputs.
 
     Args:
         width: D. depth, num_heads, mlp_ratio: the layers. max_length: the longest tokenised prompt.
         tokens: ``"words"`` (:class:`WordTokenizer`, ``buckets`` hashed ids) or ``"bytes"``
             (:class:`ByteTokenizer`). Words learn from few captions: a word's meaning is one embedding row, where
             bytes must first be composed into words by the layers.
+        pool: the pooled feature. ``"features"``: the mean of the real tokens' features. ``"words"``: a bag of
+            words, the LayerNorm'd mean of the embeddings of the prompt's words (BOS and EOS left out), so that each
+            word moves it by its own row ("red" alike in "red heart" and "red apple") rather than through layers that
+            first learn the frequent words naming categories. ``"features+words"``: the sum of the two.
     """
 
     frozen = False
+    POOLS = ("features", "words", "features+words")
 
     def __init__(self, width: int = 128, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 max_length: int = 64, tokens: str = "bytes", buckets: int = 4096):
+                 max_length: int = 64, tokens: str = "bytes", buckets: int = 4096, pool: str = "features"):
         super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"SmallTextEncoder pool must be one of {list(self.POOLS)}, got {pool!r}")
         if tokens == "words":
             self._tokenizer = WordTokenizer(buckets, max_length)
         elif tokens == "bytes":
@@ -286,22 +293,37 @@ class SmallTextEncoder(TextEncoder):
             raise ValueError(f"SmallTextEncoder tokens must be 'words' or 'bytes', got {tokens!r}")
         self.dim = width
         self.token_embed = nn.Embedding(self._tokenizer.vocab_size, width)
+        # Small rows (GPT-2's 0.02): a word never trained on, or its hash bucket, barely moves a prompt's features.
+        nn.init.trunc_normal_(self.token_embed.weight, std=0.02)
         self.pos_1TD = nn.Parameter(torch.empty(1, max_length, width))
         nn.init.trunc_normal_(self.pos_1TD, std=0.02)
         layer = nn.TransformerEncoderLayer(width, num_heads, round(width * mlp_ratio), dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
+        self.pool = pool
+        self.pool_norm = nn.LayerNorm(width) if pool != "features" else None
         self.config = dict(_target_=f"{__name__}.SmallTextEncoder", width=width, depth=depth, num_heads=num_heads,
-                           mlp_ratio=mlp_ratio, max_length=max_length, tokens=tokens, buckets=buckets)
+                           mlp_ratio=mlp_ratio, max_length=max_length, tokens=tokens, buckets=buckets, pool=pool)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._tokenizer(prompts)
 
     def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> TextFeatures:
-        x_BTD = self.token_embed(ids_BT) + self.pos_1TD[:, : ids_BT.shape[1]]
+        embed_BTD = self.token_embed(ids_BT)
+        x_BTD = embed_BTD + self.pos_1TD[:, : ids_BT.shape[1]]
         tokens_BTD = self.norm(self.layers(x_BTD, src_key_padding_mask=~mask_BT))
-        return TextFeatures(tokens_BTD, mask_BT, masked_mean(tokens_BTD, mask_BT))
+        features_BD = masked_mean(tokens_BTD, mask_BT)
+        if self.pool == "features":
+            return TextFeatures(tokens_BTD, mask_BT, features_BD)
+        words_BD = self.bag_of_words(ids_BT, mask_BT, embed_BTD)
+        return TextFeatures(tokens_BTD, mask_BT, words_BD if self.pool == "words" else features_BD + words_BD)
+
+    def bag_of_words(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, embed_BTD: torch.Tensor) -> torch.Tensor:
+        """(B,D): the LayerNorm'd mean of the embeddings of each prompt's words (BOS and EOS for the empty one)."""
+        words_BT = mask_BT & (ids_BT != self._tokenizer.bos_id) & (ids_BT != self._tokenizer.eos_id)
+        words_BT = torch.where(words_BT.any(1, keepdim=True), words_BT, mask_BT)
+        return self.pool_norm(masked_mean(embed_BTD, words_BT))
 
 
 def build_text_encoder(config: Mapping) -> TextEncoder:
