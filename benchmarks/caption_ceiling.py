@@ -21,13 +21,11 @@ import json
 import torch
 import torch.nn.functional as F
 
-from varlib.evaluation.emoji_classifier import balanced_draw
+from varlib.evaluation.emoji_classifier import dataset_labels
 from varlib.models.text import WordTokenizer
-from varlib.pipeline import captioned_emoji, colour_prompts
+from varlib.pipeline import captioned_emoji, colour_prompts, scored_captions
 
-
-def words(caption: str) -> list[str]:
-    return WordTokenizer.WORD.findall(caption.lower())
+words = WordTokenizer.words
 
 
 def bag_of_words(captions: list[str], vocabulary: dict[str, int]) -> torch.Tensor:
@@ -65,9 +63,8 @@ def main() -> None:
     train, val = datamodule.train_set, datamodule.val_set
     train_captions = [train.captions_N[i] for i in train.indices]
     train_labels_N = train.labels_N[train.indices]
-    val_labels_N = val.labels_N[val.indices]
-    draw = balanced_draw(val_labels_N, datamodule.num_classes, args.per_class, args.seed)
-    scored = [val.captions_N[val.indices[int(i)]] for i in draw]
+    val_labels_N = dataset_labels(val)
+    draw, scored = scored_captions(datamodule, val_labels_N, args.per_class, args.seed)
     scored_labels_N = val_labels_N[draw]
 
     vocabulary = {word: i for i, word in enumerate(sorted({w for c in train_captions for w in words(c)}))}
@@ -77,6 +74,7 @@ def main() -> None:
     known = set(train_captions)
     is_training_caption_N = torch.tensor([caption in known for caption in scored])
     scored_words = [w for caption in scored for w in words(caption)]
+    colour = [prompt for prompt, _ in colour_prompts()]
     print(json.dumps({
         "train_images": len(train_captions), "held_out_images": len(val.indices), "scored_prompts": len(scored),
         "vocabulary_words": len(vocabulary),
@@ -87,8 +85,8 @@ def main() -> None:
             "not_training_captions": round(float(correct_N[~is_training_caption_N].float().mean()), 3),
             "training_captions": round(float(correct_N[is_training_caption_N].float().mean()), 3),
         },
-        "colour_prompts_that_are_training_captions": sorted(p for p, _ in colour_prompts() if p in known),
-        "colour_prompts_held_out": sorted(p for p, _ in colour_prompts() if p not in known),
+        "colour_prompts_that_are_training_captions": sorted(p for p in colour if p in known),
+        "colour_prompts_held_out": sorted(p for p in colour if p not in known),
     }, indent=2))
 
 

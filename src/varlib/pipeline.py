@@ -232,6 +232,15 @@ def captioned_emoji(image_size: int) -> EmojiDataModule:
     return datamodule
 
 
+def scored_captions(datamodule: EmojiDataModule, labels_N: torch.Tensor, per_class: int,
+                    seed: int) -> tuple[torch.Tensor, list[str]]:
+    """``make demo-text``'s scored prompts: the class-balanced draw (indices into ``datamodule.val_set``, whose
+    labels are ``labels_N``) of ``per_class`` held-out emoji per category, and their captions."""
+    draw = balanced_draw(labels_N, datamodule.num_classes, per_class, seed)
+    val = datamodule.val_set
+    return draw, [val.captions_N[val.indices[int(i)]] for i in draw]
+
+
 def emoji_named(datamodule: EmojiDataModule, captions: Sequence[str]) -> torch.Tensor:
     """The emoji images (len(captions), 3, H, W) in [0,1] captioned exactly ``captions``, from either split."""
     all_captions = datamodule.val_set.captions_N
@@ -289,8 +298,7 @@ def run_demo_text(
     var = varlib.load(files.transformer)
     datamodule = captioned_emoji(var.vae.image_size)
     held_out_N, labels_N = labelled_images(datamodule.val_set)
-    draw = balanced_draw(labels_N, datamodule.num_classes, scored_per_class, seed)
-    scored_prompts = [datamodule.val_set.captions_N[datamodule.val_set.indices[int(i)]] for i in draw]
+    draw, scored_prompts = scored_captions(datamodule, labels_N, scored_per_class, seed)
     colour_pairs = colour_prompts()
     colour_rows = [prompt for prompt, _ in colour_pairs for _ in range(colour_per_prompt)]
     settings = {"model": var.sampling.resolve(), "no_guidance": var.sampling.resolve(**NO_GUIDANCE)}

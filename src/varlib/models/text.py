@@ -138,13 +138,18 @@ class WordTokenizer:
         self.buckets, self.max_length = buckets, max_length
         self.vocab_size = buckets + 3
 
+    @classmethod
+    def words(cls, prompt: str) -> list[str]:
+        """The lower-case words of ``prompt``, in order."""
+        return cls.WORD.findall(prompt.lower())
+
     def word_id(self, word: str) -> int:
         return 3 + zlib.crc32(word.encode()) % self.buckets
 
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B,T) int64, mask (B,T) bool)."""
-        rows = [[self.bos_id, *(self.word_id(w) for w in self.WORD.findall(p.lower())[: self.max_length - 2]),
-                 self.eos_id] for p in prompts]
+        rows = [[self.bos_id, *(self.word_id(w) for w in self.words(p)[: self.max_length - 2]), self.eos_id]
+                for p in prompts]
         length = max(len(r) for r in rows)
         ids = torch.tensor([r + [self.pad_id] * (length - len(r)) for r in rows], dtype=torch.long)
         return ids, ids != self.pad_id
@@ -313,11 +318,13 @@ class SmallTextEncoder(TextEncoder):
         embed_BTD = self.token_embed(ids_BT)
         x_BTD = embed_BTD + self.pos_1TD[:, : ids_BT.shape[1]]
         tokens_BTD = self.norm(self.layers(x_BTD, src_key_padding_mask=~mask_BT))
-        features_BD = masked_mean(tokens_BTD, mask_BT)
         if self.pool == "features":
-            return TextFeatures(tokens_BTD, mask_BT, features_BD)
-        words_BD = self.bag_of_words(ids_BT, mask_BT, embed_BTD)
-        return TextFeatures(tokens_BTD, mask_BT, words_BD if self.pool == "words" else features_BD + words_BD)
+            pooled_BD = masked_mean(tokens_BTD, mask_BT)
+        elif self.pool == "words":
+            pooled_BD = self.bag_of_words(ids_BT, mask_BT, embed_BTD)
+        else:
+            pooled_BD = masked_mean(tokens_BTD, mask_BT) + self.bag_of_words(ids_BT, mask_BT, embed_BTD)
+        return TextFeatures(tokens_BTD, mask_BT, pooled_BD)
 
     def bag_of_words(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, embed_BTD: torch.Tensor) -> torch.Tensor:
         """(B,D): the LayerNorm'd mean of the embeddings of each prompt's words (BOS and EOS for the empty one)."""
