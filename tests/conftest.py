@@ -8,6 +8,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+pytest_plugins = ["pytester"]  # test_thread_count.py runs this conftest in a pytest session of its own
 
 # `make test` runs one pytest worker per core (pytest-xdist): each worker, and the commands its tests start, take
 # their share of the cores, not all of them (oversubscribed torch threads spin and slow everything).

@@ -5,7 +5,6 @@ test_app_browser.py)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,8 @@ from varlib.data.emoji import EmojiDataModule, emoji_category, is_validation_nam
 from varlib.evaluation import to_uint8_nhwc
 from varlib.models.editing import box_keep_mask
 from varlib.models.text import SmallTextEncoder
+
+from helpers.model_thread import WAIT_S, hold_model_thread, wait_for_queued
 
 SIDE = 32  # last patch number 16 x downsample 2
 NUM_CLASSES = 3
@@ -74,10 +75,7 @@ class RecordingGenerate:
 def blocked_worker(generate, batch_size):
     """A worker whose thread is busy until the returned event is set, so that requests pile up."""
     worker = ModelWorker(generate, batch_size)
-    release, started = threading.Event(), threading.Event()
-    worker.call(lambda: (started.set(), release.wait(10)))
-    assert started.wait(10)
-    return worker, release
+    return worker, hold_model_thread(worker)
 
 
 def test_waiting_requests_with_equal_settings_share_one_call_up_to_the_batch_size():
@@ -145,25 +143,24 @@ def test_generate_returns_var_generate_images_with_class_names(var, service):
 
 def test_concurrent_requests_with_equal_settings_are_sampled_in_one_generate_call(var):
     service = AppService(var, batch_size=4, max_images=4)
-    release = threading.Event()
-    service.worker.call(release.wait)  # keep the model thread busy while the requests arrive
+    release = hold_model_thread(service.worker)  # the model thread is busy while the requests arrive
     results = {}
 
     def request(name):
         results[name] = service.generate([name], 1, 1.5, 20, 0.9, 3)
 
     threads = [threading.Thread(target=request, args=(name,)) for name in ("0", "1", "2")]
+    try:
+        for thread in threads:
+            thread.start()
+        queued = wait_for_queued(service.worker, 3)  # the arrival order is the call's label order
+    finally:
+        release.set()
     for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while len(service.worker._pending) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    order = [job.labels[0] for job in service.worker._pending]  # the arrival order is the call's label order
-    release.set()
-    assert len(order) == 3
-    for thread in threads:
-        thread.join(30)
+        thread.join(WAIT_S)
     service.close()
+    assert len(queued) == 3 and all(len(labels) == 1 for labels in queued)
+    order = [labels[0] for labels in queued]
     assert service.worker.calls == 1
     batch = to_uint8_nhwc(var.generate(order, cfg=1.5, top_k=20, top_p=0.9, seed=3))
     for row, label in enumerate(order):

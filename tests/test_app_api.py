@@ -4,7 +4,6 @@ the app keeps serving, requests batched into one VAR.generate call, and a full q
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import numpy as np
@@ -25,6 +24,8 @@ from varlib.evaluation import to_uint8_nhwc  # noqa: E402
 from varlib.models.editing import box_keep_mask  # noqa: E402
 from varlib.models.sampling import SamplingConfig  # noqa: E402
 from varlib.models.text import SmallTextEncoder  # noqa: E402
+
+from helpers.model_thread import WAIT_S, hold_model_thread, wait_for_queued  # noqa: E402
 
 pytestmark = pytest.mark.slow  # starts Gradio servers (imports and start-up take several seconds)
 SIDE = 32
@@ -166,48 +167,50 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, tmp_pa
     assert client.predict(upload, "inpaint", "0", 0, api_name="/edit")[1] == "64 tokens regenerated"
 
 
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
+def wait_for_status(job, code) -> None:
+    """Waits until the server's queue messages have given ``job`` the status ``code`` (gradio_client offers no
+    event for a status change, so this polls the status the client keeps; the bound only stops a stuck test)."""
+    deadline = time.monotonic() + WAIT_S
+    while job.status().code != code:
+        assert time.monotonic() < deadline, f"the job never reached {code}: {job.status().code}"
         time.sleep(0.02)
 
 
 def test_concurrent_requests_with_equal_settings_share_one_generate_call(server, client):
     worker = server.service.worker
-    release = threading.Event()
-    worker.call(release.wait)  # the model is busy while four requests arrive
+    release = hold_model_thread(worker)  # the model is busy while four requests arrive
     calls = worker.calls
     try:
         jobs = [client.submit([name], 1, 2.0, 20, 0.9, 11, api_name="/generate") for name in ("0", "1", "2", "0")]
-        wait_for(lambda: len(worker._pending) == 4)
+        wait_for_queued(worker, 4)
     finally:
         release.set()
-    results = [job.result(timeout=60) for job in jobs]
+    results = [job.result(timeout=WAIT_S) for job in jobs]
     assert worker.calls == calls + 1
     assert [r[0]["caption"] for r in results] == ["0", "1", "2", "0"]
 
 
 def test_a_full_queue_says_so(model_file):
     server = serve(model_file, "batch_size=1", "queue_size=1")
-    release = threading.Event()
+    release = None
     try:
         client = Client(server.url, verbose=False)
         worker = server.service.worker
-        worker.call(release.wait)
+        release = hold_model_thread(worker)
         running = client.submit(["0"], 1, 2.0, 20, 0.9, 0, api_name="/generate")  # handed to the app, waits
-        wait_for(lambda: len(worker._pending) == 1)
+        wait_for_queued(worker, 1)
         waiting = client.submit(["1"], 1, 2.0, 20, 0.9, 0, api_name="/generate")  # the one place in the queue
-        wait_for(lambda: waiting.status().code == Status.IN_QUEUE)
+        wait_for_status(waiting, Status.IN_QUEUE)
         refused = client.submit(["2"], 1, 2.0, 20, 0.9, 0, api_name="/generate")
         with pytest.raises(QueueError, match="Queue is full"):
-            refused.result(timeout=30)  # an unbounded queue would keep it waiting: a TimeoutError
+            refused.result(timeout=WAIT_S)  # an unbounded queue would keep it waiting: a TimeoutError
         release.set()
-        assert running.result(timeout=60)[0]["caption"] == "0"
-        assert waiting.result(timeout=60)[0]["caption"] == "1"
+        assert running.result(timeout=WAIT_S)[0]["caption"] == "0"
+        assert waiting.result(timeout=WAIT_S)[0]["caption"] == "1"
         assert client.predict(["2"], 1, 2.0, 20, 0.9, 0, api_name="/generate")[0]["caption"] == "2"
     finally:
-        release.set()
+        if release is not None:
+            release.set()
         server.close()
 
 

@@ -63,7 +63,7 @@ class ModelWorker:
         """Stops the thread after the jobs already queued."""
         with self._condition:
             self._closed = True
-            self._condition.notify()
+            self._condition.notify_all()
         self._thread.join()
 
     def _submit(self, job: _Job) -> Future:
@@ -71,7 +71,7 @@ class ModelWorker:
             if self._closed:
                 raise RuntimeError("the model worker is closed")
             self._pending.append(job)
-            self._condition.notify()
+            self._condition.notify_all()  # the model thread, and anyone else waiting on the queue (tests do)
         return job.future
 
     def _next_group(self) -> list[_Job] | None:
