@@ -8,10 +8,11 @@ The convention for README code blocks (new ones follow it; the fence's info stri
   ``varlib-*`` commands they name (an explicit value in the README wins). Every command must succeed.
 - ```` ```bash dry-run ````: commands that need a GPU cluster, SLURM, Inception weights, hours of CPU, or that a test
   runs itself (``make test``; "Your own images" runs at a tiny size in ``tests/test_own_images_guide.py``). Each runs in its own tool's dry-run form from the repository root: ``varlib-*`` and
-  ``python -m varlib.cli.*`` with ``--cfg job`` (composes the config without running; a ``--multirun`` command its
-  first job, see :func:`first_job`), ``torchrun ... -m MODULE ARGS``
-  as ``python -m MODULE ARGS --cfg job``, ``pip install X`` as ``pip install --dry-run --no-index
-  --no-build-isolation X`` (resolved against the installed packages, nothing installed), ``make X`` as ``make -n X``.
+  ``python -m varlib.cli.*`` with ``--cfg job`` (Hydra composes and prints the config without running; a
+  ``--multirun`` command its first job, see :func:`first_job`), ``torchrun ... -m MODULE ARGS`` as ``python -m
+  MODULE ARGS --cfg job`` (these three call the command's Hydra entry point in the test's process, see
+  :func:`hydra_entry_point`), ``pip install X`` as ``pip install --dry-run --no-index --no-build-isolation X``
+  (resolved against the installed packages, nothing installed), ``make X`` as ``make -n X``.
 - ```` ```text ````: not code (listings, folder layouts). No other info string is allowed.
 
 Commands are split like a shell (``shlex``; ``\\`` continues a line, ``#`` starts a comment) and started without a
@@ -23,6 +24,7 @@ has: ``vae_ch160v4096z32.pth`` and ``var_d16.pth`` (tiny official-format files: 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -30,7 +32,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -106,13 +110,34 @@ def first_job(args: list[str]) -> list[str]:
     return [sweep.sub(r"\1\2", arg) for arg in args if arg != "--multirun"]
 
 
-def dry_run(argv: list[str]) -> list[str]:
+def hydra_entry_point(argv: list[str]) -> tuple[Callable[[], None], list[str]] | None:
+    """The Hydra ``main`` of a varlib command (``varlib-*``, ``python -m MODULE``, ``torchrun ... -m MODULE``) and
+    its arguments, or None for other programs. A dry run calls it in this process: a subprocess each would spend
+    seconds importing torch and Lightning again to compose a config."""
     program, *args = argv
-    if program.startswith("varlib-") or (program == "python" and args[:1] == ["-m"]):
-        return executable([program, *first_job(args), "--cfg", "job"])
-    if program == "torchrun":
-        module_at = args.index("-m")
-        return [sys.executable, *args[module_at:], "--cfg", "job"]
+    if program.startswith("varlib-"):
+        (entry,) = entry_points(group="console_scripts", name=program)
+        return entry.load(), args
+    if program in ("python", "torchrun") and "-m" in args:
+        module_at = args.index("-m") + 1
+        return importlib.import_module(args[module_at]).main, args[module_at + 1:]
+    return None
+
+
+def compose_job(argv: list[str], monkeypatch) -> None:
+    """``argv --cfg job`` through the command's own Hydra entry point, in this process: the config composes."""
+    main, args = hydra_entry_point(argv)
+    monkeypatch.setattr(sys, "argv", [argv[0], *first_job(args), "--cfg", "job"])
+    monkeypatch.chdir(REPO)
+    try:
+        main()
+    except SystemExit as exit_:  # Hydra exits on a config that does not compose, having printed why
+        raise AssertionError(f"{shlex.join(argv)} --cfg job exited with {exit_.code}") from exit_
+
+
+def dry_run(argv: list[str]) -> list[str]:
+    """The dry-run form of a command that is not a varlib command (see :func:`hydra_entry_point`)."""
+    program, *args = argv
     if program == "pip" and args[:1] == ["install"]:
         return executable(["pip", "install", "--dry-run", "--no-index", "--no-build-isolation", *args[1:]])
     if program == "make":
@@ -183,13 +208,13 @@ def test_every_block_follows_the_convention():
                 assert argv[0] in ("varlib-train", "varlib-tokenize", "varlib-sample", "varlib-edit", "varlib-evaluate",
                                    "varlib-reference", "varlib-demo", "varlib-ablation", "varlib-scaling", "varlib-app", "python",
                                    "pip", "make", "torchrun"), f"README line {block.line}: unknown program {argv[0]}"
-                if block.info == "bash dry-run":
+                if block.info == "bash dry-run" and hydra_entry_point(argv) is None:
                     dry_run(argv)  # every command has a dry-run form
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.info != "text"], ids=lambda b: b.name)
-def test_readme_block_runs(block, workdir):
+def test_readme_block_runs(block, workdir, monkeypatch):
     if block.info == "python":
         run([sys.executable, "-c", block.code], workdir)
     elif block.info == "bash":
@@ -197,4 +222,7 @@ def test_readme_block_runs(block, workdir):
             run(executable([argv[0], *SMALL_COUNTS.get(argv[0], []), *argv[1:]]), workdir)
     else:
         for argv in commands(block.code):
-            run(dry_run(argv), REPO)
+            if hydra_entry_point(argv) is not None:
+                compose_job(argv, monkeypatch)
+            else:
+                run(dry_run(argv), REPO)
