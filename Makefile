@@ -11,10 +11,12 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 setup: $(STAMP)
 
 ## the whole suite, one worker per core (pytest-xdist; a test file stays on one worker, so its module fixtures are
-## built once); tests marked slow (subprocess training, notebooks) take up to a minute each on CPU
+## built once), in a random order (pytest-randomly prints its seed first; `make test PYTEST_ARGS=--randomly-seed=N`
+## repeats an order); tests marked slow (subprocess training, notebooks) take up to a minute each on CPU; the 30
+## slowest are listed at the end
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS) tests
 
 ## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)
 test-fast: $(STAMP)

@@ -41,7 +41,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,1700"]
-WAIT_S = 120  # the page's longest step on a loaded 2-core machine
+WAIT_S = 600  # a bound for a stuck page, far above its longest step on a loaded 2-core machine
 
 
 def free_port() -> int:

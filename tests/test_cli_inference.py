@@ -166,7 +166,7 @@ def test_sample_command_line_overrides_match_in_process_run(tiny, tmp_path):
     overrides = [f"checkpoint={path}", "labels=[0,1,3]", "seed=3", "cfg=2.0", "top_k=10", "device=cpu"]
     command = [sys.executable, "-m", "varlib.cli.sample", *overrides, f"out_dir={tmp_path / 'cli'}",
                f"hydra.run.dir={tmp_path / 'hydra'}"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-2000:]
 
     in_process = sample.run(compose_config("sample", overrides + [f"out_dir={tmp_path / 'api'}"]))
@@ -182,7 +182,7 @@ def test_bad_label_exits_with_status_2_and_names_the_range(tiny, tmp_path):
     _, path = tiny
     command = [sys.executable, "-m", "varlib.cli.sample", f"checkpoint={path}", "labels=[0,5]", "device=cpu",
                f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 2
     assert f"integer in [0, {NUM_CLASSES}]" in output and "got 5" in output

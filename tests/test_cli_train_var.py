@@ -298,12 +298,12 @@ def test_sigterm_to_a_two_process_run_saves_exits_cleanly_and_the_same_command_e
     command, env = train_command(tiny_cache, run_dir.name, *extra)
     process = subprocess.Popen(command, cwd=tiny_cache, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "csv" / "metrics.csv"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while not (metrics.is_file() and any(step >= 5 for step in logged_train_steps(run_dir))):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be signalled"
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)  # rank 0, as SLURM or a spot instance would warn the job
-    output, _ = process.communicate(timeout=300)
+    output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-3000:]
     assert "stopped by SIGTERM" in output
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]

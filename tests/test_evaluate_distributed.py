@@ -54,7 +54,7 @@ def evaluate_in_subprocess(setup: dict[str, Path], out: Path, processes: int,
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
                                           f"--nproc_per_node={processes}"]
     command = [sys.executable, *launcher, "-m", "varlib.cli.evaluate", *overrides(setup, out)]
-    return subprocess.run(command, cwd=setup["root"], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=setup["root"], env=env, capture_output=True, text=True, timeout=900)
 
 
 def outputs(out: Path) -> tuple[np.ndarray, dict]:

@@ -161,7 +161,7 @@ def test_lora_trains_adapters_only_and_exports_a_merged_file_that_opens_without_
     # a fresh interpreter without peft opens the exported file
     code = ("import sys; sys.modules['peft'] = None; import varlib; "
             f"v = varlib.load({str(tmp_path / 'lora.safetensors')!r}); print(v.num_classes)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]
     with pytest.raises(ValueError, match="reads mat_qkv.weight directly"):
         VARModule(var={"depth": None, "width": None, "num_heads": None, "num_classes": 3}, vae=vae,

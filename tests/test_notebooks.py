@@ -49,7 +49,7 @@ def test_notebook_runs_alone_and_shows_pictures(name, kernel_path, tmp_path, mon
     assert not stored_outputs, f"{name} is stored with outputs; clear them"
     workdir = tmp_path / "cwd"
     workdir.mkdir()
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name=KERNEL_NAME,
+    client = nbclient.NotebookClient(notebook, timeout=900, kernel_name=KERNEL_NAME,
                                      resources={"metadata": {"path": str(workdir)}})
 
     start = time.perf_counter()

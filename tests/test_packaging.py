@@ -3,6 +3,7 @@ any directory, with the Hydra configs shipped inside it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,10 +71,14 @@ def _build_wheel(tmp_path: Path) -> Path:
     return next(dist.glob("varlib-*.whl"))
 
 
-def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
-    """Builds varlib's wheel and installs it (no dependencies) into a new virtual environment that reuses this
-    interpreter's installed packages (torch, Lightning, ...) through a .pth file."""
-    wheel = _build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return _build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def _fresh_venv_with_wheel(tmp_path: Path, wheel: Path) -> Path:
+    """Installs varlib's wheel (no dependencies) into a new virtual environment that reuses this interpreter's
+    installed packages (torch, Lightning, ...) through a .pth file."""
     env_dir = tmp_path / "env"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -88,11 +93,34 @@ def _fresh_venv_with_wheel(tmp_path: Path) -> Path:
     return env_dir
 
 
+# Runs in the fresh environment: where varlib was imported from, and the output of each entry point called with the
+# given arguments, through the installed console_scripts metadata (one process: each would import torch again).
+CALL_ENTRY_POINTS = """
+import contextlib, io, json, sys
+from importlib.metadata import entry_points
+import varlib, varlib.conf
+
+def output(cli, *args):
+    (entry,) = entry_points(group="console_scripts", name=cli)
+    sys.argv, printed = [cli, *args], io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            entry.load()()
+        except SystemExit as exit_:  # Hydra's --help exits when it has printed
+            if exit_.code not in (None, 0):
+                raise
+    return printed.getvalue()
+
+calls = json.loads(sys.argv[1])
+print(json.dumps({"file": varlib.__file__, "version": varlib.__version__, "outputs": [output(*c) for c in calls]}))
+"""
+
+
 @pytest.mark.slow
-def test_wheel_holds_every_config_file_of_the_tree(tmp_path):
+def test_wheel_holds_every_config_file_of_the_tree(wheel):
     """Every file of conf/ at any depth (hydra/launcher/slurm.yaml is three levels down), byte for byte."""
-    with zipfile.ZipFile(_build_wheel(tmp_path)) as wheel:
-        packaged = {name.removeprefix("varlib/conf/"): wheel.read(name) for name in wheel.namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {name.removeprefix("varlib/conf/"): archive.read(name) for name in archive.namelist()
                     if name.startswith("varlib/conf/")}
     tree = {path.relative_to(REPO / "conf").as_posix(): path.read_bytes() for path in (REPO / "conf").rglob("*")
             if path.is_file() and "__pycache__" not in path.parts}
@@ -102,44 +130,43 @@ def test_wheel_holds_every_config_file_of_the_tree(tmp_path):
 
 
 @pytest.mark.slow
-def test_wheel_in_a_fresh_environment_runs_every_cli_from_any_directory(tmp_path):
-    env_dir = _fresh_venv_with_wheel(tmp_path)
+def test_wheel_in_a_fresh_environment_runs_every_cli_from_any_directory(tmp_path, wheel):
+    env_dir = _fresh_venv_with_wheel(tmp_path, wheel)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
-    imported = subprocess.run([env_dir / "bin" / "python", "-c",
-                               "import varlib, varlib.conf; print(varlib.__file__); print(varlib.__version__)"],
-                              check=True, capture_output=True, text=True, cwd=elsewhere, env=env).stdout.split()
-    assert Path(imported[0]).is_relative_to(env_dir) and imported[1] == varlib.__version__
-
-    def job_config(cli: str, *overrides: str) -> dict:
-        result = subprocess.run([env_dir / "bin" / cli, *overrides, "--cfg", "job"], capture_output=True,
-                                text=True, cwd=elsewhere, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return yaml.safe_load(result.stdout)
-
-    train = job_config("varlib-train", "experiment=var_d16_imagenet256")
+    # a console script as a user starts it
+    result = subprocess.run([env_dir / "bin" / "varlib-train", "experiment=var_d16_imagenet256", "--cfg", "job"],
+                            capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = yaml.safe_load(result.stdout)
     assert train["task_name"] == "var_d16_imagenet256" and train["model"]["var"]["depth"] == 16
-    assert job_config("varlib-sample", "batch_size=3")["batch_size"] == 3
-    assert job_config("varlib-evaluate")["num_per_class"] == 50
-    assert job_config("varlib-edit", "mode=outpaint")["mode"] == "outpaint"
-    app = job_config("varlib-app", "port=7999")  # the command's config loads without the app extra installed
-    assert (app["host"], app["port"]) == ("127.0.0.1", 7999)
-    tokenize = job_config("varlib-tokenize", "data=imagefolder")
-    assert tokenize["data"]["_target_"].endswith("ImageFolderDataModule") and tokenize["shard_size"] > 0
-    assert job_config("varlib-demo", "seed=1")["tokenizer"]["experiment"] == "demo_tokenizer"
-    assert job_config("varlib-scaling", "sources=sweep")["skip_fraction"] == 0.0
-    help_text = subprocess.run([env_dir / "bin" / "varlib-ablation", "--help"], capture_output=True, text=True,
-                               cwd=elsewhere, env=env, check=True).stdout
-    assert "transformer_overrides: []" in help_text  # the packaged config, comments included
 
-    # A user's own config folder adds experiments next to the packaged ones.
+    # every other entry point, and a user's own config folder that adds experiments next to the packaged ones
     user_conf = tmp_path / "my_configs"
     (user_conf / "experiment").mkdir(parents=True)
     (user_conf / "experiment" / "my_run.yaml").write_text(
         "# @package _global_\ndefaults:\n  - var_emoji\n  - _self_\ntask_name: my_run\nmodel:\n  var:\n    depth: 5\n")
-    mine = job_config("varlib-train", f"hydra.searchpath=[file://{user_conf}]", "experiment=my_run")
+    calls = [("varlib-sample", "batch_size=3"), ("varlib-evaluate",), ("varlib-edit", "mode=outpaint"),
+             ("varlib-app", "port=7999"), ("varlib-tokenize", "data=imagefolder"), ("varlib-demo", "seed=1"),
+             ("varlib-scaling", "sources=sweep"),
+             ("varlib-train", f"hydra.searchpath=[file://{user_conf}]", "experiment=my_run")]
+    result = subprocess.run([env_dir / "bin" / "python", "-c", CALL_ENTRY_POINTS,
+                             json.dumps([[*call, "--cfg", "job"] for call in calls] + [["varlib-ablation", "--help"]])],
+                            capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    called = json.loads(result.stdout.splitlines()[-1])
+    assert Path(called["file"]).is_relative_to(env_dir) and called["version"] == varlib.__version__
+    sample, evaluate, edit, app, tokenize, demo, scaling, mine = map(yaml.safe_load, called["outputs"][:-1])
+    assert sample["batch_size"] == 3
+    assert evaluate["num_per_class"] == 50
+    assert edit["mode"] == "outpaint"
+    assert (app["host"], app["port"]) == ("127.0.0.1", 7999)  # the command's config loads without the app extra
+    assert tokenize["data"]["_target_"].endswith("ImageFolderDataModule") and tokenize["shard_size"] > 0
+    assert demo["tokenizer"]["experiment"] == "demo_tokenizer"
+    assert scaling["skip_fraction"] == 0.0
     assert mine["task_name"] == "my_run" and mine["model"]["var"]["depth"] == 5
     assert mine["model"]["var"]["num_classes"] == 9  # inherited from the packaged var_emoji
+    assert "transformer_overrides: []" in called["outputs"][-1]  # varlib-ablation --help: the packaged config, comments
     assert not (elsewhere / "outputs").exists()  # --cfg job composes without running

@@ -137,7 +137,7 @@ def test_help_prints_the_commands_own_commented_config(command, config, line):
     # The module behind the script (test_packaging checks that each script is its module's main): an environment
     # installed before a command was added lacks its script until reinstalled.
     completed = subprocess.run([sys.executable, "-m", f"varlib.cli.{config}", "--help"], capture_output=True,
-                               text=True, timeout=120)
+                               text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert (REPO / "conf" / f"{config}.yaml").read_text() in completed.stdout  # every key with its comment
     assert line in completed.stdout

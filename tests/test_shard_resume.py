@@ -103,7 +103,7 @@ def test_a_two_process_two_worker_run_killed_mid_epoch_resumes_with_the_rest_of_
     def train(run: str, record: str, *kill_at: str) -> subprocess.CompletedProcess:
         command = [sys.executable, str(TESTS / "helpers" / "shard_training.py"), str(tmp_path / "*.tar"),
                    str(tmp_path / run), str(tmp_path / record), *kill_at]
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
     whole = train("whole", "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
