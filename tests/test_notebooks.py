@@ -1,9 +1,10 @@
 """The notebooks in notebooks/ (their models come from varlib.pipeline.prepare_models, tested in test_pipeline.py).
 
-The slow tests execute each notebook with nbclient, each alone from a fresh project folder: a kernel running this
-interpreter (a kernelspec written to a temporary folder), a temporary working directory, and ``VARLIB_PROJECT_DIR``
-pointing at an empty temporary folder, so no ``make demo`` output is found, each notebook trains its own tiny
-models there and nothing lands in the repository. The wall time of each notebook is recorded (``record_property``,
+The slow tests execute each notebook with nbclient: a kernel running this interpreter (a kernelspec written to a
+temporary folder), a temporary working directory each, and ``VARLIB_PROJECT_DIR`` pointing at one temporary project
+folder that starts empty, so no ``make demo`` output is found and nothing lands in the repository. The notebooks
+share that folder as a user's notebooks share a checkout: whichever runs first trains the tiny models it needs, the
+others reuse them (pipeline tests check that a finished stage is reused). The wall time of each notebook is recorded (``record_property``,
 and printed under ``pytest -s``); it is not asserted, since other work on the machine slows it down.
 """
 
@@ -37,13 +38,18 @@ def kernel_path(tmp_path_factory) -> Path:
     return prefix / "share" / "jupyter"
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("project")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_alone_and_shows_pictures(name, kernel_path, tmp_path, monkeypatch, record_property):
+def test_notebook_runs_and_shows_pictures(name, kernel_path, project, tmp_path, monkeypatch, record_property):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_path))
-    monkeypatch.setenv(PROJECT_DIR_VARIABLE, str(tmp_path / "project"))
+    monkeypatch.setenv(PROJECT_DIR_VARIABLE, str(project))
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
     stored_outputs = [cell.outputs for cell in notebook.cells if cell.cell_type == "code" and cell.outputs]
     assert not stored_outputs, f"{name} is stored with outputs; clear them"
@@ -63,5 +69,5 @@ def test_notebook_runs_alone_and_shows_pictures(name, kernel_path, tmp_path, mon
     assert [output for output in outputs if "image/png" in output.get("data", {})], f"{name} showed no picture"
     # The tiny models went to the temporary project folder, not to the repository or the working directory.
     expected = TINY_OUTPUT.get(name, "tokenizer/model.safetensors")
-    assert (tmp_path / "project" / "outputs" / "notebooks" / expected).is_file()
+    assert (project / "outputs" / "notebooks" / expected).is_file()
     assert not any(workdir.iterdir())
