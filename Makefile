@@ -12,12 +12,12 @@ setup: $(STAMP)
 
 ## the whole suite, one worker per core (pytest-xdist's worksteal: each worker starts on its half of the tests,
 ## whole files mostly, so module fixtures are built about once, and an idle worker takes tests from the other), in
-## a random order (pytest-randomly prints its seed first; `make test PYTEST_ARGS=--randomly-seed=N` repeats an
+## a random order (pytest-randomly prints its seed in the header; `make test PYTEST_ARGS=--randomly-seed=N` repeats an
 ## order); tests marked slow (subprocess training, notebooks) take up to a minute each on CPU; the 30 slowest are
 ## listed at the end
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal --durations=30 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=30 $(PYTEST_ARGS) tests
 
 ## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)
 test-fast: $(STAMP)
