@@ -1,0 +1,99 @@
+"""What a first GPU run would hit, reproduced on CPU where torch allows: the dtypes reaching FlexAttention under
+autocast, attention plans built under inference mode and reused in training, FlexAttention's recompiles, and the
+compiled sampler against the eager one. tests/gpu runs the CUDA side (make gpu-check)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.attention_probe import probe_attention_dtypes
+
+from varlib import VAR, MultiScaleVQVAE
+from varlib.models.patch_schedules import sequence_length
+
+PATCH_NUMS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_var() -> VAR:
+    torch.manual_seed(0)
+    vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=PATCH_NUMS).requires_grad_(False)
+    return VAR(vae, depth=2, width=32, num_heads=2, num_classes=3, drop_path_rate=0.0, cond_drop_rate=0.0)
+
+
+def inputs(var: VAR, length: int, batch: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(var.num_classes, (batch,), generator=generator)
+    return labels, torch.randn(batch, length - 1, var.code_channels, generator=generator)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("impl", ["flex", "prefix", "dense"])
+def test_attention_gets_q_k_v_in_the_autocast_dtype(tiny_var, impl, monkeypatch):
+    """Under bf16 autocast F.normalize and the fp32 per-head scale leave q, k in fp32 beside a bf16 v; FlexAttention
+    (no CPU backward: a no-grad forward here, training in tests/gpu) is not autocast-aware."""
+    seen = probe_attention_dtypes(monkeypatch)
+    tiny_var.attn_impl = impl
+    labels, x_BLCv = inputs(tiny_var, tiny_var.L)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tiny_var.eval()(labels, x_BLCv)
+    assert seen == [(impl, torch.bfloat16)] * tiny_var.depth
+    with torch.no_grad():
+        reference = tiny_var(labels, x_BLCv)
+    assert logits.dtype == torch.float32 and (logits - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def plan_tensors(plan) -> list[torch.Tensor]:
+    if plan.impl == "flex":
+        return [t for t in plan.block_mask.as_tuple() if isinstance(t, torch.Tensor)]
+    if plan.impl == "prefix":
+        return [m for m in plan.masks if m is not None]
+    return [plan.bias_11LL]
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("impl", ["flex", "prefix", "dense"])
+def test_attention_plans_built_under_inference_mode_serve_training(tiny_var, impl):
+    """Lightning's sanity check runs validation under torch.inference_mode on GPUs: the plan it caches (the
+    FlexAttention block mask) must hold normal tensors, which a training forward's autograd can save."""
+    tiny_var.attn_impl = impl  # a fresh plan cache
+    length = sequence_length(PATCH_NUMS[:3])  # a progressive prefix, as well as the whole sequence
+    for size in (length, tiny_var.L):
+        labels, x_BLCv = inputs(tiny_var, size)
+        with torch.inference_mode():
+            tiny_var.eval()(labels, x_BLCv)
+        plan = tiny_var.block_causal_attention(size)
+        tensors = plan_tensors(plan)
+        assert tensors and not any(t.is_inference() for t in tensors), f"{impl} plan at length {size}"
+        if impl == "flex":
+            continue  # FlexAttention has no CPU backward; tests/gpu trains on this plan after a sanity check
+        tiny_var.train().zero_grad(set_to_none=True)
+        tiny_var(labels, x_BLCv).logsumexp(-1).mean().backward()
+        assert tiny_var.block_causal_attention(size) is plan
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in tiny_var.blocks.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_compiled_flex_attention_compiles_a_few_graphs_over_progressive_lengths_batches_and_grad_modes(tiny_var):
+    """The compile options of CUDA's FlexAttention, over the 4 progressive lengths x 3 batch sizes x 2 grad modes of
+    this schedule on the model's own block masks: Dynamo's graph count (backend=eager: the count is Dynamo's,
+    inductor on CPU would only add compile time). Static shapes compile all 24."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from varlib.models.attention import FLEX_COMPILE_OPTIONS
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, backend="eager", **FLEX_COMPILE_OPTIONS)
+    tiny_var.attn_impl = "flex"
+    before = counters["stats"]["unique_graphs"]
+    for grad in (True, False):
+        for batch in (2, 3, 5):
+            for k in range(1, len(PATCH_NUMS) + 1):
+                length = sequence_length(PATCH_NUMS[:k])
+                q_BHLc = torch.randn(batch, 2, length, 16)
+                with torch.set_grad_enabled(grad):
+                    out = compiled(q_BHLc, q_BHLc, q_BHLc, block_mask=tiny_var.block_causal_attention(length).block_mask)
+                assert out.shape == q_BHLc.shape
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert graphs <= 6, f"{graphs} graphs for 24 (grad mode, batch, length) combinations"
