@@ -17,7 +17,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -386,30 +386,49 @@ class TokenTransformerModule(L.LightningModule):
     def configure_model(self):
         """FSDP2 under ``ModelParallelStrategy``: shard every block, then the root, and the EMA like them.
 
-        With bf16 precision (on CUDA, or on CPU processes under gloo) the gathered weights are cast to bf16 and
-        gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32.
+        With bf16 precision (on CUDA, or on CPU processes under gloo) the blocks' gathered weights are cast to bf16 and
+        gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32. The
+        numerics are those of DDP under the same autocast: the blocks do not cast their inputs
+        (``cast_forward_inputs`` would make the residual stream bf16 under FSDP2 alone), and the root (embeddings,
+        head) keeps fp32 weights, so the embeddings are computed in fp32 and autocast casts for the head as it does
+        under DDP.
         """
         if self.device_mesh is None or getattr(self, "_sharded", False):
             return
         mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
-        bf16 = str(self.trainer.precision).startswith("bf16")
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        if str(self.trainer.precision).startswith("bf16"):
+            block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                cast_forward_inputs=False)
+        else:
+            block_policy = MixedPrecisionPolicy()
         for block in self.transformer.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(self.transformer, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+        fully_shard(self.transformer, mesh=mesh, mp_policy=MixedPrecisionPolicy())
         if self.ema is not None:  # rebuilt from the (still initial) sharded parameters: its tensors are DTensors
             self.ema = ModelEMA(self.transformer, self.ema.decay)
         self._sharded = True
 
     # -- whole weights: sampling, export and checkpoints ------------------------------------------------
 
-    def ema_weights(self):
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
         """Context in which the transformer holds the EMA weights (nothing changes without EMA)."""
         if self.ema is None:
-            return nullcontext()
+            yield
+            return
+        # FSDP2 keeps the root gathered after a forward without backward (validation): resharded on entry, so that
+        # the EMA's shards are gathered, and on exit, so that the next training forward gathers the training
+        # weights rather than reusing the EMA values gathered inside.
+        self._reshard()
+        try:
+            with self.ema.swap(self.transformer):
+                yield
+        finally:
+            self._reshard()
+
+    def _reshard(self) -> None:
         if getattr(self, "_sharded", False):
-            self.transformer.reshard()  # FSDP2 keeps the root gathered after a forward without backward (validation)
-        return self.ema.swap(self.transformer)
+            self.transformer.reshard()
 
     @contextmanager
     def full_weights(self) -> Iterator[nn.Module]:
@@ -428,8 +447,7 @@ class TokenTransformerModule(L.LightningModule):
                 finally:
                     self.transformer.train(was_training)
                 return
-            if sharded:
-                self.transformer.reshard()
+            self._reshard()
             # copies: leaving ema_weights() writes the online weights back into these parameters
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
                      for k, v in self.transformer.state_dict().items()}
