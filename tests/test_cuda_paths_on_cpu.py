@@ -97,3 +97,36 @@ def test_compiled_flex_attention_compiles_a_few_graphs_over_progressive_lengths_
                 assert out.shape == q_BHLc.shape
     graphs = counters["stats"]["unique_graphs"] - before
     assert graphs <= 6, f"{graphs} graphs for 24 (grad mode, batch, length) combinations"
+
+
+def test_label_ranges_are_checked_on_the_host_never_by_reading_device_labels(tiny_var):
+    """A meta tensor stands for labels on a GPU: its values cannot be read without a host-device sync. The forward
+    must not read them; the training batch is checked on the host before it moves (on_before_batch_transfer)."""
+    from varlib.training.var_module import VARModule
+
+    tiny_var.check_labels(torch.zeros(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\].*got values in \[0, 7\]"):
+        tiny_var.check_labels(torch.tensor([0, 7]))
+    module = VARModule(var=dict(depth=1, num_classes=3, width=32, num_heads=2), vae=tiny_var.vae, grid_classes=0)
+    tokens = torch.zeros(2, tiny_var.L, dtype=torch.long)
+    assert module.on_before_batch_transfer((tokens, torch.tensor([0, 3])), 0)[1].tolist() == [0, 3]
+    with pytest.raises(ValueError, match=r"got values in \[0, 4\]"):
+        module.on_before_batch_transfer((tokens, torch.tensor([0, 4])), 0)
+
+
+def test_fp32_inference_precision_turns_tf32_off_in_matmuls_and_cudnn_and_restores_it():
+    """varlib-tokenize promises that fp32 gives exactly the fp32 tokens: cuDNN's TF32 (on by default) would round
+    the tokenizer's convolutions on Ampere and newer GPUs."""
+    from varlib.inference import inference_precision
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with inference_precision("fp32", torch.device("cpu")) as resolved:
+            assert resolved == "fp32"
+            assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("highest", False)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.training.ema import ModelEMA
 from varlib.training.var_module import VARModule
 
 
@@ -55,3 +56,28 @@ def test_fsdp2_bf16_keeps_the_residual_stream_and_embeddings_fp32_like_ddp(one_g
     assert residual_dtypes == [torch.float32] * 2
     # what remains of the difference is the blocks' non-matmul use of bf16 weights (the per-head attention scale)
     torch.testing.assert_close(logits["sharded"], logits["plain"], rtol=0, atol=2e-2 * logits["plain"].abs().max().item())
+
+
+def test_fsdp2_training_forward_after_an_ema_validation_forward_uses_the_training_weights(one_gloo_process):
+    """FSDP2 leaves the root gathered after a forward without backward: a validation forward on the EMA weights
+    (no sample grid after it, grid_classes=0) must not leave the EMA's embeddings and head for the next training
+    forward."""
+    plain, sharded = var_module(), var_module()
+    for module in (plain, sharded):
+        module.ema = ModelEMA(module.transformer, decay=0.5)
+    sharded._device_mesh, sharded._trainer = one_gloo_process, SimpleNamespace(precision="32-true")
+    sharded.configure_model()  # rebuilds the EMA from the sharded parameters
+    with torch.no_grad():
+        for module in (plain, sharded):  # an EMA apart from the weights, in the root (embeddings, head) too
+            for shadow in module.ema.shadow_params.values():
+                shadow.mul_(0.5)
+    generator = torch.Generator().manual_seed(1)
+    labels, x_BLCv = torch.tensor([0, 2]), torch.randn(2, plain.transformer.L - 1, 8, generator=generator)
+    outputs = {}
+    for name, module in (("plain", plain), ("sharded", sharded)):
+        with torch.no_grad(), module.ema_weights():
+            ema_logits = module.transformer.eval()(labels, x_BLCv)
+        outputs[name] = ema_logits, module.transformer.train()(labels, x_BLCv).detach()
+    torch.testing.assert_close(outputs["sharded"][0], outputs["plain"][0], rtol=0, atol=1e-5)
+    assert (outputs["plain"][1] - outputs["plain"][0]).abs().max() > 1e-2  # the EMA weights differ
+    torch.testing.assert_close(outputs["sharded"][1], outputs["plain"][1], rtol=0, atol=1e-5)

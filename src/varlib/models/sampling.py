@@ -215,14 +215,14 @@ def as_labels(var: ClassConditional, labels, batch_size: int | None) -> torch.Te
         if batch_size is None or batch_size < 1:
             raise ValueError(f"a single int label needs batch_size >= 1, got batch_size={batch_size}")
         labels = torch.full((batch_size,), labels, dtype=torch.long)
-    labels = torch.as_tensor(labels, device=device)
+    labels = torch.as_tensor(labels)  # lists and ints on the host, where check_labels checks their range
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     labels = labels.long()
     var.check_labels(labels)
     if labels.numel() == 0:
         raise ValueError("labels must name at least one image, got an empty batch")
-    return labels
+    return labels.to(device)
 
 
 def class_indices(var: ClassConditional, labels) -> list[int]:

@@ -17,7 +17,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,13 @@ class TokenTransformerModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A class model's labels are checked here, on the host: the forward checks only host tensors (reading the
+        values of device labels would synchronise the host with the device at every step)."""
+        if batch is not None and not self.text_conditional:
+            self.transformer.check_labels(torch.as_tensor(batch[1]))
+        return batch
+
     def on_train_batch_start(self, batch, batch_idx):
         seed_training_step(self, self.hparams.seed)
 
@@ -463,8 +470,16 @@ class TokenTransformerModule(L.LightningModule):
         """Context giving ``generate(labels_B or prompts, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights
         with the model's sampling settings (the hook that the FID/IS callback and the validation grid use).
         Collective on entry under FSDP2; ``generate`` calls are local."""
+        # Lightning autocasts only the *_step hooks: sampling here (the grid, the FID callback) runs in the trainer's
+        # precision explicitly, as varlib-evaluate samples in bf16 on GPUs
+        forward_context = self.trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
+
+        def generate(condition, seed: int) -> torch.Tensor:
+            with forward_context():
+                return model.generate(condition, seed=seed)
+
         with self.full_weights() as model:
-            yield lambda condition, seed: model.generate(condition, seed=seed)
+            yield generate
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.
