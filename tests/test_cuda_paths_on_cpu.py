@@ -130,3 +130,30 @@ def test_fp32_inference_precision_turns_tf32_off_in_matmuls_and_cudnn_and_restor
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_in_loop_sampling_runs_in_the_trainers_precision(tiny_var):
+    """Lightning autocasts only the *_step hooks: the validation grid and the FID callback sample through
+    image_generator, which must apply the trainer's bf16-mixed autocast itself (varlib-evaluate samples in bf16)."""
+    import lightning as L
+
+    from varlib.training.var_module import VARModule
+
+    module = VARModule(var=dict(depth=1, num_classes=3, width=32, num_heads=2), vae=tiny_var.vae, grid_classes=0)
+    module._trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False)
+    with module.image_generator() as generate:
+        images = generate(torch.tensor([0, 1]), 0)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.bfloat16
+
+
+@pytest.mark.slow  # inductor compiles one C++ graph per scale
+def test_compiled_sampler_draws_the_eager_samplers_tokens_on_cpu(tiny_var):
+    tiny_var.eval()
+    options = dict(cfg=1.5, top_k=8, top_p=0.9, seed=0)
+    eager = tiny_var.generate_tokens([0, 2, 3], **options)
+    torch._dynamo.reset()
+    compiled = tiny_var.generate_tokens([0, 2, 3], compile=True, **options)
+    assert len(compiled.tokens) == len(PATCH_NUMS)
+    for scale, (want, got) in enumerate(zip(eager.tokens, compiled.tokens)):
+        assert torch.equal(got, want), scale
+    torch.testing.assert_close(compiled.f_hat, eager.f_hat, rtol=0, atol=1e-4)

@@ -460,7 +460,8 @@ class TokenTransformerModule(L.LightningModule):
                      for k, v in self.transformer.state_dict().items()}
         if self.lora is not None:  # a plain copy with the adapters merged, which opens without peft
             state = merge_lora_state(state, lora_scaling(self.lora.as_dict()))
-        plain = self.build_transformer().to(device=self.device)
+        with torch.device(self.device):  # built where it runs: initialising a large model on the CPU takes long
+            plain = self.build_transformer()
         plain.load_state_dict(state)
         plain.sampling, plain.class_names = self.transformer.sampling, self.transformer.class_names
         yield plain.eval()
