@@ -155,6 +155,7 @@ class TokenTransformerModule(L.LightningModule):
                              f"this one is conditioned on classes, got grid_prompts={list(hparams.grid_prompts)}")
         self.prepare_finetuning(pretrained, hparams.class_map, hparams.trainable, hparams.lora, hparams.class_names)
         self.ema = ModelEMA(transformer, hparams.ema_decay) if hparams.ema_decay else None
+        self._validation_copy: list[nn.Module] = []  # full_weights' copy during a validation's end
 
     @property
     def transformer(self) -> AdaLNTransformer:
@@ -443,17 +444,31 @@ class TokenTransformerModule(L.LightningModule):
 
         Unsharded without LoRA, this is ``self.transformer`` itself; under FSDP2 or with LoRA it is a plain copy
         holding the gathered weights (the adapters merged), so that any submodule can be called alone (sampling
-        does) and exports open without peft. Collective when sharded: enter it on every rank.
+        does) and exports open without peft. Collective when sharded: enter it on every rank. The end of a
+        validation (the FID callback, then the sample grid) shares one copy: the weights do not change in between.
         """
-        with self.ema_weights():
-            sharded = getattr(self, "_sharded", False)
-            if not sharded and self.lora is None:
+        if not getattr(self, "_sharded", False) and self.lora is None:
+            with self.ema_weights():
                 was_training = self.transformer.training
                 try:
                     yield self.transformer.eval()
                 finally:
                     self.transformer.train(was_training)
+            return
+        if not self._validation_copy:
+            plain = self._plain_copy()
+            if self._trainer is None or not self.trainer.validating:
+                yield plain.eval()
                 return
+            self._validation_copy.append(plain)  # a list: an nn.Module attribute would become a submodule
+        yield self._validation_copy[0].eval()
+
+    def on_validation_end(self) -> None:
+        self._validation_copy.clear()
+
+    def _plain_copy(self) -> nn.Module:
+        """A plain transformer holding the whole (EMA) weights, the adapters merged (see :meth:`full_weights`)."""
+        with self.ema_weights():
             self._reshard()
             # copies: leaving ema_weights() writes the online weights back into these parameters
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
@@ -464,7 +479,7 @@ class TokenTransformerModule(L.LightningModule):
             plain = self.build_transformer()
         plain.load_state_dict(state)
         plain.sampling, plain.class_names = self.transformer.sampling, self.transformer.class_names
-        yield plain.eval()
+        return plain
 
     @contextmanager
     def image_generator(self) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
