@@ -110,7 +110,8 @@ class BlockCausalAttention:
                 self.groups = scale_groups(patch_nums, length)
                 self.ends = tuple(end for _, end in self.groups)
                 # a group of one scale sees its whole key prefix: no mask
-                self.masks = [None if level_L[a] == level_L[b - 1] else bias_11LL[:, :, a:b, :b] for a, b in self.groups]
+                self.masks = [None if level_L[a] == level_L[b - 1] else bias_11LL[:, :, a:b, :b]
+                              for a, b in self.groups]
             elif impl == "flex":
                 self.block_mask = _flex_block_mask(level_L[:length].contiguous(), length)
             else:

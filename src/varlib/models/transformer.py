@@ -196,7 +196,8 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         them."""
         if labels_B.ndim != 1 or labels_B.dtype.is_floating_point:
             raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels_B.shape)} {labels_B.dtype}")
-        if labels_B.numel() and labels_B.device.type == "cpu" and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
+        on_host = labels_B.device.type == "cpu"
+        if labels_B.numel() and on_host and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"

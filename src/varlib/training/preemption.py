@@ -7,9 +7,9 @@ and Kubernetes send SIGTERM. The handler only notes the signal; at the end of th
 resumes from there. Under SLURM a SIGUSR1 or SIGUSR2 also requeues the job (``scontrol requeue``, what Lightning's
 ``SLURMEnvironment(auto_requeue=True)`` and submitit run, but after the save at a step boundary rather than inside
 the signal handler: submitit's own USR2 handler, which this one replaces once training starts, requeues and exits
-on rank 0 mid-step while the other ranks wait in a collective, and saves nothing). The handlers are installed when training
-starts, before the loaders fork their workers: the workers inherit them, so a signal sent to every process of the
-job does not kill them.
+on rank 0 mid-step while the other ranks wait in a collective, and saves nothing). The handlers are installed when
+training starts, before the loaders fork their workers: the workers inherit them, so a signal sent to every process
+of the job does not kill them.
 """
 
 from __future__ import annotations

@@ -394,8 +394,8 @@ class TokenTransformerModule(L.LightningModule):
     def configure_model(self):
         """FSDP2 under ``ModelParallelStrategy``: shard every block, then the root, and the EMA like them.
 
-        With bf16 precision (on CUDA, or on CPU processes under gloo) the blocks' gathered weights are cast to bf16 and
-        gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32. The
+        With bf16 precision (on CUDA, or on CPU processes under gloo) the blocks' gathered weights are cast to bf16
+        and gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32. The
         numerics are those of DDP under the same autocast: the blocks do not cast their inputs
         (``cast_forward_inputs`` would make the residual stream bf16 under FSDP2 alone), and the root (embeddings,
         head) keeps fp32 weights, so the embeddings are computed in fp32 and autocast casts for the head as it does
