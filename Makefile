@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.varlib-installed
 
-.PHONY: setup test test-fast test-gpu demo demo-text bench clean
+.PHONY: setup test test-fast test-gpu gpu-check demo demo-text bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) bash scripts/setup_env.sh
@@ -28,6 +28,13 @@ test-fast: $(STAMP)
 ## make test-gpu PY=python3 (varlib is imported from src/)
 test-gpu:
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -q -m gpu tests/gpu
+
+## the GPU checks in one command of at most 8 minutes on one GPU (tests/gpu and a recompile log of benchmarks/gpu.py
+## at d16), written to gpu_check_report.txt: make gpu-check PY=python3 [WHEELS=dir: install varlib's other
+## dependencies from a local wheel folder, keeping the preinstalled torch]; DRY_RUN=1 without a GPU
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PY=$(GPU_PY) WHEELS=$(WHEELS) DRY_RUN=$(DRY_RUN) bash scripts/gpu_check.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/varlib-demo

@@ -133,3 +133,33 @@ def test_generation_metrics_callback_warns_about_an_absent_reference(tmp_path):
 def test_generation_metrics_callback_rejects_too_few_images():
     with pytest.raises(ValueError, match="too few"):
         GenerationMetricsCallback(TinyExtractor(), "reference.npz", num_classes=2, num_per_class=2)
+
+
+def test_only_rank_zero_scores_and_the_other_ranks_receive_its_values(reference_file, monkeypatch):
+    """Every rank holds the gathered features; rank 0 alone computes the float64 FID and the N x N precision/recall,
+    and broadcasts them (here rank 1 of 2, with a strategy whose gather repeats this rank's rows)."""
+    from types import SimpleNamespace
+
+    import varlib.evaluation.generation_callback as generation_callback
+
+    def not_on_this_rank(*args, **kwargs):
+        raise AssertionError("rank 1 computed a score that rank 0 computes")
+
+    for name in ("frechet_distance", "inception_score", "precision_recall"):
+        monkeypatch.setattr(generation_callback, name, not_on_this_rank)
+    rank_zero_values = {"fid": 12.5, "is": 1.5, "precision": 0.25, "recall": 0.75}
+    broadcasts = []
+
+    def broadcast(obj, src):
+        broadcasts.append((obj, src))
+        return rank_zero_values
+
+    strategy = SimpleNamespace(root_device=torch.device("cpu"), all_gather=lambda t: torch.stack([t, t]),
+                               broadcast=broadcast)
+    trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=strategy, global_step=0, loggers=[])
+    callback = GenerationMetricsCallback(TinyExtractor, str(reference_file), num_classes=4, num_per_class=5,
+                                         batch_size=6, num_is_splits=2, grid_images=0)
+    module = TinyGenerator()
+    assert callback._prepare(module)
+    assert callback.evaluate(trainer, module) == rank_zero_values
+    assert broadcasts == [(None, 0)] and module.seeds == [1, 3]  # this rank generated batches 1 and 3 of 4

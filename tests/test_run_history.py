@@ -176,7 +176,7 @@ def test_step_checkpoint_refuses_bad_settings_and_reads_the_slurm_job(tmp_path, 
         StepCheckpoint(str(tmp_path), signals=["SIGNOPE"])
     with pytest.raises(ValueError, match="requeue_signals"):
         StepCheckpoint(str(tmp_path), signals=["SIGTERM"], requeue_signals=["SIGUSR1"])
-    assert StepCheckpoint(str(tmp_path)).signals == [signal.SIGTERM, signal.SIGUSR1]
+    assert StepCheckpoint(str(tmp_path)).signals == [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert slurm_job_id() is None

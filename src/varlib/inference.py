@@ -32,20 +32,28 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 @contextmanager
 def inference_precision(name: str, device: torch.device) -> Iterator[str]:
-    """Runs the block in the resolved precision (yielded): fp32 as is; bf16 under bf16 autocast with TF32
-    for the matrix multiplies autocast leaves in fp32 (restored afterwards). The tokenizer's nearest-code
+    """Runs the block in the resolved precision (yielded): fp32 in true fp32, without TF32 in matrix multiplies or
+    cuDNN convolutions (cuDNN's is on by default: on Ampere and newer GPUs the tokenizer's convolutions would
+    round, and fp32 would not give exactly the fp32 tokens); bf16 under bf16 autocast with TF32 for the matrix
+    multiplies autocast leaves in fp32. Both restore the settings afterwards. The tokenizer's nearest-code
     search always runs in fp32."""
     resolved = resolve_precision(name, device)
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     if resolved == "fp32":
-        yield resolved
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield resolved
+        finally:
+            torch.set_float32_matmul_precision(previous[0])
+            torch.backends.cudnn.allow_tf32 = previous[1]
         return
-    previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield resolved
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.set_float32_matmul_precision(previous[0])
 
 
 def model_resolution(var: VAR) -> int:

@@ -70,6 +70,24 @@ def test_flex_attention_logits_and_gradients_equal_the_sdpa_and_dense_paths():
                 assert (grad - dense_grads[name]).abs().max() <= 1e-4 * scale, (impl, length, name)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_bf16_autocast_flex_training_gets_q_k_v_in_bf16(monkeypatch):
+    """FlexAttention is not autocast-aware: under bf16 autocast q, k, v must reach it in bf16 (the dtype probe),
+    on the whole sequence and a progressive prefix, forward and backward."""
+    from helpers.attention_probe import probe_attention_dtypes
+
+    seen = probe_attention_dtypes(monkeypatch)
+    var = tiny_var().train()
+    for length in (var.L, sequence_length(PATCH_NUMS_256[:4])):
+        labels, x_BLCv, targets = inputs(var, length)
+        var.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = var(labels, x_BLCv)
+        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        assert all(p.grad.isfinite().all() for p in var.blocks.parameters() if p.grad is not None)
+    assert seen == [("flex", torch.bfloat16)] * (2 * var.depth)
+
+
 def test_auto_attention_is_flex_on_cuda():
     assert resolve_attn_impl("auto", CUDA) == "flex"
     var = tiny_var().train()
@@ -143,9 +161,15 @@ def test_fused_adamw_on_the_recipe_groups_equals_the_unfused_one():
     assert not torch.equal(models[0].head.weight, tiny_var().head.weight)  # the steps changed the weights
 
 
-def test_the_var_module_uses_fused_adamw_on_cuda(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "fsdp2"])
+def test_the_var_module_trains_after_a_bf16_sanity_check_with_fused_adamw(tmp_path, sharded):
+    """bf16-mixed on one GPU and under ModelParallelStrategy (FSDP2): the sanity check validates under
+    torch.inference_mode first (caching the FlexAttention block mask), then training must run on the same cache;
+    fused AdamW on CUDA."""
     L = pytest.importorskip("lightning", reason="the Lightning module needs lightning")
     pytest.importorskip("hydra", reason="the Lightning module needs hydra-core")
+    from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
     from varlib.training.var_module import VARModule
@@ -153,18 +177,27 @@ def test_the_var_module_uses_fused_adamw_on_cuda(tmp_path):
     class TokenData(L.LightningDataModule):
         batch_size = 4
 
-        def train_dataloader(self):
+        def loader(self):
             tokens = torch.randint(0, 32, (8, sequence_length((1, 2, 3, 4))))
             return DataLoader(TensorDataset(tokens, torch.arange(8) % 3), batch_size=self.batch_size)
 
+        def train_dataloader(self):
+            return self.loader()
+
+        def val_dataloader(self):
+            return self.loader()
+
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4))
-    module = VARModule(var=dict(depth=2, num_classes=3, width=64, num_heads=2), vae=vae)
-    trainer = L.Trainer(max_steps=2, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+    module = VARModule(var=dict(depth=2, num_classes=3, width=64, num_heads=2), vae=vae, ema_decay=0.9, grid_classes=0)
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if sharded else "auto"
+    trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, precision="bf16-mixed", strategy=strategy,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=1, limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=TokenData())
-    assert trainer.optimizers[0].defaults["fused"] is True and trainer.global_step == 2
+    assert trainer.global_step == 3 and trainer.optimizers[0].defaults["fused"] is True
+    assert module.var.block_causal_attention(module.var.L).impl == "flex"
+    assert torch.isfinite(trainer.callback_metrics["val/loss_avg"])
 
 
 def test_compiled_sampler_draws_the_eager_samplers_tokens():

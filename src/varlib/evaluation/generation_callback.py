@@ -193,13 +193,21 @@ class GenerationMetricsCallback(lightning.Callback):
         if fake_ND.shape[1] != self.statistics.mu.shape[0]:
             raise ValueError(f"the extractor gives {fake_ND.shape[1]}-d features but the reference {self.reference} "
                              f"holds {self.statistics.mu.shape[0]}-d statistics")
+        results = self.scores(fake_ND, fake_logits_NK, pl_module.device) if rank == 0 else None
+        # every rank holds the same features: rank 0 alone scores them (float64 FID on the host, precision/recall's
+        # N x N distances on the device) and the others receive its values
+        return results if world == 1 else trainer.strategy.broadcast(results, src=0)
+
+    def scores(self, fake_ND: torch.Tensor, fake_logits_NK: torch.Tensor, device: torch.device) -> dict[str, float]:
+        """FID, IS and (with reference images) precision/recall of the gathered features of the generated images."""
         permutation = torch.randperm(fake_logits_NK.shape[0], generator=torch.Generator().manual_seed(self.is_shuffle_seed))
         results = {
             "fid": frechet_distance(self.statistics.mu, self.statistics.sigma, *feature_statistics(fake_ND)),
             "is": inception_score(fake_logits_NK[permutation], self.num_is_splits)[0],
         }
         if self.reference_features is not None:
-            results["precision"], results["recall"] = precision_recall(self.reference_features, fake_ND, self.pr_k)
+            results["precision"], results["recall"] = precision_recall(
+                self.reference_features.to(device), fake_ND.to(device), self.pr_k)
         return results
 
     def _log_grid(self, trainer: lightning.Trainer, images_BCHW: torch.Tensor) -> None:

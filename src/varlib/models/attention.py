@@ -100,17 +100,22 @@ class BlockCausalAttention:
 
     def __init__(self, patch_nums: Sequence[int], bias_11LL: torch.Tensor, level_L: torch.Tensor, length: int, impl: str):
         self.impl, self.length = impl, length
-        if impl == "dense":
-            self.bias_11LL = bias_11LL[:, :, :length, :length]
-        elif impl == "prefix":
-            self.groups = scale_groups(patch_nums, length)
-            self.ends = tuple(end for _, end in self.groups)
-            # a group of one scale sees its whole key prefix: no mask
-            self.masks = [None if level_L[a] == level_L[b - 1] else bias_11LL[:, :, a:b, :b] for a, b in self.groups]
-        elif impl == "flex":
-            self.block_mask = _flex_block_mask(level_L[:length].contiguous(), length)
-        else:
-            raise ValueError(f"expected a concrete attention implementation (dense, prefix, flex), got {impl!r}")
+        # A plan is cached and reused by later forwards, whatever their grad mode: built under inference mode (the
+        # first forward of a run may be Lightning's sanity check, which runs under torch.inference_mode on GPUs),
+        # its tensors would be inference tensors, which a later training forward's autograd refuses to save.
+        with torch.inference_mode(False):
+            if impl == "dense":
+                self.bias_11LL = bias_11LL[:, :, :length, :length]
+            elif impl == "prefix":
+                self.groups = scale_groups(patch_nums, length)
+                self.ends = tuple(end for _, end in self.groups)
+                # a group of one scale sees its whole key prefix: no mask
+                self.masks = [None if level_L[a] == level_L[b - 1] else bias_11LL[:, :, a:b, :b]
+                              for a, b in self.groups]
+            elif impl == "flex":
+                self.block_mask = _flex_block_mask(level_L[:length].contiguous(), length)
+            else:
+                raise ValueError(f"expected a concrete attention implementation (dense, prefix, flex), got {impl!r}")
 
     def __call__(self, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, scale: float,
                  dropout_p: float = 0.0) -> list[torch.Tensor]:
@@ -138,10 +143,17 @@ def _flex_block_mask(level_L: torch.Tensor, length: int):
     return create_block_mask(visible, B=None, H=None, Q_LEN=length, KV_LEN=length, device=level_L.device)
 
 
+#: How FlexAttention is compiled on CUDA. Dynamic shapes: with static ones each new (batch, length, grad mode)
+#: recompiles (progressive training alone has a length per scale, validation and the benchmarks' batch search add
+#: more), past Dynamo's recompile limit, after which flex falls back to eager and materialises (B,H,L,L) scores.
+#: With dynamic batch and length, a grad mode costs about three graphs (lengths and batches of 1 are specialised).
+FLEX_COMPILE_OPTIONS = {"dynamic": True}
+
+
 @functools.cache
 def _flex_attention(device_type: str):
     """FlexAttention compiled once per process on CUDA (torch.compile generates its kernels); eager
     elsewhere, where it serves forward-only checks."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return torch.compile(flex_attention, **FLEX_COMPILE_OPTIONS) if device_type == "cuda" else flex_attention

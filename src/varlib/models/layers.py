@@ -89,6 +89,10 @@ class SelfAttention(nn.Module):
         if self.l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
             k = F.normalize(k, dim=-1)
+        # One compute dtype for q, k, v, as the official code casts them to its main type before attention: under
+        # autocast F.normalize and the fp32 scale_mul leave q and k in fp32 beside a bf16 v, and FlexAttention
+        # (unlike SDPA) is not autocast-aware, so it would refuse the mix or run fp32 kernels.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         dropout_p = self.attn_drop if self.training else 0.0

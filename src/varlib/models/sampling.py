@@ -197,8 +197,13 @@ def transformer_step(
 
 
 def compiled_transformer_step(backend: str = "inductor"):
-    """:func:`transformer_step` under ``torch.compile`` with ``backend`` (one graph per scale, no graph
-    breaks allowed): ``inductor`` generates kernels, ``cudagraphs`` captures CUDA graphs, ``eager`` only traces."""
+    """:func:`transformer_step` under ``torch.compile`` with ``backend`` (no graph breaks allowed): ``inductor``
+    generates kernels, ``cudagraphs`` captures CUDA graphs, ``eager`` only traces.
+
+    Static shapes, so one graph per scale and batch size (bounded by :data:`COMPILED_GRAPHS_LIMIT`): each scale has
+    its own token count and key prefix, and CUDA graphs replay fixed shapes anyway. The KV-cache writes are input
+    mutations, which CUDA graphs accept only for inputs at static addresses: :func:`sample_token_maps` marks the
+    caches so (without it ``cudagraphs`` would silently run without graphs)."""
     return torch.compile(transformer_step, fullgraph=True, dynamic=False, backend=backend)
 
 
@@ -215,14 +220,14 @@ def as_labels(var: ClassConditional, labels, batch_size: int | None) -> torch.Te
         if batch_size is None or batch_size < 1:
             raise ValueError(f"a single int label needs batch_size >= 1, got batch_size={batch_size}")
         labels = torch.full((batch_size,), labels, dtype=torch.long)
-    labels = torch.as_tensor(labels, device=device)
+    labels = torch.as_tensor(labels)  # lists and ints on the host, where check_labels checks their range
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     labels = labels.long()
     var.check_labels(labels)
     if labels.numel() == 0:
         raise ValueError("labels must name at least one image, got an empty batch")
-    return labels
+    return labels.to(device)
 
 
 def class_indices(var: ClassConditional, labels) -> list[int]:
@@ -304,6 +309,9 @@ def sample_token_maps(
     f_hat = torch.zeros(B, Cv, side, side, device=device, dtype=torch.float32)
     if compile:
         step = compiled_transformer_step("inductor" if compile is True else compile)
+        for cache in caches:  # the steps write them: static addresses let CUDA graphs keep these input mutations
+            torch._dynamo.mark_static_address(cache.k_BHLc)
+            torch._dynamo.mark_static_address(cache.v_BHLc)
     else:
         step = transformer_step
     tokens, sampled = [], []

@@ -188,10 +188,16 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         return self.pos_start.device
 
     def check_labels(self, labels_B: torch.Tensor) -> None:
-        """Raises ValueError unless labels are a 1-D integer tensor in [0, num_classes] (num_classes = null)."""
+        """Raises ValueError unless labels are a 1-D integer tensor in [0, num_classes] (num_classes = null).
+
+        The range is checked on host tensors only: reading a device tensor's values synchronises the host with the
+        device, at every training step. Training batches are checked on the host before they move to the device
+        (``TokenTransformerModule.on_before_batch_transfer``), and ``generate`` checks lists and ints before moving
+        them."""
         if labels_B.ndim != 1 or labels_B.dtype.is_floating_point:
             raise ValueError(f"labels must be a 1-D integer tensor, got shape {tuple(labels_B.shape)} {labels_B.dtype}")
-        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
+        on_host = labels_B.device.type == "cpu"
+        if labels_B.numel() and on_host and (labels_B.min() < 0 or labels_B.max() > self.num_classes):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"got values in [{int(labels_B.min())}, {int(labels_B.max())}]"

@@ -1,13 +1,15 @@
 """Checkpoints at step boundaries besides validation: when the job is told to stop, and periodically.
 
 A scheduler warns before it stops a job: SLURM sends SIGTERM before killing (and the signal asked for with
-``--signal=USR1@120`` two minutes before the time limit), spot instances and Kubernetes send SIGTERM. The handler
-only notes the signal; at the end of the current step every rank agrees (one all-reduce of a flag), saves
-``last.ckpt`` and stops, so the run exits cleanly and the same command resumes from there. Under SLURM a SIGUSR1
-also requeues the job (``scontrol requeue``, what Lightning's ``SLURMEnvironment(auto_requeue=True)`` runs, but
-after the save at a step boundary rather than inside the signal handler). The handlers are installed when training
-starts, before the loaders fork their workers: the workers inherit them, so a signal sent to every process of the
-job does not kill them.
+``--signal=USR1@120`` before the time limit; ``hydra/launcher=slurm``, i.e. submitit, asks for USR2), spot instances
+and Kubernetes send SIGTERM. The handler only notes the signal; at the end of the current step every rank agrees
+(one all-reduce of a host flag), saves ``last.ckpt`` and stops, so the run exits cleanly and the same command
+resumes from there. Under SLURM a SIGUSR1 or SIGUSR2 also requeues the job (``scontrol requeue``, what Lightning's
+``SLURMEnvironment(auto_requeue=True)`` and submitit run, but after the save at a step boundary rather than inside
+the signal handler: submitit's own USR2 handler, which this one replaces once training starts, requeues and exits
+on rank 0 mid-step while the other ranks wait in a collective, and saves nothing). The handlers are installed when
+training starts, before the loaders fork their workers: the workers inherit them, so a signal sent to every process
+of the job does not kill them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
+import torch.distributed as dist
 
 from varlib.io import LAST_CHECKPOINT
 
@@ -44,15 +48,16 @@ class StepCheckpoint(L.Callback):
 
     Args:
         dirpath: the checkpoint folder a re-run resumes from (``paths.checkpoint_dir``).
-        signals: names of the signals that stop the run (e.g. ``[SIGTERM, SIGUSR1]``); an empty list handles none.
+        signals: names of the signals that stop the run (e.g. ``[SIGTERM, SIGUSR1, SIGUSR2]``); an empty list
+            handles none.
         requeue_signals: those of ``signals`` after which a SLURM job is requeued once saved.
         every_n_steps, every_n_minutes: periodic saves (they do not stop the run).
 
     ``stopped_by`` names the signal that stopped the run, None otherwise.
     """
 
-    def __init__(self, dirpath: str, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
-                 requeue_signals: Sequence[str] = ("SIGUSR1",), every_n_steps: int | None = None,
+    def __init__(self, dirpath: str, signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+                 requeue_signals: Sequence[str] = ("SIGUSR1", "SIGUSR2"), every_n_steps: int | None = None,
                  every_n_minutes: float | None = None) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("every_n_minutes", every_n_minutes)):
             if value is not None and value <= 0:
@@ -71,6 +76,7 @@ class StepCheckpoint(L.Callback):
         self.received: signal.Signals | None = None
         self.stopped_by: str | None = None
         self._previous_handlers: dict[signal.Signals, Any] = {}
+        self._flag_group: dist.ProcessGroup | None = None
         self._saved_step, self._saved_time = 0, time.monotonic()
 
     def _note(self, signum: int, _frame: FrameType | None) -> None:
@@ -81,6 +87,17 @@ class StepCheckpoint(L.Callback):
         for signum in self.signals:
             self._previous_handlers[signum] = signal.signal(signum, self._note)
         self._saved_step, self._saved_time = trainer.global_step, time.monotonic()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._flag_group = dist.new_group(backend="gloo")  # every rank starts training: a collective call
+
+    def _on_any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it is true on some rank: an all-reduce of host tensors over a gloo group, so that
+        deciding at every step never waits for the device (the strategy's reduce of a GPU tensor and its read
+        would synchronise the host with the device every step)."""
+        values = torch.tensor(flags, dtype=torch.int32)
+        if self._flag_group is not None:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._flag_group)
+        return [bool(v) for v in values.tolist()]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -95,12 +112,11 @@ class StepCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         step = trainer.global_step
-        periodic = (self.every_n_steps is not None and step - self._saved_step >= self.every_n_steps) or (
-            self.every_n_minutes is not None and time.monotonic() - self._saved_time >= 60 * self.every_n_minutes)
-        if self.every_n_minutes is not None:  # every rank must take the same decision (clocks differ)
-            periodic = trainer.strategy.reduce_boolean_decision(periodic, all=False)
+        # every rank must take the same decisions (a signal may reach one rank, clocks differ)
+        timed = self.every_n_minutes is not None and time.monotonic() - self._saved_time >= 60 * self.every_n_minutes
+        stop, timed = self._on_any_rank(self.received is not None, timed)
+        periodic = timed or (self.every_n_steps is not None and step - self._saved_step >= self.every_n_steps)
         if not (stop or periodic):
             return
         path = self.dirpath / LAST_CHECKPOINT

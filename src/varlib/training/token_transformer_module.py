@@ -155,6 +155,7 @@ class TokenTransformerModule(L.LightningModule):
                              f"this one is conditioned on classes, got grid_prompts={list(hparams.grid_prompts)}")
         self.prepare_finetuning(pretrained, hparams.class_map, hparams.trainable, hparams.lora, hparams.class_names)
         self.ema = ModelEMA(transformer, hparams.ema_decay) if hparams.ema_decay else None
+        self._validation_copy: list[nn.Module] = []  # full_weights' copy during a validation's end
 
     @property
     def transformer(self) -> AdaLNTransformer:
@@ -287,6 +288,13 @@ class TokenTransformerModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """A class model's labels are checked here, on the host: the forward checks only host tensors (reading the
+        values of device labels would synchronise the host with the device at every step)."""
+        if batch is not None and not self.text_conditional:
+            self.transformer.check_labels(torch.as_tensor(batch[1]))
+        return batch
+
     def on_train_batch_start(self, batch, batch_idx):
         seed_training_step(self, self.hparams.seed)
 
@@ -386,30 +394,49 @@ class TokenTransformerModule(L.LightningModule):
     def configure_model(self):
         """FSDP2 under ``ModelParallelStrategy``: shard every block, then the root, and the EMA like them.
 
-        With bf16 precision (on CUDA, or on CPU processes under gloo) the gathered weights are cast to bf16 and
-        gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32.
+        With bf16 precision (on CUDA, or on CPU processes under gloo) the blocks' gathered weights are cast to bf16
+        and gradients reduced in fp32; the sharded master weights, the optimiser state and the EMA stay fp32. The
+        numerics are those of DDP under the same autocast: the blocks do not cast their inputs
+        (``cast_forward_inputs`` would make the residual stream bf16 under FSDP2 alone), and the root (embeddings,
+        head) keeps fp32 weights, so the embeddings are computed in fp32 and autocast casts for the head as it does
+        under DDP.
         """
         if self.device_mesh is None or getattr(self, "_sharded", False):
             return
         mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
-        bf16 = str(self.trainer.precision).startswith("bf16")
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        if str(self.trainer.precision).startswith("bf16"):
+            block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                cast_forward_inputs=False)
+        else:
+            block_policy = MixedPrecisionPolicy()
         for block in self.transformer.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(self.transformer, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+        fully_shard(self.transformer, mesh=mesh, mp_policy=MixedPrecisionPolicy())
         if self.ema is not None:  # rebuilt from the (still initial) sharded parameters: its tensors are DTensors
             self.ema = ModelEMA(self.transformer, self.ema.decay)
         self._sharded = True
 
     # -- whole weights: sampling, export and checkpoints ------------------------------------------------
 
-    def ema_weights(self):
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
         """Context in which the transformer holds the EMA weights (nothing changes without EMA)."""
         if self.ema is None:
-            return nullcontext()
+            yield
+            return
+        # FSDP2 keeps the root gathered after a forward without backward (validation): resharded on entry, so that
+        # the EMA's shards are gathered, and on exit, so that the next training forward gathers the training
+        # weights rather than reusing the EMA values gathered inside.
+        self._reshard()
+        try:
+            with self.ema.swap(self.transformer):
+                yield
+        finally:
+            self._reshard()
+
+    def _reshard(self) -> None:
         if getattr(self, "_sharded", False):
-            self.transformer.reshard()  # FSDP2 keeps the root gathered after a forward without backward (validation)
-        return self.ema.swap(self.transformer)
+            self.transformer.reshard()
 
     @contextmanager
     def full_weights(self) -> Iterator[nn.Module]:
@@ -417,36 +444,58 @@ class TokenTransformerModule(L.LightningModule):
 
         Unsharded without LoRA, this is ``self.transformer`` itself; under FSDP2 or with LoRA it is a plain copy
         holding the gathered weights (the adapters merged), so that any submodule can be called alone (sampling
-        does) and exports open without peft. Collective when sharded: enter it on every rank.
+        does) and exports open without peft. Collective when sharded: enter it on every rank. The end of a
+        validation (the FID callback, then the sample grid) shares one copy: the weights do not change in between.
         """
-        with self.ema_weights():
-            sharded = getattr(self, "_sharded", False)
-            if not sharded and self.lora is None:
+        if not getattr(self, "_sharded", False) and self.lora is None:
+            with self.ema_weights():
                 was_training = self.transformer.training
                 try:
                     yield self.transformer.eval()
                 finally:
                     self.transformer.train(was_training)
+            return
+        if not self._validation_copy:
+            plain = self._plain_copy()
+            if self._trainer is None or not self.trainer.validating:
+                yield plain.eval()
                 return
-            if sharded:
-                self.transformer.reshard()
+            self._validation_copy.append(plain)  # a list: an nn.Module attribute would become a submodule
+        yield self._validation_copy[0].eval()
+
+    def on_validation_end(self) -> None:
+        self._validation_copy.clear()
+
+    def _plain_copy(self) -> nn.Module:
+        """A plain transformer holding the whole (EMA) weights, the adapters merged (see :meth:`full_weights`)."""
+        with self.ema_weights():
+            self._reshard()
             # copies: leaving ema_weights() writes the online weights back into these parameters
             state = {k: v.full_tensor() if isinstance(v, DTensor) else v.detach().clone()
                      for k, v in self.transformer.state_dict().items()}
         if self.lora is not None:  # a plain copy with the adapters merged, which opens without peft
             state = merge_lora_state(state, lora_scaling(self.lora.as_dict()))
-        plain = self.build_transformer().to(device=self.device)
+        with torch.device(self.device):  # built where it runs: initialising a large model on the CPU takes long
+            plain = self.build_transformer()
         plain.load_state_dict(state)
         plain.sampling, plain.class_names = self.transformer.sampling, self.transformer.class_names
-        yield plain.eval()
+        return plain
 
     @contextmanager
     def image_generator(self) -> Iterator[Callable[[torch.Tensor, int], torch.Tensor]]:
         """Context giving ``generate(labels_B or prompts, seed) -> (B,3,H,W) images in [0,1]`` on the (EMA) weights
         with the model's sampling settings (the hook that the FID/IS callback and the validation grid use).
         Collective on entry under FSDP2; ``generate`` calls are local."""
+        # Lightning autocasts only the *_step hooks: sampling here (the grid, the FID callback) runs in the trainer's
+        # precision explicitly, as varlib-evaluate samples in bf16 on GPUs
+        forward_context = self.trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
+
+        def generate(condition, seed: int) -> torch.Tensor:
+            with forward_context():
+                return model.generate(condition, seed=seed)
+
         with self.full_weights() as model:
-            yield lambda condition, seed: model.generate(condition, seed=seed)
+            yield generate
 
     def export(self, path: str | os.PathLike) -> Path:
         """Writes the transformer (EMA weights when enabled) with its tokenizer for ``varlib.load``.
