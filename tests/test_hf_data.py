@@ -19,6 +19,8 @@ from helpers.hf_data import CLASS_NAMES, FEATURES, caption, png, rows, write_ima
 from varlib.cli import tokenize
 from varlib.configs import compose_config
 from varlib.data import HFDataModule, ImageTransform, decode_rgb_image
+from varlib.data.huggingface import HashSplit
+from varlib.data.resumable import ResumableLoader
 from varlib.data.token_cache import read_index
 from varlib.models.vqvae import MultiScaleVQVAE
 
@@ -147,12 +149,26 @@ def test_a_stream_read_by_two_workers_resumes_mid_epoch_at_the_exact_batch(parqu
     batch_records(killed)
     before = batch_records(killed, 5)  # epoch 1: 5 batches, so that worker 1's batch comes next
     state = killed.state_dict()
-    assert state["epoch"] == 1 and state["batches"] == 5 and state["next_worker"] == 1
+    assert state["epoch"] == 1 and state["batches"] == 5 and state["ranks"][0]["next_worker"] == 1
     resumed = loader()
     resumed.load_state_dict(torch.load(_saved(tmp_path, state), weights_only=True))
     assert before + batch_records(resumed) == epochs[1]  # the same rows, crops and flips in the same order
     with pytest.raises(ValueError, match=r"the checkpoint has \(streams per rank, ranks\) = \(2, 1\), this run \(1, 1\)"):
         hf_data(tmp_path, True, data_files=parquet, rows_per_epoch=24).train_dataloader().load_state_dict(state)
+
+
+def test_arrow_rows_resume_through_the_resumable_loader(parquet, tmp_path):
+    def loader():
+        return hf_data(tmp_path, False, data_files=parquet, batch_size=2, hflip=True, shuffle_seed=3).train_dataloader()
+
+    whole = loader()
+    assert isinstance(whole, ResumableLoader) and len(whole) == 12
+    epoch = batch_records(whole)
+    killed = loader()
+    before = batch_records(killed, 5)
+    resumed = loader()
+    resumed.load_state_dict(killed.state_dict())
+    assert before + batch_records(resumed) == epoch
 
 
 def _saved(tmp_path: Path, state: dict) -> Path:
@@ -167,18 +183,26 @@ def read_records(prefix: Path, rank: int) -> list[dict]:
 
 @pytest.mark.slow  # three 2-process training runs
 def test_a_two_process_two_worker_stream_killed_mid_epoch_resumes_with_the_rest_of_it(tmp_path):
-    table = [{"image": {"bytes": png(i), "path": None}, "index": i} for i in range(48)]
+    # 4 files (one per rank and worker) of 12 training rows after 0, 2, 4, 6 rows that the hash split validates:
+    # each worker has read a different number of rows at the same batch, so each rank resumes from its own count
+    is_val = HashSplit("image", 0.5, 0, validation=True)
+    indices = {True: [], False: []}
+    for i in range(200):
+        indices[is_val({"image": {"bytes": png(i)}})].append(i)
     features = datasets.Features({"image": datasets.Image(), "index": datasets.Value("int64")})
-    for shard in range(4):  # one file per rank and worker
-        datasets.Dataset.from_list(table[shard * 12:(shard + 1) * 12], features=features).to_parquet(
-            str(tmp_path / f"train-{shard}.parquet"))
+    train_rows = []
+    for shard in range(4):
+        validated = indices[True][shard * (shard - 1):shard * (shard + 1)]  # 2 * shard rows
+        train_rows += indices[False][12 * shard:12 * shard + 12]
+        table = [{"image": {"bytes": png(i), "path": None}, "index": i} for i in validated + train_rows[-12:]]
+        datasets.Dataset.from_list(table, features=features).to_parquet(str(tmp_path / f"train-{shard}.parquet"))
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
 
     def train(run: str, record: str, *kill_at: str) -> subprocess.CompletedProcess:
         command = [sys.executable, str(TESTS / "helpers" / "hf_training.py"), str(tmp_path / "train-*.parquet"),
-                   "true", str(tmp_path / run), str(tmp_path / record), *kill_at]
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                   str(tmp_path / run), str(tmp_path / record), *kill_at]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
     whole = train("whole", "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -193,7 +217,7 @@ def test_a_two_process_two_worker_stream_killed_mid_epoch_resumes_with_the_rest_
         assert [r["step"] for r in before] == list(range(15)) and [r["step"] for r in after] == list(range(15, 20))
         assert before + after == expected  # the same rows, crops and flips in the same order
     epoch_one = [label for rank in (0, 1) for r in read_records(tmp_path / "whole", rank)[:12] for label in r["labels"]]
-    assert sorted(epoch_one) == list(range(48))  # an epoch: every row once over both ranks
+    assert sorted(epoch_one) == sorted(train_rows)  # an epoch: every training row once over both ranks
 
 
 def tiny_vae() -> MultiScaleVQVAE:

@@ -238,25 +238,26 @@ class StreamLoader(DataLoader):
     from the workers in turn (0, 1, ..., skipping workers whose stream has ended), whose position Lightning keeps in
     its checkpoints.
 
-    ``state_dict()`` is ``{"epoch", "batches", "rows_read", "next_worker", "world_size"}``: the epoch, the batches
-    handed out in it, each worker's rows read for them, and the worker whose batch comes next. Each ``__iter__``
-    is the next epoch, or the rest of a loaded one. Having a length, Lightning does not fetch ahead of training.
+    ``state_dict()`` is ``{"epoch", "batches", "ranks"}``: the epoch, the batches handed out in it (the same on every
+    rank), and for each rank ``{"rows_read", "next_worker"}``: each worker's rows read for them and the worker whose
+    batch comes next. Lightning saves rank 0's loader state, so ``state_dict`` gathers every rank's (a collective
+    call, as Lightning's checkpoint saving is). Each ``__iter__`` is the next epoch, or the rest of a loaded one.
+    Having a length, Lightning does not fetch ahead of training.
     """
 
-    def __init__(self, dataset: StreamedRows, batches_per_epoch: int, num_workers: int, world_size: int,
+    def __init__(self, dataset: StreamedRows, batches_per_epoch: int, num_workers: int, world_size: int, rank: int,
                  pin_memory: bool) -> None:
         # workers start anew each epoch: they copy the epoch and start rows of the dataset
         super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=unchanged,
                          pin_memory=pin_memory)
         self.batches_per_epoch = batches_per_epoch
         self.streams = max(num_workers, 1)
-        self.world_size = world_size
+        self.world_size, self.rank = world_size, rank
         self.position = self.epoch_start(0)
         self.started = False  # whether position's epoch has been iterated (else the next __iter__ starts it)
 
     def epoch_start(self, epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "batches": 0, "rows_read": [0] * self.streams, "next_worker": 0,
-                "world_size": self.world_size}
+        return {"epoch": epoch, "batches": 0, "rows_read": [0] * self.streams, "next_worker": 0}
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -294,23 +295,30 @@ class StreamLoader(DataLoader):
                 yield received.batch
 
     def short_stream_message(self) -> str:
-        return (f"this rank's share of the stream ended after {self.position['batches']} of the "
+        return (f"rank {self.rank}'s share of the stream ended after {self.position['batches']} of the "
                 f"{self.batches_per_epoch} batches of an epoch: set data.rows_per_epoch lower, or give the data as "
                 f"shards of equal size, as many as a multiple of ranks x loader workers")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.position, "rows_read": list(self.position["rows_read"])}
+        mine = {"rows_read": list(self.position["rows_read"]), "next_worker": self.position["next_worker"]}
+        ranks = [mine]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"epoch": self.position["epoch"], "batches": self.position["batches"], "ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = set(self.epoch_start(0))
-        if set(state) != expected:
-            raise ValueError(f"expected a streamed train loader state with keys {sorted(expected)}, got {sorted(state)}")
-        found = (len(state["rows_read"]), state["world_size"])
+        if set(state) != {"epoch", "batches", "ranks"}:
+            raise ValueError(f"expected a streamed train loader state with keys batches, epoch and ranks, got "
+                             f"{sorted(state)}")
+        found = (len(state["ranks"][0]["rows_read"]), len(state["ranks"]))
         if found != (self.streams, self.world_size):
             raise ValueError(f"a streamed epoch resumes with the loader workers and processes it ran with: the "
                              f"checkpoint has (streams per rank, ranks) = {found}, this run {(self.streams, self.world_size)}"
                              f" (set data.num_workers={found[0] if found[0] > 1 else 0})")
-        self.position = {**state, "rows_read": [int(rows) for rows in state["rows_read"]]}
+        mine = state["ranks"][self.rank]
+        self.position = {"epoch": int(state["epoch"]), "batches": int(state["batches"]),
+                         "rows_read": [int(rows) for rows in mine["rows_read"]], "next_worker": int(mine["next_worker"])}
         self.started = False
 
 
@@ -452,7 +460,10 @@ class HFDataModule(ImageDataModule):
             stream = stream.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer)
         world_size, rank = world_and_rank(None, None)
         if world_size > 1:
-            stream = import_datasets().distributed.split_dataset_by_node(stream, rank=rank, world_size=world_size)
+            import_datasets()
+            from datasets.distributed import split_dataset_by_node
+
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         return StreamedRows(stream, self.reader, transform, self.skip_counters[split], in_split,
                             f"{self.path} {name}", self.batch_size if train else None, self.shuffle_seed, rank)
 
@@ -472,13 +483,13 @@ class HFDataModule(ImageDataModule):
             self.setup("fit")
             return self.make_loader(self.train_set, train=True)
         transform = ImageTransform(self.image_size, train=True, hflip=self.hflip)
-        world_size, _ = world_and_rank(None, None)
+        world_size, rank = world_and_rank(None, None)
         batches = self.epoch_rows() // (world_size * self.batch_size)
         if batches < 1:
             raise ValueError(f"expected at least one batch of {self.batch_size} per rank, got {self.epoch_rows()} "
                              f"rows per epoch for {world_size} ranks")
         return StreamLoader(self.streamed_rows("train", transform, train=True), batches, self.num_workers,
-                            world_size, torch.cuda.is_available())
+                            world_size, rank, torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         transform = ImageTransform(self.image_size, train=False)
