@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from inspect import signature
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -457,7 +458,11 @@ class HFDataModule(ImageDataModule):
         """This rank's share of the streamed ``split``, shuffled for training."""
         stream, in_split, name = self.split_source(split)
         if train:
-            stream = stream.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer)
+            # the buffer fills from one shard at a time: datasets 5 interleaves 10 by default, row by row, at 50
+            # rows/s against 8,500 (benchmarks/hf_loader.py)
+            parameters = signature(stream.shuffle).parameters
+            one_shard = {"max_buffer_input_shards": 1} if "max_buffer_input_shards" in parameters else {}
+            stream = stream.shuffle(seed=self.shuffle_seed, buffer_size=self.shuffle_buffer, **one_shard)
         world_size, rank = world_and_rank(None, None)
         if world_size > 1:
             import_datasets()
