@@ -70,9 +70,14 @@ def load_splits(path: str, name: str | None, data_files: Any, data_dir: str | No
             f"builder (data.path=parquet data.data_files='/data/train-*.parquet')") from None
 
 
+def image_source(image: Any) -> Any:
+    """The bytes (else the path) of an undecoded ``Image`` value ``{"bytes", "path"}``; any other value as it is."""
+    return (image.get("bytes") or image.get("path")) if isinstance(image, dict) else image
+
+
 def split_key(image: Any) -> str:
     """A row's name for the hash split: the digest of its image bytes (else of its path)."""
-    source = image.get("bytes") or image.get("path") if isinstance(image, dict) else image
+    source = image_source(image)
     data = source.encode() if isinstance(source, str) else bytes(source or b"")
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -124,8 +129,7 @@ class RowReader:
             if not isinstance(caption, str):
                 raise BadSampleError(what, f"no caption: expected a string in column {self.caption_column!r}, got "
                                            f"{caption!r:.60}")
-        image = row[self.image_column]
-        source = image.get("bytes") or image.get("path") if isinstance(image, dict) else image
+        source = image_source(row[self.image_column])
         if source is None:
             raise BadSampleError(what, f"no image in column {self.image_column!r}")
         try:
@@ -512,9 +516,9 @@ class HFDataModule(ImageDataModule):
         counter = self.skip_counters[split]
 
         def shard_loader(index: int) -> DataLoader:
-            shard = stream.shard(num_shards=stream.num_shards, index=index)
+            shard = stream.shard(num_shards=stream.n_shards, index=index)
             rows = StreamedRows(shard, self.reader, transform, counter, in_split, f"{self.path} {name} shard {index}")
             return self.make_loader(rows, train=False)
 
         return [Unit(index, (lambda index=index: shard_loader(index)), None, lambda: counter.value)
-                for index in range(stream.num_shards)]
+                for index in range(stream.n_shards)]
