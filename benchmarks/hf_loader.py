@@ -81,8 +81,9 @@ def main() -> None:
         settings = dict(batch_size=args.batch_size, num_workers=0, image_size=args.image_size, hflip=True)
         hf = dict(path="parquet", data_files={"train": str(root / "parquet" / "*.parquet")}, val_split="train",
                   rows_per_epoch=args.images, cache_dir=str(root / "cache"), **settings)
+        folder_data = dict(root=str(root / "folder"), val_dir="train", **settings)
         loaders = {
-            "folder": lambda: ImageFolderDataModule(str(root / "folder"), val_dir="train", **settings).train_dataloader(),
+            "folder": lambda: ImageFolderDataModule(**folder_data).train_dataloader(),
             "hf streamed": lambda: HFDataModule(streaming=True, **hf).train_dataloader(),
             "hf arrow": lambda: HFDataModule(streaming=False, **hf).train_dataloader(),
         }

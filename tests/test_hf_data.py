@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import varlib
-from helpers.hf_data import CLASS_NAMES, FEATURES, caption, png, rows, write_image_folder, write_parquet
+from helpers.hf_data import CLASS_NAMES, caption, png, rows, write_image_folder, write_parquet
 from varlib.cli import tokenize
 from varlib.configs import compose_config
 from varlib.data import HFDataModule, ImageTransform, decode_rgb_image
@@ -50,10 +50,11 @@ def test_parquet_splits_read_with_class_names_labels_and_captions(parquet, tmp_p
     data = hf_data(tmp_path, streaming, data_files=parquet, captions=True, rows_per_epoch=24)
     assert data.class_names == CLASS_NAMES and data.num_classes == 2  # the ClassLabel's names
     val = [item for images, labels, captions in data.val_dataloader() for item in zip(images, labels, captions)]
-    val_order = [i for i in sorted(range(24, 30), key=lambda i: (i % 2, i))]  # the file's order
+    val_order = sorted(range(24, 30), key=lambda i: (i % 2, i))  # the file's order
     assert [(int(label), text) for _, label, text in val] == [(i % 2, caption(i)) for i in val_order]
     assert all(torch.equal(image, eval_image(i)) for (image, _, _), i in zip(val, val_order))
-    train = [(int(label), text) for _, labels, captions in data.train_dataloader() for label, text in zip(labels, captions)]
+    train = [(int(label), text) for _, labels, captions in data.train_dataloader()
+             for label, text in zip(labels, captions)]
     assert sorted(train, key=lambda pair: pair[1]) == sorted(((i % 2, caption(i)) for i in range(24)),
                                                             key=lambda pair: pair[1])
     assert [text for _, text in train] != [caption(i) for i in sorted(range(24), key=lambda i: (i % 2, i))]  # shuffled
@@ -153,7 +154,7 @@ def test_a_stream_read_by_two_workers_resumes_mid_epoch_at_the_exact_batch(parqu
     resumed = loader()
     resumed.load_state_dict(torch.load(_saved(tmp_path, state), weights_only=True))
     assert before + batch_records(resumed) == epochs[1]  # the same rows, crops and flips in the same order
-    with pytest.raises(ValueError, match=r"the checkpoint has \(streams per rank, ranks\) = \(2, 1\), this run \(1, 1\)"):
+    with pytest.raises(ValueError, match=r"checkpoint has \(streams per rank, ranks\) = \(2, 1\), this run \(1, 1\)"):
         hf_data(tmp_path, True, data_files=parquet, rows_per_epoch=24).train_dataloader().load_state_dict(state)
 
 

@@ -24,8 +24,8 @@ def main() -> None:
     kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
     datamodule = HFDataModule("parquet", data_files={"train": files}, val_split=None, val_fraction=0.5,
-                              streaming=True, label_column="index", num_classes=200, rows_per_epoch=48, shuffle_buffer=8,
-                              batch_size=2, num_workers=2, image_size=8, hflip=True, shuffle_seed=5,
+                              streaming=True, label_column="index", num_classes=200, rows_per_epoch=48,
+                              shuffle_buffer=8, batch_size=2, num_workers=2, image_size=8, hflip=True, shuffle_seed=5,
                               cache_dir=str(Path(run_dir) / "datasets_cache"))
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, every_n_train_steps=5, save_last=True)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=20, limit_val_batches=0,

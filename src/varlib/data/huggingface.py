@@ -318,12 +318,14 @@ class StreamLoader(DataLoader):
                              f"{sorted(state)}")
         found = (len(state["ranks"][0]["rows_read"]), len(state["ranks"]))
         if found != (self.streams, self.world_size):
+            this_run = (self.streams, self.world_size)
             raise ValueError(f"a streamed epoch resumes with the loader workers and processes it ran with: the "
-                             f"checkpoint has (streams per rank, ranks) = {found}, this run {(self.streams, self.world_size)}"
-                             f" (set data.num_workers={found[0] if found[0] > 1 else 0})")
+                             f"checkpoint has (streams per rank, ranks) = {found}, this run {this_run} "
+                             f"(set data.num_workers={found[0] if found[0] > 1 else 0})")
         mine = state["ranks"][self.rank]
         self.position = {"epoch": int(state["epoch"]), "batches": int(state["batches"]),
-                         "rows_read": [int(rows) for rows in mine["rows_read"]], "next_worker": int(mine["next_worker"])}
+                         "rows_read": [int(rows) for rows in mine["rows_read"]],
+                         "next_worker": int(mine["next_worker"])}
         self.started = False
 
 
@@ -394,8 +396,8 @@ class HFDataModule(ImageDataModule):
         splits = load_splits(path, name, data_files, data_dir, streaming, cache_dir)
         for role, split in (("train_split", train_split), ("val_split", val_split)):
             if split is not None and split not in splits:
-                raise ValueError(f"{path} has no split {split!r} ({role}): it has {sorted(splits)}"
-                                 + (" (val_split=null divides the train split by a hash)" if role == "val_split" else ""))
+                hint = " (val_split=null divides the train split by a hash)" if role == "val_split" else ""
+                raise ValueError(f"{path} has no split {split!r} ({role}): it has {sorted(splits)}{hint}")
         self.train_split, self.val_split = train_split, val_split
         datasets = import_datasets()
         columns = [image_column, label_column, caption_column if captions else None]
