@@ -12,12 +12,13 @@ Training order, resumed at the exact sample:
 
 - ``streaming=false``: the split is a map-style set (memory-mapped Arrow) read through varlib's
   :class:`~varlib.data.resumable.ResumableLoader`, as the image folders are.
-- ``streaming=true``: the stream is shuffled by ``datasets`` (shard order and a buffer, seeded with
-  ``shuffle_seed + epoch``) and divided among ranks (``split_dataset_by_node``) and then DataLoader workers (by
-  ``datasets``, shard by shard). Each worker batches its own rows; :class:`StreamLoader` hands the workers'
-  batches out in a fixed turn and keeps each worker's count of rows read in the checkpoint. A resumed run reads
-  each worker's stream again up to that count without decoding it, and continues with the batch an uninterrupted
-  run would have trained on next. ``datasets``' own ``state_dict`` is not used: it drops the shuffle buffer.
+- ``streaming=true``: the stream is shuffled by ``datasets`` (shard order and a buffer filled from one shard at a
+  time, seeded with ``shuffle_seed + epoch``) and divided among ranks (``split_dataset_by_node``) and then
+  DataLoader workers (by ``datasets``, shard by shard). Each worker batches its own rows; :class:`StreamLoader`
+  hands the workers' batches out in a fixed turn and keeps every rank's and worker's count of rows read in the
+  checkpoint. A resumed run reads each worker's stream again up to that count without decoding it, and continues
+  with the batch an uninterrupted run would have trained on next. ``datasets``' own ``state_dict`` is not used: it
+  drops the shuffle buffer.
 """
 
 from __future__ import annotations
