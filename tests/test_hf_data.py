@@ -226,9 +226,15 @@ def tiny_vae() -> MultiScaleVQVAE:
     return MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3)).eval()
 
 
-def test_tokenising_a_stream_on_two_processes_writes_the_cache_of_the_same_images_in_a_folder(
-        parquet, tmp_path, monkeypatch):
+def test_tokenising_a_stream_on_two_processes_writes_the_cache_of_the_same_images_in_a_folder(tmp_path, monkeypatch):
+    # the same 30 images as Parquet files and as a folder, the 4th training image broken in both
+    table = rows(range(24))
+    table[3]["image"]["bytes"] = b"broken"
+    write_parquet(tmp_path / "pq", "train", table, files=4)
+    write_parquet(tmp_path / "pq", "validation", rows(range(24, 30)), files=1)
+    parquet = {"train": str(tmp_path / "pq" / "train-*"), "validation": str(tmp_path / "pq" / "validation-*")}
     write_image_folder(tmp_path / "folder", {"train": range(24), "val": range(24, 30)})
+    (tmp_path / "folder" / "train" / "cat" / "006.png").write_bytes(b"broken")  # row 3: cats 0, 2, 4, 6, ...
     varlib.save_tokenizer(tiny_vae(), tmp_path / "tok.safetensors")
 
     def tokenise(out: str, *data: str) -> tokenize.TokenizeResult:
@@ -243,10 +249,11 @@ def test_tokenising_a_stream_on_two_processes_writes_the_cache_of_the_same_image
     for rank in ("0", "1"):  # as torchrun starts them: each writes every other shard, the last one the index
         monkeypatch.setenv("RANK", rank)
         result = tokenise("stream_cache", *stream)
-        assert result.counts == {"train": 12, "val": 6 * (rank == "0")}
+        assert result.counts == {"train": 12 - (rank == "0"), "val": 6 * (rank == "0")}
         assert sorted(read_index(tmp_path / "stream_cache")["splits"]) == (["train", "val"] if rank == "1" else ["val"])
     folder, streamed = tmp_path / "folder_cache", tmp_path / "stream_cache"
     assert read_index(streamed) == read_index(folder)  # shards, classes and skipped counts
+    assert read_index(streamed)["skipped"] == {"train": 1, "val": 0}
     assert json.loads((streamed / "class_names.json").read_text()) == CLASS_NAMES
     for name in read_index(folder)["splits"]["train"] + read_index(folder)["splits"]["val"]:
         expected, got = load_file(folder / name), load_file(streamed / name)
