@@ -2,6 +2,8 @@
 
 - `EmojiDataModule`: embedded default dataset (Twemoji PNGs, 9 emoji-category classes), no download.
 - `ImageFolderDataModule`: ImageNet / OpenImages style `root/{train,val}/<class>/*.jpg` or flat folders.
+- `HFDataModule`: Hugging Face datasets (Hub ids, Parquet/Arrow/imagefolder/webdataset builders), streamed or not
+  (`datasets` imported when one is built: `pip install "varlib[hf]"`).
 - `WebDatasetDataModule`: tar shards (local, glob, brace, `pipe:`, fsspec URLs), local training shards read by index.
 
 All yield batches `(images (B, 3, R, R) float32 in [-1, 1], labels (B,) int64)`, with `captions=True`
@@ -12,6 +14,7 @@ skipped and counted in each DataModule's `skipped` property.
 from varlib.data.base import ImageDataModule
 from varlib.data.emoji import EmojiDataModule
 from varlib.data.folder import ImageFileDataset, ImageFolderDataModule
+from varlib.data.huggingface import HFDataModule
 from varlib.data.images import ImageDecodeError, decode_rgb_image, load_rgb_image, to_rgb
 from varlib.data.shards import WebDatasetDataModule, resolve_shard_urls
 from varlib.data.skipping import SkipCounter, collate_skipping_none
@@ -19,6 +22,7 @@ from varlib.data.transforms import ImageTransform, resize_target
 
 __all__ = [
     "EmojiDataModule",
+    "HFDataModule",
     "ImageDataModule",
     "ImageDecodeError",
     "ImageFileDataset",
