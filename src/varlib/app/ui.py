@@ -12,6 +12,7 @@ the system's fonts.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio on 
 
 import gradio as gr  # noqa: E402  (after the setting above)
 
-from varlib.app.service import AppService  # noqa: E402
+from varlib.app.service import AppService, open_upload  # noqa: E402
 
 # Images are a few dozen pixels wide: show their pixels instead of a blur.
 CSS = ".pixelated img, .pixelated canvas { image-rendering: pixelated; }"
@@ -49,6 +50,36 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(str(error), print_exception=False) from None
 
     return wrapper
+
+
+class BoundedImageMask(gr.ImageMask):
+    """``gr.ImageMask`` that refuses an upload whose header says it has more than ``max_pixels`` pixels before
+    Gradio decodes it (Gradio's own preprocessing converts every layer, so that a check after it comes too late)."""
+
+    is_template = True
+
+    def __init__(self, *args: Any, max_pixels: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_pixels = max_pixels
+
+    def get_block_name(self) -> str:  # the page draws it as the ImageEditor it is
+        return "imageeditor"
+
+    def get_block_class(self) -> str:
+        return "imageeditor"
+
+    def preprocess(self, payload: Any) -> Any:
+        if payload is not None:
+            stored = self.blob_storage.get(payload.id) if payload.id is not None else None
+            data = payload if stored is None else stored
+            for upload in [data.background, *(data.layers or []), data.composite]:
+                if upload is not None:
+                    try:
+                        source = io.BytesIO(upload) if isinstance(upload, (bytes, bytearray)) else upload.path
+                        open_upload(source, self.max_pixels).close()
+                    except ValueError as error:
+                        raise gr.Error(str(error), print_exception=False) from None
+        return super().preprocess(payload)
 
 
 def theme() -> gr.themes.Base:
@@ -138,9 +169,11 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
 
         with gr.Tab("Edit"):
             with gr.Row():
-                editor = gr.ImageMask(type="pil", image_mode=None, format="png", sources=("upload", "clipboard"),
-                                      label="Image: draw over the region", elem_id="editor", elem_classes="pixelated",
-                                      brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
+                editor = BoundedImageMask(type="pil", image_mode=None, format="png", sources=("upload", "clipboard"),
+                                          label="Image: draw over the region", elem_id="editor",
+                                          elem_classes="pixelated", brush=gr.Brush(colors=["#ff00ff"],
+                                                                                   color_mode="fixed"),
+                                          max_pixels=service.max_upload_pixels)
                 with gr.Column():
                     mode = gr.Radio(TEXT_EDIT_MODE_CHOICES if service.text else EDIT_MODE_CHOICES, value="inpaint",
                                     label="Mode", elem_id="edit-mode")
