@@ -149,7 +149,7 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, tmp_pa
         (("/edit", {**files(tmp_path, box=(0, 0, 0, 0))}, "inpaint", "0", 0), "the drawing is empty"),
         (("/edit", {**files(tmp_path, box=(0, 0, SIDE, SIDE))}, "outpaint", "0", 0), "covers no token"),
         (("/edit", {**upload, "background": None}, "inpaint", "0", 0), "upload an image"),
-        (("/edit", upload, "recolour", "0", 0), "not in the list of choices"),
+        (("/edit", upload, "recolour", "0", 0), r"mode must be one of \('inpaint', 'outpaint', 'class'\)"),
     ]
     wrong_size = tmp_path / "small_layer.png"
     Image.new("RGBA", (8, 8), (255, 0, 255, 255)).save(wrong_size)

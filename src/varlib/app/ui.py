@@ -52,34 +52,19 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-class BoundedImageMask(gr.ImageMask):
-    """``gr.ImageMask`` that refuses an upload whose header says it has more than ``max_pixels`` pixels before
-    Gradio decodes it (Gradio's own preprocessing converts every layer, so that a check after it comes too late)."""
-
-    is_template = True
-
-    def __init__(self, *args: Any, max_pixels: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_pixels = max_pixels
-
-    def get_block_name(self) -> str:  # the page draws it as the ImageEditor it is
-        return "imageeditor"
-
-    def get_block_class(self) -> str:
-        return "imageeditor"
-
-    def preprocess(self, payload: Any) -> Any:
-        if payload is not None:
-            stored = self.blob_storage.get(payload.id) if payload.id is not None else None
-            data = payload if stored is None else stored
-            for upload in [data.background, *(data.layers or []), data.composite]:
-                if upload is not None:
-                    try:
-                        source = io.BytesIO(upload) if isinstance(upload, (bytes, bytearray)) else upload.path
-                        open_upload(source, self.max_pixels).close()
-                    except ValueError as error:
-                        raise gr.Error(str(error), print_exception=False) from None
-        return super().preprocess(payload)
+def checked_editor_value(editor: gr.ImageEditor, payload: Any, max_pixels: int) -> dict | None:
+    """The editor's value (background, layers, composite as PIL images) from its unprocessed payload (the event runs
+    with ``preprocess=False``), after refusing an upload whose header says it has more than ``max_pixels`` pixels:
+    Gradio's own preprocessing decodes every layer in full, so a check after it would come too late."""
+    if not payload:
+        return None
+    data = editor.data_model.model_validate(payload)
+    stored = editor.blob_storage.get(data.id) if data.id is not None else None
+    files = stored if stored is not None else data
+    for upload in [files.background, *(files.layers or []), files.composite]:
+        if upload is not None:
+            open_upload(io.BytesIO(upload) if isinstance(upload, bytes) else upload.path, max_pixels).close()
+    return editor.preprocess(data)
 
 
 def theme() -> gr.themes.Base:
@@ -108,10 +93,11 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
     def scale_strip_of_prompt(prompt, negative, cfg, top_k, top_p, seed):
         return service.scale_strip(prompt, cfg, top_k, top_p, seed, negative)
 
-    def edit_outcome(editor, mode, target, seed):
-        if not editor:
+    def edit_outcome(payload, mode, target, seed):
+        value = checked_editor_value(editor, payload, service.max_upload_pixels)
+        if not value:
             raise ValueError("upload an image (or pick an example) to edit: got none")
-        outcome = service.edit(editor.get("background"), editor.get("layers") or [], mode, target, seed)
+        outcome = service.edit(value.get("background"), value.get("layers") or [], mode, target, seed)
         images = [(outcome.before, "before"), (outcome.region, "regenerated tokens"), (outcome.after, "after")]
         return images, f"{outcome.tokens} tokens regenerated"
 
@@ -169,11 +155,9 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
 
         with gr.Tab("Edit"):
             with gr.Row():
-                editor = BoundedImageMask(type="pil", image_mode=None, format="png", sources=("upload", "clipboard"),
-                                          label="Image: draw over the region", elem_id="editor",
-                                          elem_classes="pixelated", brush=gr.Brush(colors=["#ff00ff"],
-                                                                                   color_mode="fixed"),
-                                          max_pixels=service.max_upload_pixels)
+                editor = gr.ImageMask(type="pil", image_mode=None, format="png", sources=("upload", "clipboard"),
+                                      label="Image: draw over the region", elem_id="editor", elem_classes="pixelated",
+                                      brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
                 with gr.Column():
                     mode = gr.Radio(TEXT_EDIT_MODE_CHOICES if service.text else EDIT_MODE_CHOICES, value="inpaint",
                                     label="Mode", elem_id="edit-mode")
@@ -189,8 +173,9 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
                 gr.Examples([[str(path)] for path in examples], [editor], label="Examples", elem_id="examples")
             comparison = gr.Gallery(label="Before (as the model sees it), regenerated tokens (white), after", columns=3,
                                     height="auto", format="png", elem_id="comparison", elem_classes="pixelated")
+            # unprocessed inputs: the editor's upload is checked from its header before it is decoded
             edit_button.click(edit_with_prompt if service.text else edit, [editor, mode, target, edit_seed],
-                              [comparison, edit_status], api_name="edit")
+                              [comparison, edit_status], api_name="edit", preprocess=False)
 
         with gr.Tab("Model"):
             card = gr.Markdown(elem_id="model-card")
