@@ -461,8 +461,8 @@ def sample_token_maps(
     guided_scales = 0 if cfg == 0 else K if cfg_until is None else min(cfg_until, K)
     stop = K if stop_after is None else stop_after
     refine = _ModelRun(var, labels, batch_size, negative, guided_scales > drafted, compile) if stop > drafted else None
-    runs = ([_ModelRun(draft.model, labels, batch_size, negative, guided_scales > 0, compile)] if drafted else [])
-    B = (refine or runs[0]).B
+    drafting = _ModelRun(draft.model, labels, batch_size, negative, guided_scales > 0, compile) if drafted else None
+    B = (refine or drafting).B
     first_pruned = max(1, K - PRUNED_SCALES) if prune < 1 else K + 1
     side = pns[-1]
     f_hat = torch.zeros(B, Cv, side, side, device=device, dtype=torch.float32)
@@ -471,7 +471,7 @@ def sample_token_maps(
     for si, pn in enumerate(pns[:stop]):
         if si == drafted and drafted:
             refine.prefill(inputs)
-        run = runs[0] if si < drafted else refine
+        run = drafting if si < drafted else refine
         if run.guided and si >= guided_scales:
             run.drop_guidance()
         ratio = si / (K - 1) if K > 1 else 0.0
