@@ -348,7 +348,9 @@ class _ModelRun:
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.x_BlC.dtype
         self.caches = var.new_kv_caches(self.rows, dtype)
         self.compile = compile
-        self.step = compiled_transformer_step("inductor" if compile is True else compile) if compile else transformer_step
+        self.step = transformer_step
+        if compile:
+            self.step = compiled_transformer_step("inductor" if compile is True else compile)
         self.previous_BCpp: torch.Tensor | None = None  # the last scale's last-block output, for pruning
 
     @property
