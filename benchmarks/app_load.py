@@ -10,6 +10,8 @@ per setting: p50 / p95 latency, images/s over the concurrent phase, failed reque
 memory after the warm-up and after the load. Bounded: every request has a timeout, and no request starts after
 ``--time-limit-s``. Targets (issue 25): no failed request, p95 under 2x the single-request latency with batching
 on, memory after within 10% of before. The clients run in this process, on the same CPU as the server.
+``model_sampling_s`` is the model's own ``generate`` of the same request in this process (interleaved with the
+single requests), ``single_over_model`` the median ratio of the two (issue 41's target: at most 2).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import torch
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from gradio_client import Client  # noqa: E402
@@ -72,7 +75,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(checkpoint: str, batch_size: int, args: argparse.Namespace, folder: Path) -> dict:
-    names = class_names_of(varlib.load(checkpoint))
+    var = varlib.load(checkpoint).eval()
+    names = class_names_of(var)
     process, url = start_app(checkpoint, batch_size, args.threads, folder)
     server = psutil.Process(process.pid)
     try:
@@ -87,7 +91,14 @@ def measure(checkpoint: str, batch_size: int, args: argparse.Namespace, folder: 
 
         for _ in range(2):  # warm-up
             request(client, names[0])
-        single = [request(client, names[0]) for _ in range(args.single)]
+        single, model = [], []
+        with torch.no_grad():  # the model's own sampling of the same request, in this process
+            var.generate([0] * args.count, seed=0)
+            for _ in range(args.single):  # interleaved, so that both see the same load
+                single.append(request(client, names[0]))
+                start = time.perf_counter()
+                var.generate([0] * args.count, seed=0)
+                model.append(time.perf_counter() - start)
         rss_before = server.memory_info().rss
 
         latencies: list[float] = []
@@ -122,6 +133,8 @@ def measure(checkpoint: str, batch_size: int, args: argparse.Namespace, folder: 
         return {
             "batch_size": batch_size,
             "single_request_s": round(statistics.median(single), 4),
+            "model_sampling_s": round(statistics.median(model), 4),
+            "single_over_model": round(statistics.median([a / b for a, b in zip(single, model)]), 2),
             "p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
             "p95_s": round(percentile(latencies, 0.95), 4) if latencies else None,
             "p95_over_single": round(percentile(latencies, 0.95) / statistics.median(single), 2) if latencies else None,
@@ -151,6 +164,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--time-limit-s", type=float, default=600, help="no request starts after this")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # this process samples beside the app for the model's own time
     if not Path(args.checkpoint).exists():
         raise SystemExit(f"--checkpoint: expected a VAR model file at {args.checkpoint} (make demo writes "
                          "outputs/demo/var/model.safetensors), got nothing there")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import varlib
+from helpers.uploads import png_header_only
 from varlib.app import AppService, ModelWorker, SamplingSettings, held_out_emoji, running_fhat_images
 from varlib.data.emoji import EmojiDataModule, emoji_category, is_validation_name
 from varlib.evaluation import to_uint8_nhwc
@@ -415,3 +416,35 @@ def test_model_page_of_a_text_model_names_its_encoder(text_service):
            "cross-attention |" in page
     assert "| classes |" not in page
     assert text_service.class_names == []
+
+
+# -- upload size ------------------------------------------------------------------------------------------------
+
+
+def test_an_upload_larger_than_max_upload_pixels_is_refused_from_its_header(tmp_path, var):
+    from varlib.app.service import MAX_UPLOAD_PIXELS, open_upload
+
+    huge = tmp_path / "huge.png"
+    png_header_only(huge, 12_000, 12_000)  # 144 Mpx: over PIL's warning limit, under its error limit
+    with pytest.raises(ValueError, match=rf"12000x12000 = 144,000,000 pixels, more than the "
+                                         rf"{MAX_UPLOAD_PIXELS:,} this app accepts \(max_upload_pixels\)"):
+        open_upload(huge, MAX_UPLOAD_PIXELS)
+    bomb = tmp_path / "bomb.png"
+    png_header_only(bomb, 20_000, 20_000)  # 400 Mpx: PIL's own decompression-bomb error, named as ours
+    with pytest.raises(ValueError, match="exceeds limit.*this app accepts at most 1,000 pixels"):
+        open_upload(bomb, 1000)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image PIL can read"):
+        open_upload(tmp_path / "text.png", MAX_UPLOAD_PIXELS)
+    small = tmp_path / "small.png"
+    photo().save(small)
+    assert open_upload(small, SIDE * SIDE).size == (SIDE, SIDE)  # at the limit: accepted
+
+    service = AppService(var, max_upload_pixels=30 * 30)
+    try:
+        image = photo()
+        with pytest.raises(ValueError, match="the image is 32x32 = 1,024 pixels, more than the 900"):
+            service.edit(image, [drawing(image.size, (0, 0, 16, 16))], "inpaint", "0", 0)
+        assert service.worker.calls == 0
+    finally:
+        service.close()

@@ -17,6 +17,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 import varlib  # noqa: E402
+from helpers.uploads import png_header_only  # noqa: E402
 from varlib.cli import app as app_cli  # noqa: E402
 from varlib.configs import compose_config  # noqa: E402
 from varlib.data import ImageTransform  # noqa: E402
@@ -149,7 +150,7 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, tmp_pa
         (("/edit", {**files(tmp_path, box=(0, 0, 0, 0))}, "inpaint", "0", 0), "the drawing is empty"),
         (("/edit", {**files(tmp_path, box=(0, 0, SIDE, SIDE))}, "outpaint", "0", 0), "covers no token"),
         (("/edit", {**upload, "background": None}, "inpaint", "0", 0), "upload an image"),
-        (("/edit", upload, "recolour", "0", 0), "not in the list of choices"),
+        (("/edit", upload, "recolour", "0", 0), r"mode must be one of \('inpaint', 'outpaint', 'class'\)"),
     ]
     wrong_size = tmp_path / "small_layer.png"
     Image.new("RGBA", (8, 8), (255, 0, 255, 255)).save(wrong_size)
@@ -159,6 +160,10 @@ def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(client, tmp_pa
     corrupt.write_bytes(b"not an image")
     cases.append((("/edit", {**upload, "background": handle_file(corrupt)}, "inpaint", "0", 0),
                   "cannot identify image file"))
+    huge = tmp_path / "huge.png"  # a header that says 12000 x 12000, no pixels: refused before any decoding
+    png_header_only(huge, 12_000, 12_000)
+    cases.append((("/edit", {**upload, "background": handle_file(huge)}, "inpaint", "0", 0),
+                  "the image is 12000x12000 = 144,000,000 pixels, more than the 16,777,216 this app accepts"))
     for (endpoint, *args), message in cases:
         with pytest.raises(AppError, match=message):
             client.predict(*args, api_name=endpoint)

@@ -13,8 +13,9 @@ from varlib.models.patch_schedules import sequence_length
 PATCH_NUMS = (1, 2, 3, 4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny_var() -> VAR:
+    """A fresh model per test: tests set its attention implementation."""
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=PATCH_NUMS).requires_grad_(False)
     return VAR(vae, depth=2, width=32, num_heads=2, num_classes=3, drop_path_rate=0.0, cond_drop_rate=0.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,8 @@ from varlib.models.transformer import VAR
 #: text model conditions every mode on a prompt, so that "class" is in-painting there.
 EDIT_MODES = ("inpaint", "outpaint", "class")
 MAX_SEED = 2**53 - 1  # the largest integer a JSON number (so the page and the API) carries exactly
+#: Uploads larger than this (width x height) are refused from their header, before they are decoded (conf/app.yaml).
+MAX_UPLOAD_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,31 @@ def running_fhat_images(var: VAR, tokens: Sequence[torch.Tensor]) -> list[torch.
     return frames
 
 
+def open_upload(source, max_pixels: int) -> Image.Image:
+    """An uploaded image (a path or a binary file) opened lazily: its header is read, its pixels are not.
+
+    Raises ValueError naming both sizes when the header says it has more than ``max_pixels`` pixels (or more than
+    PIL's own decompression-bomb limit), or when it is no image PIL reads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{error}; this app accepts at most {max_pixels:,} pixels (max_upload_pixels)") from None
+        except (OSError, ValueError) as error:
+            raise ValueError(f"the upload is not an image PIL can read: {error}") from None
+    check_upload_size(image, max_pixels)
+    return image
+
+
+def check_upload_size(image: Image.Image, max_pixels: int) -> None:
+    """Raises ValueError naming both sizes when ``image`` (as its header says) has more than ``max_pixels`` pixels."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"the image is {width}x{height} = {width * height:,} pixels, more than the {max_pixels:,} "
+                         f"this app accepts (max_upload_pixels); upload a smaller one")
+
+
 def _number(name: str, value: Any, low: float, high: float, integer: bool) -> float | int:
     """``value`` as a finite number in [low, high] (an int when ``integer``), else ValueError naming both."""
     kind = "an integer" if integer else "a number"
@@ -111,13 +139,15 @@ class AppService:
         max_images: images one Generate request may ask for (classes or prompts x count).
         precision: ``fp32``, ``bf16`` or ``auto`` (see :func:`varlib.inference.inference_precision`).
         source: where the model came from (shown on the model page); ``model_card``: its card (markdown) or None.
+        max_upload_pixels: uploads to Edit larger than this (width x height) are refused before they are decoded.
     """
 
     def __init__(self, var: VAR, batch_size: int = 8, max_images: int = 16, precision: str = "fp32",
-                 source: str = "", model_card: str | None = None) -> None:
-        if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
+                 source: str = "", model_card: str | None = None, max_upload_pixels: int = MAX_UPLOAD_PIXELS) -> None:
+        if max_images < 1 or max_upload_pixels < 1:
+            raise ValueError(f"max_images and max_upload_pixels must be >= 1, got {max_images}, {max_upload_pixels}")
         self.var, self.max_images, self.precision = var, max_images, precision
+        self.max_upload_pixels = max_upload_pixels
         self.source, self.card = source, model_card
         self.text = isinstance(var.conditioning, TextConditioning)  # takes prompts instead of classes
         self.class_names = [] if self.text else class_names_of(var)
@@ -174,10 +204,11 @@ class AppService:
                                 negative=self.negative_prompt(negative))
 
     def default_settings(self) -> SamplingSettings:
-        """The model file's recommended settings (``var.sampling``), top_k clipped to the vocabulary, seed 0."""
-        sampling = self.var.sampling
-        return SamplingSettings(cfg=sampling.cfg, top_k=min(sampling.top_k, self.var.vocab_size),
-                                top_p=sampling.top_p, seed=0)
+        """The model file's recommended settings (``var.sampling``), top_k clipped to the vocabulary (the page's
+        range), seed 0."""
+        sampling = self.var.sampling.resolve()
+        return SamplingSettings(cfg=sampling["cfg"], top_k=min(sampling["top_k"], self.var.vocab_size),
+                                top_p=sampling["top_p"], seed=0)
 
     # -- generate ------------------------------------------------------------------------------------
 
@@ -269,8 +300,9 @@ class AppService:
             condition = self.one_prompt(target_class, "editing")
         else:
             condition = self.class_index(target_class) if mode == "class" else self.var.num_classes
-        settings = self.settings(self.var.sampling.cfg, min(self.var.sampling.top_k, self.var.vocab_size),
-                                 self.var.sampling.top_p, seed)
+        defaults = self.default_settings()
+        settings = self.settings(defaults.cfg, defaults.top_k, defaults.top_p, seed)
+        check_upload_size(background, self.max_upload_pixels)
         image = to_rgb(background)
         transform = ImageTransform(self.resolution, train=False)
         keep_HW = keep_mask_from_image(self.region_to_regenerate(background, layers, mode), image.size, transform)

@@ -12,6 +12,7 @@ the system's fonts.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio on 
 
 import gradio as gr  # noqa: E402  (after the setting above)
 
-from varlib.app.service import AppService  # noqa: E402
+from varlib.app.service import AppService, open_upload  # noqa: E402
 
 # Images are a few dozen pixels wide: show their pixels instead of a blur.
 CSS = ".pixelated img, .pixelated canvas { image-rendering: pixelated; }"
@@ -51,6 +52,21 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def checked_editor_value(editor: gr.ImageEditor, payload: Any, max_pixels: int) -> dict | None:
+    """The editor's value (background, layers, composite as PIL images) from its unprocessed payload (the event runs
+    with ``preprocess=False``), after refusing an upload whose header says it has more than ``max_pixels`` pixels:
+    Gradio's own preprocessing decodes every layer in full, so a check after it would come too late."""
+    if not payload:
+        return None
+    data = editor.data_model.model_validate(payload)
+    stored = editor.blob_storage.get(data.id) if data.id is not None else None
+    files = stored if stored is not None else data
+    for upload in [files.background, *(files.layers or []), files.composite]:
+        if upload is not None:
+            open_upload(io.BytesIO(upload) if isinstance(upload, bytes) else upload.path, max_pixels).close()
+    return editor.preprocess(data)
+
+
 def theme() -> gr.themes.Base:
     """Gradio's default look with system fonts (the default theme loads web fonts)."""
     return gr.themes.Default(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
@@ -77,10 +93,11 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
     def scale_strip_of_prompt(prompt, negative, cfg, top_k, top_p, seed):
         return service.scale_strip(prompt, cfg, top_k, top_p, seed, negative)
 
-    def edit_outcome(editor, mode, target, seed):
-        if not editor:
+    def edit_outcome(payload, mode, target, seed):
+        value = checked_editor_value(editor, payload, service.max_upload_pixels)
+        if not value:
             raise ValueError("upload an image (or pick an example) to edit: got none")
-        outcome = service.edit(editor.get("background"), editor.get("layers") or [], mode, target, seed)
+        outcome = service.edit(value.get("background"), value.get("layers") or [], mode, target, seed)
         images = [(outcome.before, "before"), (outcome.region, "regenerated tokens"), (outcome.after, "after")]
         return images, f"{outcome.tokens} tokens regenerated"
 
@@ -156,8 +173,9 @@ def build_app(service: AppService, examples: Sequence[Path] = ()) -> gr.Blocks:
                 gr.Examples([[str(path)] for path in examples], [editor], label="Examples", elem_id="examples")
             comparison = gr.Gallery(label="Before (as the model sees it), regenerated tokens (white), after", columns=3,
                                     height="auto", format="png", elem_id="comparison", elem_classes="pixelated")
+            # unprocessed inputs: the editor's upload is checked from its header before it is decoded
             edit_button.click(edit_with_prompt if service.text else edit, [editor, mode, target, edit_seed],
-                              [comparison, edit_status], api_name="edit")
+                              [comparison, edit_status], api_name="edit", preprocess=False)
 
         with gr.Tab("Model"):
             card = gr.Markdown(elem_id="model-card")

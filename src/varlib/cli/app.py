@@ -8,7 +8,7 @@ the ``app`` extra (``pip install 'varlib[app]'``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import hydra
@@ -61,8 +61,10 @@ def run(cfg: DictConfig, block: bool = True) -> AppServer:
         from varlib.app.ui import build_app, launch
     except ImportError as error:
         raise ImportError(f"varlib-app needs Gradio ({error}): pip install 'varlib[app]'") from None
+    var.sampling = replace(var.sampling, **var.sampling.resolve(**cfg.sampling))
     service = AppService(var, batch_size=cfg.batch_size, max_images=cfg.max_images, precision=cfg.precision,
-                         source=str(cfg.checkpoint or cfg.official.var), model_card=model_card_text(cfg.checkpoint))
+                         source=str(cfg.checkpoint or cfg.official.var), model_card=model_card_text(cfg.checkpoint),
+                         max_upload_pixels=check_int_at_least("max_upload_pixels", cfg.max_upload_pixels, 1))
     blocks = build_app(service, examples)
     logger.info("serving on http://%s:%s (queue %d, batches of up to %d images)", cfg.host, cfg.port or "7860+",
                 cfg.queue_size, cfg.batch_size)

@@ -23,7 +23,7 @@ import varlib
 from varlib.configs import CONFIG_MODULE
 from varlib.data.base import check_int_at_least
 from varlib.inference import inference_precision
-from varlib.models.sampling import check_sampling_values
+from varlib.models.sampling import SAMPLING_TYPES, Draft
 from varlib.models.transformer import VAR
 
 logger = logging.getLogger(__name__)
@@ -128,14 +128,16 @@ def parse_labels(value: Any, num_classes: int, per_class: int) -> list[int]:
 
 
 def sampling_options(cfg: DictConfig, model: VAR) -> dict[str, Any]:
-    """The ``VAR.generate`` keyword arguments: each of ``cfg``, ``top_k``, ``top_p`` the config sets (not null),
-    else the model's own (its ``sampling``), validated; plus ``more_smooth``."""
-    given = {key: cfg[key] for key in ("cfg", "top_k", "top_p") if cfg[key] is not None}
-    try:
-        options = model.sampling.resolve(**{key: type(getattr(model.sampling, key))(value) for key, value in given.items()})
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"cfg, top_k and top_p must be numbers or null, got {given}") from error
-    check_sampling_values(**options)
+    """The ``VAR.generate`` keyword arguments: the sampling settings (cfg, top_k, top_p, cfg_until, prune,
+    stop_after) resolved against the model's own (:meth:`SamplingConfig.resolve`: a null keeps the model's),
+    ``more_smooth``, and ``draft`` when ``draft.model`` names another VAR file of the same tokenizer."""
+    options = model.sampling.resolve(**{key: cfg.get(key) for key in SAMPLING_TYPES})
+    draft = cfg.get("draft")
+    if draft is not None and draft.model is not None:
+        drafter = varlib.load(draft.model)
+        if not isinstance(drafter, VAR):
+            raise ValueError(f"draft.model={draft.model}: expected a VAR transformer, got a {type(drafter).__name__}")
+        options["draft"] = Draft(drafter.to(model.device).eval(), draft.scales)
     return {**options, "more_smooth": bool(cfg.more_smooth)}
 
 

@@ -50,6 +50,10 @@ class KVCache:
         self.length = end
         return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
 
+    def keep_rows(self, rows: int) -> None:
+        """Keeps the first ``rows`` rows of the batch (views, no copy): sampling without guidance from here on."""
+        self.k_BHLc, self.v_BHLc = self.k_BHLc[:rows], self.v_BHLc[:rows]
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention; with ``l2_norm`` q and k are unit vectors and q is scaled per head.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from varlib.models.attention import BlockCausalAttention
-from varlib.models.sampling import as_labels, check_sampling_values, filter_top_k_top_p_
+from varlib.models.sampling import as_labels, filter_top_k_top_p_
 from varlib.models.transformer import AdaLNTransformer
 from varlib.models.vqvae import MultiScaleVQVAE
 
@@ -109,8 +109,8 @@ class RasterAR(AdaLNTransformer):
         Returns:
             (B, L) int64 tokens in raster order.
         """
-        cfg, top_k, top_p = self.sampling.resolve(cfg, top_k, top_p).values()
-        check_sampling_values(cfg, top_k, top_p)
+        settings = self.sampling.resolve(cfg=cfg, top_k=top_k, top_p=top_p)
+        cfg, top_k, top_p = settings["cfg"], settings["top_k"], settings["top_p"]
         labels_B = as_labels(self, labels, batch_size)
         B, device = labels_B.shape[0], labels_B.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)

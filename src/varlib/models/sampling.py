@@ -11,11 +11,13 @@ step into one graph per scale (``fullgraph``: a graph break is an error, not a s
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from varlib.models.layers import KVCache
@@ -64,6 +66,13 @@ class NextScalePredictor(Protocol):
 
     def new_kv_caches(self, batch_size: int, dtype: torch.dtype) -> list[KVCache]: ...
 
+    @property
+    def blocks(self) -> Sequence[Any]: ...
+
+    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor: ...
+
+    def block_causal_attention(self, length: int) -> Any: ...
+
     def forward_scale(
         self, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache],
         context: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -83,33 +92,72 @@ class SampleOutput:
 @dataclass(frozen=True)
 class SamplingConfig:
     """A model's recommended sampling settings (what a generation config is to a language model): the one
-    definition of the sampling defaults.
+    definition of the sampling defaults, and with :meth:`resolve` the one place where given settings meet them.
 
-    ``generate``, ``edit``, the validation grids and every command-line tool use them for each setting left
-    out (None); model files carry them. The defaults are the official FID settings (cfg 1.5, top_k 900,
+    ``generate``, ``edit``, the validation grids, the app and every command-line tool use them for each setting
+    left out (None); model files carry them. The defaults are the official FID settings (cfg 1.5, top_k 900,
     top_p 0.96), which official checkpoints keep; a training config may store others (``model.sampling``).
+
+    The fast options (see :func:`sample_token_maps`) trade exactness for speed; their neutral values, the defaults,
+    sample exactly what the official sampler samples:
+    ``cfg_until`` (None: guidance on every scale; n: on the first n scales only), ``prune`` (1.0: every token;
+    r < 1: the FastVAR-style keep ratio of the last scales' later blocks) and ``stop_after`` (None: every scale;
+    n: decode after the first n scales).
     """
 
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
+    cfg_until: int | None = None
+    prune: float = 1.0
+    stop_after: int | None = None
 
     def __post_init__(self) -> None:
-        check_sampling_values(self.cfg, self.top_k, self.top_p)
+        check_sampling_values(self.cfg, self.top_k, self.top_p, self.cfg_until, self.prune, self.stop_after)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SamplingConfig":
         """From a plain mapping (a model file's JSON, a config node); a None value keeps the default, unknown
         keys are an error naming the known ones."""
-        unknown = set(values) - {"cfg", "top_k", "top_p"}
-        if unknown:
-            raise ValueError(f"sampling settings take cfg, top_k and top_p, got unknown keys {sorted(unknown)}")
-        return cls(**{k: type(getattr(cls, k))(v) for k, v in values.items() if v is not None})
+        return cls(**cls().resolve(**values))
 
-    def resolve(self, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None) -> dict:
-        """``{cfg, top_k, top_p}``: each given value, else this config's."""
-        return dict(cfg=self.cfg if cfg is None else cfg, top_k=self.top_k if top_k is None else top_k,
-                    top_p=self.top_p if top_p is None else top_p)
+    def resolve(self, **given) -> dict[str, Any]:
+        """The sampling settings of one call, ``{cfg, top_k, top_p, cfg_until, prune, stop_after}``: each given
+        value (numbers from a config or a form are converted: 2 -> 2.0, "0.9" -> 0.9), else this config's (a
+        given None keeps this config's), validated. Raises ValueError for an unknown key (naming the known ones)
+        or a value out of range."""
+        unknown = set(given) - set(SAMPLING_TYPES)
+        if unknown:
+            raise ValueError(f"sampling settings take {', '.join(SAMPLING_TYPES)}, got unknown keys {sorted(unknown)}")
+        settings = {key: getattr(self, key) for key in SAMPLING_TYPES}
+        for key, value in given.items():
+            if value is None:
+                continue
+            kind = SAMPLING_TYPES[key]
+            try:
+                number = kind(value)
+            except (TypeError, ValueError):
+                number = None
+            if number is None or isinstance(value, bool) or (kind is int and number != float(value)):
+                raise ValueError(f"sampling setting {key} must be {'an integer' if kind is int else 'a number'} "
+                                 f"or null, got {value!r}")
+            settings[key] = number
+        check_sampling_values(**settings)
+        return settings
+
+
+#: The sampling settings and the type of their values (a None is the neutral value of cfg_until and stop_after).
+SAMPLING_TYPES = {"cfg": float, "top_k": int, "top_p": float, "cfg_until": int, "prune": float, "stop_after": int}
+
+
+@dataclass(frozen=True)
+class Draft:
+    """CoDe-style drafting: ``model`` (another VAR of the same tokenizer, usually a larger one) samples the first
+    ``scales`` scales; the sampled model prefills their tokens into its KV cache in one block-causal pass and
+    samples the rest. ``scales`` 0 drafts nothing (the exact sampler)."""
+
+    model: Any
+    scales: int
 
 
 def sample_per_class(
@@ -142,9 +190,14 @@ def sample_prompts(
                       for i, start in enumerate(range(0, len(prompts), batch_size))])
 
 
-def check_sampling_values(cfg: float, top_k: int, top_p: float) -> None:
-    if top_k < 0 or not 0.0 <= top_p <= 1.0 or cfg < 0:
-        raise ValueError(f"expected top_k >= 0, top_p in [0, 1], cfg >= 0; got {top_k}, {top_p}, {cfg}")
+def check_sampling_values(cfg: float, top_k: int, top_p: float, cfg_until: int | None = None, prune: float = 1.0,
+                          stop_after: int | None = None) -> None:
+    """Raises ValueError naming the expected ranges unless every setting is in range."""
+    if (top_k < 0 or not 0.0 <= top_p <= 1.0 or cfg < 0 or (cfg_until is not None and cfg_until < 0)
+            or not 0.0 < prune <= 1.0 or (stop_after is not None and stop_after < 1)):
+        raise ValueError(f"expected top_k >= 0, top_p in [0, 1], cfg >= 0, cfg_until >= 0 or null, prune in (0, 1], "
+                         f"stop_after >= 1 or null; got top_k={top_k}, top_p={top_p}, cfg={cfg}, "
+                         f"cfg_until={cfg_until}, prune={prune}, stop_after={stop_after}")
 
 
 @dataclass
@@ -248,6 +301,115 @@ def class_indices(var: ClassConditional, labels) -> list[int]:
     return out
 
 
+#: FastVAR-style pruning (``prune`` < 1) acts on this many last scales, in the blocks from depth // 2 on.
+PRUNED_SCALES = 2
+
+
+def forward_scale_pruned(
+    var: NextScalePredictor, x_BlC: torch.Tensor, cond: torch.Tensor, cond_BD: torch.Tensor, caches: Sequence[KVCache],
+    context: tuple[torch.Tensor, torch.Tensor] | None, keep: float, previous_BCpp: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale with FastVAR's cached token pruning: (B,l,V) logits and the (B,l,C) output of the last block.
+
+    The blocks before depth // 2 see every token; the later ones only the ``keep`` share (at least one) of the
+    tokens farthest from the scale's mean token, whose keys alone enter the KV cache; the other tokens' outputs are
+    the previous scale's last-block output ``previous_BCpp`` (B,C,pn',pn'), area-interpolated to this scale's grid.
+    ``keep`` 1 runs every block on every token (what :meth:`forward_scale` computes).
+    """
+    blocks = var.blocks
+    first_pruned = len(blocks) // 2 if keep < 1 else len(blocks)
+    for block, cache in zip(blocks[:first_pruned], caches):
+        x_BlC = block(x_BlC, cond, kv_cache=cache, context=context)
+    if first_pruned < len(blocks):
+        rows, length, width = x_BlC.shape
+        distance_Bl = (x_BlC - x_BlC.mean(dim=1, keepdim=True)).norm(dim=-1)
+        kept_Bn = distance_Bl.topk(max(1, round(keep * length)), dim=1).indices.sort(dim=1).values
+        index_BnC = kept_Bn.unsqueeze(-1).expand(-1, -1, width)
+        kept_BnC = x_BlC.gather(1, index_BnC)
+        for block, cache in zip(blocks[first_pruned:], caches[first_pruned:]):
+            kept_BnC = block(kept_BnC, cond, kv_cache=cache, context=context)
+        side = math.isqrt(length)
+        cached_BCpp = F.interpolate(previous_BCpp[:rows].to(x_BlC.dtype), size=(side, side), mode="area")
+        x_BlC = rearrange(cached_BCpp, "B C h w -> B (h w) C").scatter(1, index_BnC, kept_BnC)
+    return var.get_logits(x_BlC, cond_BD), x_BlC
+
+
+class _ModelRun:
+    """One model's side of a sampling run: its condition rows ([cond; uncond] while guided), KV caches and the
+    next scale's input."""
+
+    def __init__(self, var: NextScalePredictor, labels, batch_size: int | None, negative, guided: bool,
+                 compile: bool | str):
+        conditioning = var.conditioning
+        cond_B = var.prepare_condition(labels, batch_size)
+        self.var, self.B = var, conditioning.batch_size(cond_B)
+        if guided:
+            negative_B = None if negative is None else var.prepare_condition(negative, self.B)
+            cond_B = conditioning.cat(cond_B, conditioning.unconditional(cond_B, negative_B))
+        self.rows = conditioning.batch_size(cond_B)
+        self.x_BlC, self.cond_BD, self.context = var.embed_first_scale(cond_B)
+        self.cond = var.adaln_condition(self.cond_BD)
+        device = var.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.x_BlC.dtype
+        self.caches = var.new_kv_caches(self.rows, dtype)
+        self.compile = compile
+        self.step = transformer_step
+        if compile:
+            self.step = compiled_transformer_step("inductor" if compile is True else compile)
+            self.mark_caches_static()
+        self.previous_BCpp: torch.Tensor | None = None  # the last scale's last-block output, for pruning
+
+    @property
+    def guided(self) -> bool:
+        return self.rows > self.B
+
+    def mark_caches_static(self) -> None:
+        """The compiled steps write the KV caches: static addresses let CUDA graphs keep these input mutations."""
+        for cache in self.caches:
+            torch._dynamo.mark_static_address(cache.k_BHLc)
+            torch._dynamo.mark_static_address(cache.v_BHLc)
+
+    def drop_guidance(self) -> None:
+        """From now on the conditional rows alone (half the batch): the unconditional ones leave the caches."""
+        B = self.B
+        for cache in self.caches:
+            cache.keep_rows(B)
+        if self.compile:
+            self.mark_caches_static()
+        self.x_BlC, self.cond, self.cond_BD = self.x_BlC[:B], self.cond[:B], self.cond_BD[:B]
+        self.context = None if self.context is None else tuple(t[:B] for t in self.context)
+        self.rows = B
+
+    def logits(self, si: int, keep: float, record: bool) -> torch.Tensor:
+        """Scale ``si``'s (rows,l,V) logits; ``record`` keeps the last block's output for a pruned next scale."""
+        if keep < 1 or record:
+            logits_BlV, hidden_BlC = forward_scale_pruned(self.var, self.x_BlC, self.cond, self.cond_BD, self.caches,
+                                                          self.context, keep, self.previous_BCpp)
+            pn = self.var.patch_nums[si]
+            self.previous_BCpp = rearrange(hidden_BlC, "B (h w) C -> B C h w", h=pn)
+            return logits_BlV
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT) if self.compile else nullcontext():
+            return self.step(self.var, self.caches, self.x_BlC, self.cond, self.cond_BD, self.context)
+
+    def set_input(self, next_BCpp: torch.Tensor, si: int) -> None:
+        """Scale ``si``'s input from its (B,Cvae,pn,pn) down-sampled f_hat."""
+        self.x_BlC = self.var.embed_next_scale(next_BCpp, si).repeat(self.rows // self.B, 1, 1)
+
+    def prefill(self, inputs_BCpp: Sequence[torch.Tensor]) -> None:
+        """Reads the drafted scales in one block-causal pass into the KV caches: the first-scale input and the
+        inputs of scales 1..n-1 (``inputs_BCpp[s]``, (B,Cvae,pn,pn)); then scale n's input is ``inputs_BCpp[n]``."""
+        var, n = self.var, len(inputs_BCpp) - 1
+        repeat = self.rows // self.B
+        x_BLC = torch.cat([self.x_BlC] + [var.embed_next_scale(inputs_BCpp[s], s).repeat(repeat, 1, 1)
+                                          for s in range(1, n)], dim=1)
+        attention = var.block_causal_attention(x_BLC.shape[1])
+        for block, cache in zip(var.blocks, self.caches):
+            x_BLC = block(x_BLC, self.cond, attention, kv_cache=cache, context=self.context)
+        pn = var.patch_nums[n - 1]
+        self.previous_BCpp = rearrange(x_BLC[:, -pn * pn:], "B (h w) C -> B C h w", h=pn)
+        self.set_input(inputs_BCpp[n], n)
+
+
 @torch.no_grad()
 def sample_token_maps(
     var: NextScalePredictor,
@@ -262,6 +424,10 @@ def sample_token_maps(
     constraint: TokenConstraint | None = None,
     compile: bool | str = False,
     negative=None,
+    cfg_until: int | None = None,
+    prune: float = 1.0,
+    stop_after: int | None = None,
+    draft: Draft | None = None,
 ) -> SampleOutput:
     """Samples all K token maps scale by scale (the paper's inference loop).
 
@@ -270,6 +436,13 @@ def sample_token_maps(
     the guided logits are ``(1 + t) cond - t uncond`` with ``t = cfg * k/(K-1)``, top-k/top-p filter them,
     one multinomial draw per token picks the codes, and the codes update f_hat, whose area-down-sampled
     version is the next scale's input. The unconditional half is skipped when cfg == 0.
+
+    The fast options change the samples (their neutral values, the defaults, change nothing):
+    ``cfg_until`` n guides the first n scales only and then runs the conditional half alone (Switti, SkipVAR);
+    ``draft`` lets another model sample the first scales (CoDe); ``prune`` < 1 computes only that share of the
+    tokens in the later blocks of the last :data:`PRUNED_SCALES` scales (FastVAR, :func:`forward_scale_pruned`);
+    ``stop_after`` n samples the first n scales only (f_hat, kept at the final latent size, is decoded as it is).
+    The random stream is one multinomial draw per sampled scale, whichever model draws it.
 
     Args:
         labels: (B,) classes in [0, num_classes] (num_classes = null), a list, or an int with ``batch_size``;
@@ -280,46 +453,46 @@ def sample_token_maps(
         constraint: ground-truth tokens to force where ``keep`` is true (zero-shot editing).
         compile: run each scale's transformer step through ``torch.compile``: True (inductor) or a backend
             name (see :func:`compiled_transformer_step`). Worth it on GPUs for repeated sampling; the first
-            call compiles one graph per scale. Off by default.
+            call compiles one graph per scale (pruned scales run eagerly). Off by default.
         negative: the unconditional half's condition instead of the null one (negative prompts, or classes),
             one or one per image; only used with guidance (cfg > 0).
+        cfg_until: guidance on scales < cfg_until only; None: every scale.
+        prune: FastVAR keep ratio in (0, 1]; 1: no pruning.
+        stop_after: sample scales < stop_after only (1..K); None: all K.
+        draft: a :class:`Draft`: its model (same tokenizer and schedule) samples scales < ``draft.scales`` with
+            the same settings.
     Returns:
-        :class:`SampleOutput`.
+        :class:`SampleOutput` (``stop_after`` token maps when given).
     """
-    check_sampling_values(cfg, top_k, top_p)
-    conditioning = var.conditioning
-    cond_B = var.prepare_condition(labels, batch_size)
+    check_sampling_values(cfg, top_k, top_p, cfg_until, prune, stop_after)
+    pns, V, Cv, device = var.patch_nums, var.vocab_size, var.code_channels, var.device
+    K = len(pns)
+    if stop_after is not None and stop_after > K:
+        raise ValueError(f"stop_after must be in [1, {K}] (the model's scales) or null, got {stop_after}")
+    drafted = 0 if draft is None else draft.scales
+    if draft is not None:
+        check_draft(var, draft)
     quant = var.vae.quantize
-    B, pns, V, Cv = conditioning.batch_size(cond_B), var.patch_nums, var.vocab_size, var.code_channels
-    device = var.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    guided = cfg != 0
-    if guided:
-        negative_B = None if negative is None else var.prepare_condition(negative, B)
-        cond_batch = conditioning.cat(cond_B, conditioning.unconditional(cond_B, negative_B))
-    else:
-        cond_batch = cond_B
-    rows = conditioning.batch_size(cond_batch)
-
-    x_BlC, cond_BD, context = var.embed_first_scale(cond_batch)
-    cond = var.adaln_condition(cond_BD)
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x_BlC.dtype
-    caches = var.new_kv_caches(rows, dtype)
+    guided_scales = 0 if cfg == 0 else K if cfg_until is None else min(cfg_until, K)
+    stop = K if stop_after is None else stop_after
+    refine = _ModelRun(var, labels, batch_size, negative, guided_scales > drafted, compile) if stop > drafted else None
+    drafting = _ModelRun(draft.model, labels, batch_size, negative, guided_scales > 0, compile) if drafted else None
+    B = (refine or drafting).B
+    first_pruned = max(1, K - PRUNED_SCALES) if prune < 1 else K + 1
     side = pns[-1]
     f_hat = torch.zeros(B, Cv, side, side, device=device, dtype=torch.float32)
-    if compile:
-        step = compiled_transformer_step("inductor" if compile is True else compile)
-        for cache in caches:  # the steps write them: static addresses let CUDA graphs keep these input mutations
-            torch._dynamo.mark_static_address(cache.k_BHLc)
-            torch._dynamo.mark_static_address(cache.v_BHLc)
-    else:
-        step = transformer_step
+    inputs = [None]  # inputs[s]: scale s's down-sampled f_hat (B,Cvae,pn,pn), s >= 1; the prefill reads them
     tokens, sampled = [], []
-    for si, pn in enumerate(pns):
-        ratio = si / (len(pns) - 1) if len(pns) > 1 else 0.0
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT) if compile else nullcontext():
-            logits_BlV = step(var, caches, x_BlC, cond, cond_BD, context)
-        if guided:
+    for si, pn in enumerate(pns[:stop]):
+        if si == drafted and drafted:
+            refine.prefill(inputs)
+        run = drafting if si < drafted else refine
+        if run.guided and si >= guided_scales:
+            run.drop_guidance()
+        ratio = si / (K - 1) if K > 1 else 0.0
+        logits_BlV = run.logits(si, prune if si >= first_pruned else 1.0, record=si + 1 >= first_pruned)
+        if run.guided:
             t = cfg * ratio
             logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
         filter_top_k_top_p_(logits_BlV, top_k, top_p)
@@ -339,6 +512,21 @@ def sample_token_maps(
             tokens_Bl = torch.where(keep_B1pp.view(B, -1), constraint.gt_tokens[si].to(device), tokens_Bl)
         tokens.append(tokens_Bl)
         f_hat, next_BCpp = quant.accumulate(f_hat, h_BCpp, si, pns)
-        if si + 1 < len(pns):
-            x_BlC = var.embed_next_scale(next_BCpp, si + 1).repeat(rows // B, 1, 1)
+        if si + 1 < stop:
+            inputs.append(next_BCpp)
+            if si + 1 != drafted:
+                run.set_input(next_BCpp, si + 1)
     return SampleOutput(tokens=tokens, sampled=sampled, f_hat=f_hat)
+
+
+def check_draft(var: NextScalePredictor, draft: Draft) -> None:
+    """Raises ValueError unless ``draft`` drafts 0..K scales with a model of ``var``'s tokenizer and schedule."""
+    K = len(var.patch_nums)
+    if isinstance(draft.scales, bool) or not isinstance(draft.scales, int) or not 0 <= draft.scales <= K:
+        raise ValueError(f"draft.scales must be an integer in [0, {K}] (the model's scales), got {draft.scales!r}")
+    drafter = draft.model
+    if tuple(drafter.patch_nums) != tuple(var.patch_nums) or drafter.vocab_size != var.vocab_size or not torch.equal(
+            drafter.vae.quantize.embedding.weight, var.vae.quantize.embedding.weight.to(drafter.device)):
+        raise ValueError(f"the draft model must share the tokenizer and schedule of the model: got schedule "
+                         f"{tuple(drafter.patch_nums)} and {drafter.vocab_size} codes, expected "
+                         f"{tuple(var.patch_nums)} and {var.vocab_size} codes of the same codebook")

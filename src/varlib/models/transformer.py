@@ -20,7 +20,7 @@ from varlib.models.editing import keep_masks_per_scale, token_grid_mask
 from varlib.models.flops import flops_per_token, per_token_linear_params
 from varlib.models.hub import PretrainedMixin
 from varlib.models.patch_schedules import scale_slices, sequence_length, validate_patch_nums
-from varlib.models.sampling import SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
+from varlib.models.sampling import Draft, SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
@@ -411,11 +411,15 @@ class VAR(AdaLNTransformer):
     # -- inference -------------------------------------------------------------------------------
 
     def generate_tokens(
-        self, labels, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None, **kwargs
+        self, labels, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None, *,
+        cfg_until: int | None = None, prune: float | None = None, stop_after: int | None = None, **kwargs
     ) -> SampleOutput:
-        """Samples token maps; see :func:`varlib.models.sampling.sample_token_maps` for the arguments. ``cfg``,
-        ``top_k`` and ``top_p`` left out (None) come from :attr:`sampling`."""
-        return sample_token_maps(self, labels, **self.sampling.resolve(cfg, top_k, top_p), **kwargs)
+        """Samples token maps; see :func:`varlib.models.sampling.sample_token_maps` for the arguments. The sampling
+        settings (``cfg``, ``top_k``, ``top_p``, ``cfg_until``, ``prune``, ``stop_after``) left out (None) come
+        from :attr:`sampling` (:meth:`SamplingConfig.resolve`)."""
+        settings = self.sampling.resolve(cfg=cfg, top_k=top_k, top_p=top_p, cfg_until=cfg_until, prune=prune,
+                                         stop_after=stop_after)
+        return sample_token_maps(self, labels, **settings, **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -429,11 +433,15 @@ class VAR(AdaLNTransformer):
         batch_size: int | None = None,
         compile: bool | str = False,
         negative=None,
+        cfg_until: int | None = None,
+        prune: float | None = None,
+        stop_after: int | None = None,
+        draft: Draft | None = None,
     ) -> torch.Tensor:
         """Class- or text-conditional sampling (KV cache, guidance ramp, top-k/top-p).
 
-        ``cfg``, ``top_k`` and ``top_p`` left out (None) come from :attr:`sampling`, the model's recommended
-        settings that its file carries; given ones win.
+        The sampling settings (``cfg``, ``top_k``, ``top_p``, ``cfg_until``, ``prune``, ``stop_after``) left out
+        (None) come from :attr:`sampling`, the model's recommended settings that its file carries; given ones win.
 
         Args:
             labels: (B,) class indices in [0, num_classes] (num_classes = unconditional), a list, or one
@@ -445,11 +453,16 @@ class VAR(AdaLNTransformer):
             compile: compile each scale's transformer step (see :func:`varlib.models.sampling.sample_token_maps`).
             negative: what guidance steers away from instead of the null condition: negative prompts (one, or one
                 per image) for a text model, classes for a class model.
+            cfg_until, prune, stop_after, draft: the fast, approximate options (neutral: None, 1.0, None, None):
+                guidance on the first ``cfg_until`` scales only; FastVAR's keep ratio at the last scales; decode
+                after the first ``stop_after`` scales; a :class:`~varlib.models.sampling.Draft` (another VAR of
+                the same tokenizer) samples the first scales. See :func:`varlib.models.sampling.sample_token_maps`.
         Returns:
             (B,3,H,W) images in [0,1].
         """
         out = self.generate_tokens(labels, cfg, top_k, top_p, seed=seed, more_smooth=more_smooth,
-                                   batch_size=batch_size, compile=compile, negative=negative)
+                                   batch_size=batch_size, compile=compile, negative=negative, cfg_until=cfg_until,
+                                   prune=prune, stop_after=stop_after, draft=draft)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
@@ -464,6 +477,10 @@ class VAR(AdaLNTransformer):
         seed: int | None = 0,
         more_smooth: bool = False,
         negative=None,
+        cfg_until: int | None = None,
+        prune: float | None = None,
+        stop_after: int | None = None,
+        draft: Draft | None = None,
     ) -> torch.Tensor:
         """Zero-shot in-painting, out-painting or class- or text-conditional editing (the official method).
 
@@ -476,7 +493,8 @@ class VAR(AdaLNTransformer):
                 it (e.g. the image resolution). See ``varlib.models.editing.box_keep_mask``.
             labels: classes or prompts as in :meth:`generate` (one is used for every image); ``num_classes``
                 (null) for unconditional in-/out-painting.
-            cfg, top_k, top_p, more_smooth, negative: as :meth:`generate` (left out: the model's :attr:`sampling`).
+            cfg, top_k, top_p, more_smooth, negative, cfg_until, prune, stop_after, draft: as :meth:`generate`
+                (left out: the model's :attr:`sampling`).
         Returns:
             (B,3,H,W) edited images in [0,1].
         """
@@ -487,5 +505,6 @@ class VAR(AdaLNTransformer):
             raise ValueError(f"keep mask batch {grid.shape[0]} does not match the {B} images")
         keep = [m.expand(B, -1, -1) for m in keep_masks_per_scale(grid, self.patch_nums)]
         out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, more_smooth=more_smooth,
-                                   batch_size=B, constraint=TokenConstraint(tokens, keep), negative=negative)
+                                   batch_size=B, constraint=TokenConstraint(tokens, keep), negative=negative,
+                                   cfg_until=cfg_until, prune=prune, stop_after=stop_after, draft=draft)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
