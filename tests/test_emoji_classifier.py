@@ -72,7 +72,7 @@ def test_shipped_calibration_orders_real_blurred_noise():
 
 
 def test_emoji_metric_on_the_held_out_set_reproduces_the_shipped_calibration(classifier):
-    from varlib.pipeline import held_out_images
+    from varlib.pipelines.stages import held_out_images
 
     images, labels = held_out_images(32)
     metric = emoji_metric(images, labels, per_class=50, seed=0, classifier=classifier)
