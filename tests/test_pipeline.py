@@ -51,13 +51,13 @@ def test_a_training_stage_is_done_once_its_metrics_follow_its_model(tmp_path, mo
 
 def test_a_token_cache_is_done_once_its_index_lists_both_splits(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(stages.subprocess, "run", lambda argv, check: calls.append(argv[3:5]))
+    monkeypatch.setattr(stages, "tokenize_dataset", lambda cfg: calls.append([cfg.tokenizer, cfg.out_dir]))
     cache = tmp_path / "token_cache"
     cache.mkdir()
     (cache / "index.json").write_text(json.dumps({"splits": {"train": ["train-00000.safetensors"]}}))
     assert not stage_done(cache)  # interrupted before the val split
     tokenize_stage(tmp_path / "tok.safetensors", cache)
-    assert calls == [[f"tokenizer={tmp_path / 'tok.safetensors'}", f"out_dir={cache}"]]
+    assert calls == [[str(tmp_path / "tok.safetensors"), str(cache)]]
     (cache / "index.json").write_text(json.dumps({"splits": {"train": [], "val": []}}))
     assert stage_done(cache)
     tokenize_stage(tmp_path / "tok.safetensors", cache)

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
 from varlib.pipelines.ablation import ablation_table, run_ablation
 
 

@@ -13,7 +13,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
 from varlib.pipelines.class_demo import run_demo
 
 

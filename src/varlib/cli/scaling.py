@@ -11,7 +11,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
 from varlib.pipelines.scaling_sweep import fit_sweep
 
 

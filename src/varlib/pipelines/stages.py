@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +25,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 import varlib
+from varlib.configs import compose_config
 from varlib.data import EmojiDataModule
+from varlib.data.tokenizing import tokenize_dataset
 from varlib.evaluation.emoji_classifier import labelled_images
 from varlib.images import image_grid, save_png
 from varlib.training.runner import train_experiment
@@ -39,7 +39,6 @@ METRICS_FILE = "metrics.json"
 TOKEN_CACHE_INDEX = "index.json"
 TOKEN_CACHE_SPLITS = ("train", "val")
 PROJECT_DIR_VARIABLE = "VARLIB_PROJECT_DIR"
-TOKENIZE_MODULE = "varlib.cli.tokenize"  # varlib-tokenize
 
 SampleMetric = Callable[[torch.Tensor, torch.Tensor], dict]
 #: factory(reference_images (N,3,H,W) in [0,1], reference_labels (N,)) -> metric(images, labels) -> dict
@@ -117,15 +116,11 @@ def train_stage(experiment: str, out_dir: str | Path, overrides: Sequence[str] =
 
 
 def tokenize_stage(tokenizer: str | Path, cache_dir: str | Path, overrides: Sequence[str] = ()) -> None:
-    """``varlib-tokenize tokenizer=<tokenizer> out_dir=<cache_dir> <overrides>`` unless the cache is done; Hydra's
-    log and config copy go into the cache folder. Raises CalledProcessError when the command fails (its log says
-    why)."""
+    """``varlib-tokenize tokenizer=<tokenizer> out_dir=<cache_dir> <overrides>`` unless the cache is done."""
     if stage_done(cache_dir):
         log.info("the token cache %s is done: reusing it", cache_dir)
         return
-    # The command runs in a child process: the pipeline sits below the command line and imports none of it.
-    subprocess.run([sys.executable, "-m", TOKENIZE_MODULE, f"tokenizer={tokenizer}", f"out_dir={cache_dir}",
-                    f"hydra.run.dir={cache_dir}", *overrides], check=True)
+    tokenize_dataset(compose_config("tokenize", [f"tokenizer={tokenizer}", f"out_dir={cache_dir}", *overrides]))
 
 
 def write_metrics(out_dir: Path, metrics: dict) -> dict:
