@@ -29,7 +29,7 @@ from varlib.data.base import ImageDataModule, Unit, check_int_at_least
 from varlib.data.token_cache import CLASS_NAMES_FILE, FORMAT, TEXT_ENCODER_FILE, read_index
 from varlib.data.transforms import ImageTransform, MultiCropTransform
 from varlib.inference import inference_precision, rank_device, resolve_device, resolve_precision
-from varlib.io import load_tokenizer
+from varlib.files.loading import load_tokenizer
 from varlib.models.patch_schedules import validate_patch_nums
 from varlib.models.text import TextEncoder, build_text_encoder
 from varlib.models.vqvae import MultiScaleVQVAE
