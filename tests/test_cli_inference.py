@@ -25,7 +25,6 @@ from varlib.data.tokenizing import tokenize_dataset
 from varlib.evaluation.sampling_eval import evaluate_samples
 from varlib.generate_files import edit_to_file, sample_to_files
 from varlib.generation import parse_label, parse_labels
-from varlib.models.editing import keep_mask_from_box
 from varlib.configs import compose_config
 from varlib.data import ImageTransform
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset, read_index
@@ -40,7 +39,7 @@ from varlib.evaluation import (
     write_adm_npz,
 )
 from varlib.images import image_grid
-from varlib.inference import inference_precision, resolve_precision
+from varlib.inference import edit_keep_mask, inference_precision, resolve_precision
 from varlib.models.editing import box_keep_mask
 from varlib.models.sampling import SamplingConfig, sample_per_class
 
@@ -295,7 +294,7 @@ def test_edit_mask_image_white_regenerates_and_follows_the_crop(tiny, photo, tmp
         result = edit_to_file(edit_config(path, photo, tmp_path / f"from_{mask}", f"mask={tmp_path / mask}"))
         torch.testing.assert_close(result.keep_mask, from_box.keep_mask)
         assert result.path.read_bytes() == from_box.path.read_bytes()
-    outpaint_keep = keep_mask_from_box(list(BOX), "outpaint", SIDE)
+    outpaint_keep = edit_keep_mask(ImageTransform(SIDE, train=False), "outpaint", box=list(BOX))
     torch.testing.assert_close(outpaint_keep, 1 - from_box.keep_mask)
 
 

@@ -16,15 +16,14 @@ from varlib.data.base import check_int_at_least
 from varlib.generation import generate_in_batches, load_var_model, parse_label, parse_labels, sampling_options
 from varlib.images import image_grid, save_png
 from varlib.inference import (
+    edit_keep_mask,
     inference_precision,
-    keep_mask_from_image,
     model_resolution,
     regenerated_tokens,
     resolve_device,
     resolve_precision,
 )
 from varlib.models.conditioning import TextConditioning
-from varlib.models.editing import keep_mask_from_box
 from varlib.models.sampling import class_indices, sample_per_class
 from varlib.models.transformer import VAR
 
@@ -132,9 +131,6 @@ def read_image(path: str | Path, what: str) -> Image.Image:
 def edit_to_file(cfg: DictConfig) -> EditResult:
     """``varlib-edit``: loads the model and image of an ``edit`` config, builds the keep-mask, edits, and writes
     ``cfg.out`` (see :mod:`varlib.cli.edit`)."""
-    if (cfg.mask is None) == (cfg.box is None):
-        raise ValueError(f"give exactly one region to regenerate, mask=<image> or box=[y0,x0,y1,x1]; "
-                         f"got mask={cfg.mask!r} and box={cfg.box!r}")
     image = read_image(cfg.image, "image")
     mask = None if cfg.mask is None else read_image(cfg.mask, "mask")
     device = resolve_device(cfg.device)
@@ -144,10 +140,7 @@ def edit_to_file(cfg: DictConfig) -> EditResult:
     options = sampling_options(cfg, var)
     transform = ImageTransform(model_resolution(var), train=False)
 
-    if mask is not None:
-        keep_HW = keep_mask_from_image(mask, image.size, transform)
-    else:
-        keep_HW = keep_mask_from_box(cfg.box, cfg.mode, transform.resolution)
+    keep_HW = edit_keep_mask(transform, cfg.mode, mask=mask, image_size=image.size, box=cfg.box)
     regenerated = regenerated_tokens(keep_HW, var)
     side = var.patch_nums[-1]
 

@@ -6,8 +6,10 @@ The region to regenerate is either a mask image or a box:
   to keep (transparent pixels count as white, as the robust loader composites on white). It has the
   input image's size, and is then resized and centre-cropped exactly like the image (nearest
   neighbour), or it is already at the model's resolution.
-* ``box: [y0, x0, y1, x1]``: fractions of the cropped image; ``mode=inpaint`` regenerates the box,
-  ``mode=outpaint`` regenerates everything outside it.
+* ``box: [y0, x0, y1, x1]``: fractions of the cropped image.
+
+``mode=inpaint`` regenerates the region, ``mode=outpaint`` everything outside it
+(:func:`varlib.inference.edit_keep_mask`).
 
 The model works on the final token grid: a token is regenerated when at most half of its pixels are
 kept. ``label=null`` edits unconditionally (the null class). Configuration: ``conf/edit.yaml``. The run:
