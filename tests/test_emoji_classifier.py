@@ -3,6 +3,7 @@ step progress bar of step-defined runs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from varlib.evaluation import GenerativeMetrics, fid_from_features
 from varlib.evaluation.emoji_classifier import (
+    EMOJI_CLASSIFIER_CALIBRATION,
     EMOJI_CLASSIFIER_WEIGHTS,
     FEATURE_DIM,
     EmojiClassifier,
@@ -22,10 +24,14 @@ from varlib.evaluation.emoji_classifier import (
     emoji_metric,
     emoji_scores,
     halfway_progress,
-    load_calibration,
     load_emoji_classifier,
 )
 from varlib.training.progress import StepProgressBar
+
+
+def load_calibration() -> dict:
+    """The calibration figures written by ``scripts/train_emoji_classifier.py`` beside the shipped weights."""
+    return json.loads(EMOJI_CLASSIFIER_CALIBRATION.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.token_caches import tokenize_to_cache
+
 import varlib
 from varlib.configs import compose_config
 from varlib.data.emoji import EmojiDataModule, emoji_caption
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset
-from varlib.data.tokenizing import tokenize_split, tokenize_to_cache, write_text_encoder
+from varlib.data.tokenizing import tokenize_split, write_text_encoder
 from varlib.data.transforms import ImageTransform
 from varlib.models.conditioning import TextConditioning
 from varlib.models.sampling import SamplingConfig

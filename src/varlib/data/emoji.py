@@ -135,13 +135,6 @@ def labelled_emoji_files(directory: Path) -> tuple[list[tuple[Path, str]], Count
     return labelled, dropped
 
 
-def captioned_emoji_files(directory: Path) -> list[tuple[Path, str, str]]:
-    """Sorted `(png_path, caption, category)` triples of the usable emoji (those of :func:`labelled_emoji_files`),
-    each captioned by :func:`emoji_caption`; the category is kept for scoring."""
-    labelled, _ = labelled_emoji_files(directory)
-    return [(path, emoji_caption(path.stem), category) for path, category in labelled]
-
-
 def is_validation_name(name: str, val_fraction: float, seed: int) -> bool:
     """Deterministic split: hash (seed, name) to a number in [0, 1) and compare with val_fraction.
 

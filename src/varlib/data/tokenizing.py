@@ -48,18 +48,6 @@ def read_shard_metadata(path: Path) -> dict:
         return json.loads((f.metadata() or {}).get("varlib", "{}"))
 
 
-def tokenize_to_cache(vae: MultiScaleVQVAE, batches, out_dir: str | os.PathLike, split: str, num_classes: int,
-                      patch_nums: Sequence[int] | None = None, with_flip: bool = False, captions: bool = False,
-                      text_encoder: TextEncoder | None = None) -> int:
-    """Tokenises an iterable of ``(images, labels)`` batches (``(images, labels, captions)`` with ``captions``;
-    e.g. a DataLoader) into one shard of ``split``; returns the number of images. For whole data sets use
-    :func:`tokenize_split` (``varlib-tokenize``), whose arguments these are."""
-    unit = Unit(0, lambda: batches, None, lambda: 0)
-    pns = tuple(vae.patch_nums if patch_nums is None else patch_nums)
-    return tokenize_split(vae, [unit], out_dir, split, num_classes, pns, with_flip=with_flip, captions=captions,
-                          text_encoder=text_encoder)["written"]
-
-
 @torch.no_grad()
 def _encode(vae: MultiScaleVQVAE, images: torch.Tensor, patch_nums: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """(B,[C,]3,R,R) images -> (B,[C,]L) tokens on the CPU."""
