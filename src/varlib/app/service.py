@@ -28,7 +28,7 @@ from PIL import Image
 
 from varlib.app.worker import ModelWorker
 from varlib.data import ImageTransform
-from varlib.data.images import to_rgb
+from varlib.data.decoding import to_rgb
 from varlib.images import unit_float_to_uint8
 from varlib.inference import EDIT_MODES, edit_keep_mask, inference_precision, model_resolution, regenerated_tokens
 from varlib.models.conditioning import TextConditioning

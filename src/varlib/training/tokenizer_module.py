@@ -53,7 +53,7 @@ from varlib.training.gan import gan_start_factor
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
 from varlib.training.seeding import seed_training_step
-from varlib.training.configs import OptimConfig, TokenizerLossConfig, build_config
+from varlib.training.settings import OptimConfig, TokenizerLossConfig, build_config
 from varlib.training.tokenizer_loss import autoencoder_loss, discriminator_loss
 
 # Fixed networks: rebuilt from the config, left out of checkpoints (the VGG trunk alone is ~60 MB).
