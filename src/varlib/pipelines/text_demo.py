@@ -97,12 +97,10 @@ def run_demo_text(
         datamodule = captioned_emoji(var.vae.image_size)
         held_out_N, labels_N = labelled_images(datamodule.val_set)
         draw, scored_prompts = scored_captions(datamodule, labels_N, scored_per_class, seed)
-        colour_rows = [prompt for prompt, _ in colour_prompts() for _ in range(colour_per_prompt)]
+        rows = {"shown": [prompt for prompt in prompts for _ in range(per_prompt)], "scored": scored_prompts,
+                "colour": [prompt for prompt, _ in colour_prompts() for _ in range(colour_per_prompt)]}
         settings = {"model": var.sampling.resolve(), "no_guidance": var.sampling.resolve(**NO_GUIDANCE)}
-        shown = [prompt for prompt in prompts for _ in range(per_prompt)]
-        samples = {name: {"shown": sample_prompts(var, shown, seed, **setting),
-                          "scored": sample_prompts(var, scored_prompts, seed, **setting),
-                          "colour": sample_prompts(var, colour_rows, seed, **setting)}
+        samples = {name: {key: sample_prompts(var, batch, seed, **setting) for key, batch in rows.items()}
                    for name, setting in settings.items()}
         save_png(image_grid(samples["model"]["shown"], columns=per_prompt), files.root / "samples.png")
     with clock.stage("score"):
