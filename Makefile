@@ -17,6 +17,7 @@ setup: $(STAMP)
 ## listed at the end
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=30 $(PYTEST_ARGS) tests
 
 ## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)

@@ -1,4 +1,4 @@
-"""`varlib-ablation` at varlib.pipeline's tiny size: both tokenizers and transformers train with equal
+"""`varlib-ablation` at its tiny size (conf/experiment/tiny_ablation_*.yaml): both tokenizers and transformers train with equal
 budgets, the figures land in results.json/results.md, the emoji classifier scores the samples by default and a
 pluggable sample metric replaces it."""
 
@@ -11,12 +11,7 @@ from helpers.runs import untrained_validation
 
 from varlib.cli import ablation
 from varlib.configs import compose_config
-from varlib.pipeline import (
-    TINY_ABLATION_TOKENIZER,
-    TINY_ABLATION_TRANSFORMER,
-    ablation_table,
-    sample_figures,
-)
+from varlib.pipelines.ablation import TINY_ABLATION_MODELS, ablation_table, sample_figures
 
 
 def nearest_mean_metric(reference_images, reference_labels):
@@ -54,9 +49,9 @@ def test_table_flattens_nested_figures_and_gives_calibration_points_rows():
 def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, capsys):
     # a peak lr of 1e-2 for both transformers, so that 5 steps move their held-out loss
     cfg = compose_config("ablation", [f"out_dir={tmp_path}", "seeds=[3]", "per_class=2", "token_cache=false",
-                                      "cpu_threads=1"])
-    transformer_overrides = [*TINY_ABLATION_TRANSFORMER, "model.optim.lr=1e-2"]
-    cfg.tokenizer_overrides, cfg.transformer_overrides = list(TINY_ABLATION_TOKENIZER), transformer_overrides
+                                      "cpu_threads=1", "transformer_overrides=['model.optim.lr=1e-2']",
+                                      *(f"models.{name}=[{tokenizer},{net}]"
+                                        for name, (tokenizer, net) in TINY_ABLATION_MODELS.items())])
     ablation.run(cfg)  # the default sample metric: the demo's emoji classifier protocol
     report = json.loads((tmp_path / "results.json").read_text())
     var, ar = report["results"]["3"]["var"], report["results"]["3"]["raster_ar"]
@@ -66,16 +61,16 @@ def test_tiny_ablation_trains_both_models_at_equal_budget_and_reports(tmp_path, 
     # each model against itself before training (same configs and seed; measured: tokenizers +0.47 and +0.40 dB,
     # transformers' held-out loss_last -1.06 and -1.50)
     for name, model in (("var", var), ("raster_ar", ar)):
-        tokenizer_overrides = ["experiment=demo_tokenizer", "seed=3", *TINY_ABLATION_TOKENIZER]
+        tokenizer_overrides = ["experiment=tiny_ablation_tokenizer", "seed=3"]
         if name == "raster_ar":
             tokenizer_overrides += ["model.vae.patch_nums=[8]", "model.vae.share_quant_resi=1"]
         before = untrained_validation(tokenizer_overrides)
         assert model["tokenizer"]["psnr"] > before["val/psnr"] + 0.2, (name, before["val/psnr"], model["tokenizer"])
-        experiment = {"var": "var_emoji", "raster_ar": "ar_emoji"}[name]
+        experiment = TINY_ABLATION_MODELS[name][1]
         tokenizer = tmp_path / "seed3" / name / "tokenizer" / "model.safetensors"
         before = untrained_validation([
             f"experiment={experiment}", "seed=3", f"model.tokenizer_path={tokenizer}", "data=emoji", "~data.root",
-            "data.image_size=32", *transformer_overrides])
+            "data.image_size=32", "model.optim.lr=1e-2"])
         assert model["val_loss_last"] < before["val/loss_last"] - 0.5, (name, before["val/loss_last"], model)
         assert 0 < model["tokenizer"]["codebook_usage"] <= 1
         emoji = model["samples"]

@@ -18,7 +18,7 @@ from gradio_client.utils import QueueError, Status  # noqa: E402
 
 import varlib  # noqa: E402
 from helpers.uploads import png_header_only  # noqa: E402
-from varlib.cli import app as app_cli  # noqa: E402
+from varlib.app import server as app_server  # noqa: E402
 from varlib.configs import compose_config  # noqa: E402
 from varlib.data import ImageTransform  # noqa: E402
 from varlib.evaluation import to_uint8_nhwc  # noqa: E402
@@ -52,7 +52,7 @@ def model_file(tmp_path_factory):
 
 def serve(model_file, *overrides):
     config = compose_config("app", [f"checkpoint={model_file}", "device=cpu", f"port={free_port()}", *overrides])
-    return app_cli.run(config, block=False)
+    return app_server.serve(config, block=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.token_caches import tokenize_to_cache
 from helpers.cli import assert_usage_error
 
 import varlib
-from varlib.data.tokenizing import tokenize_to_cache
 from varlib.models.vqvae import MultiScaleVQVAE
 
 ROOT = Path(__file__).resolve().parents[1]

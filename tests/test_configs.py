@@ -73,7 +73,7 @@ def test_optimizer_and_discriminator_swap_from_the_command_line(tmp_path):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_model_spells_its_optim_settings_alike(experiment):
     """One spelling and meaning: ``model.optim.lr`` is the peak lr of every model, and ``grad_clip: null`` is off."""
-    from varlib.training.configs import OptimConfig, RecipeOptimConfig, build_config
+    from varlib.training.settings import OptimConfig, RecipeOptimConfig, build_config
 
     model = OmegaConf.to_container(compose_config("train", [f"experiment={experiment}"]).model, resolve=True)
     assert "lr" in model["optim"] and "base_lr" not in model["optim"]

@@ -3,6 +3,7 @@ step progress bar of step-defined runs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import lightning
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from varlib.evaluation import GenerativeMetrics, fid_from_features
 from varlib.evaluation.emoji_classifier import (
+    EMOJI_CLASSIFIER_CALIBRATION,
     EMOJI_CLASSIFIER_WEIGHTS,
     FEATURE_DIM,
     EmojiClassifier,
@@ -22,10 +24,14 @@ from varlib.evaluation.emoji_classifier import (
     emoji_metric,
     emoji_scores,
     halfway_progress,
-    load_calibration,
     load_emoji_classifier,
 )
 from varlib.training.progress import StepProgressBar
+
+
+def load_calibration() -> dict:
+    """The calibration figures written by ``scripts/train_emoji_classifier.py`` beside the shipped weights."""
+    return json.loads(EMOJI_CLASSIFIER_CALIBRATION.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def test_shipped_calibration_orders_real_blurred_noise():
 
 
 def test_emoji_metric_on_the_held_out_set_reproduces_the_shipped_calibration(classifier):
-    from varlib.pipeline import held_out_images
+    from varlib.pipelines.stages import held_out_images
 
     images, labels = held_out_images(32)
     metric = emoji_metric(images, labels, per_class=50, seed=0, classifier=classifier)
@@ -173,7 +179,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
     import numpy as np
 
     import varlib
-    from varlib.cli import evaluate
+    from varlib.evaluation.sampling_eval import evaluate_samples
     from varlib.configs import compose_config
     from varlib.evaluation import load_adm_npz, write_adm_npz
 
@@ -188,7 +194,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
         f"checkpoint={path}", "num_per_class=2", "batch_size=9", "num_is_splits=2", "device=cpu",
         f"out_dir={tmp_path / 'eval'}", f"reference_npz={tmp_path / 'reference.npz'}",
         "inception._target_=varlib.evaluation.load_emoji_classifier", "inception.weights_path=null"])
-    result = evaluate.run(config)
+    result = evaluate_samples(config)
 
     samples_BCHW = torch.from_numpy(load_adm_npz(result.npz_path)).permute(0, 3, 1, 2)
     real_features, _ = classifier(torch.from_numpy(reference_NHWC).permute(0, 3, 1, 2))

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.token_caches import tokenize_to_cache
+
 import varlib
-from varlib.data.tokenizing import tokenize_to_cache
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 

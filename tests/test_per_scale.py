@@ -1,11 +1,11 @@
-"""varlib.evaluation.per_scale: the per-scale loss and error metrics."""
+"""varlib.evaluation.per_scale: the per-scale loss and error metrics (PerScaleAccumulator, through one batch)."""
 
 import math
 
 import pytest
 import torch
 
-from varlib.evaluation.per_scale import per_scale_metrics
+from helpers.per_scale import per_scale_metrics
 
 
 def test_per_scale_metrics_by_hand():

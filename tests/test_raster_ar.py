@@ -11,11 +11,11 @@ import lightning as L
 import pytest
 import torch
 
+from helpers.token_caches import tokenize_to_cache
 from helpers.runs import untrained_validation
 
 import varlib
 from varlib.data.token_cache import TokenCacheDataModule
-from varlib.data.tokenizing import tokenize_to_cache
 from varlib.models.raster_ar import RasterAR
 from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE

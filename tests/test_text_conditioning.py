@@ -3,6 +3,7 @@ step 0), training, guidance with the null text and negative prompts, KV-cache sa
 captions. Tiny randomly initialised models; nothing is downloaded."""
 
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import CLIPTextConfig, T5Config
 
 import varlib
 from varlib import VAR, MultiScaleVQVAE
-from varlib.data.emoji import captioned_emoji_files, emoji_caption, labelled_emoji_files, twemoji_png_dir
+from varlib.data.emoji import emoji_caption, labelled_emoji_files, twemoji_png_dir
 from varlib.models.flops import per_token_linear_params
 from varlib.models.layers import AdaLNSelfAttn
 from varlib.models.patch_schedules import scale_slices
@@ -444,6 +445,13 @@ def test_save_pretrained_round_trip_of_a_text_var(tmp_path, make):
 
 
 # -- emoji captions ---------------------------------------------------------------------------------------------------
+
+
+def captioned_emoji_files(directory: Path) -> list[tuple[Path, str, str]]:
+    """Sorted `(png_path, caption, category)` triples of the usable emoji (those of `labelled_emoji_files`),
+    each captioned by `emoji_caption`; the category is kept for scoring."""
+    labelled, _ = labelled_emoji_files(directory)
+    return [(path, emoji_caption(path.stem), category) for path, category in labelled]
 
 
 def test_emoji_captions_from_names_keep_the_category():

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 import varlib
-from varlib.training.configs import OptimConfig, TokenizerLossConfig
+from varlib.training.settings import OptimConfig, TokenizerLossConfig
 from varlib.training.tokenizer_loss import autoencoder_loss
 from varlib.training.tokenizer_module import TokenizerModule
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.per_scale import per_scale_metrics
+from helpers.token_caches import tokenize_to_cache
+
 import varlib
 from varlib.data.token_cache import TokenCacheDataModule
-from varlib.data.tokenizing import tokenize_to_cache
-from varlib.evaluation.per_scale import per_scale_metrics
 from varlib.models.sampling import SamplingConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.optim_schedules import decay_parameter_groups

@@ -1,24 +1,45 @@
-"""What the command-line tools and the app share when they run a model: the inference precision, a model's image
-resolution, and the pixel masks of editing (a drawn or uploaded mask cropped like its image, the tokens it
-regenerates)."""
+"""What the command-line tools and the app share when they run a model: the device, the inference precision, a
+model's image resolution, and the keep-mask of an edit (:func:`edit_keep_mask`: from a mask image cropped like its
+image, or from a box) with the tokens it regenerates."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from varlib.data import ImageTransform
-from varlib.models.editing import token_grid_mask
+from varlib.models.editing import box_keep_mask, token_grid_mask
 from varlib.models.transformer import VAR
 
 #: The ``precision`` settings of the inference tools.
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Mask pixels at least this grey (of 255) mark pixels to regenerate.
 WHITE_THRESHOLD = 128
+#: What an edit regenerates: the region (in-painting) or everything outside it (out-painting).
+EDIT_MODES = ("inpaint", "outpaint")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; any other torch device string is used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but CUDA is not available (use device=cpu or auto)")
+    return device
+
+
+def rank_device(device: torch.device, rank: int, world_size: int) -> torch.device:
+    """The device of process ``rank``: with several processes, a CUDA device without an index becomes
+    ``cuda:LOCAL_RANK`` (torchrun sets it; else ``rank``) modulo the visible GPUs; any other device as given."""
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -102,3 +123,23 @@ def regenerated_tokens(keep_HW: torch.Tensor, var: VAR) -> torch.Tensor:
             f"{var.vae.downsample}-pixel token of the {side}x{side} grid to be at least half regenerated"
         )
     return regenerated
+
+
+def edit_keep_mask(transform: ImageTransform, mode: str, *, mask: Image.Image | None = None,
+                   image_size: tuple[int, int] | None = None, box: Sequence[float] | None = None) -> torch.Tensor:
+    """The pixel keep-mask (R,R) of an edit, float in {0,1}, 1 = keep, on the image as ``transform`` crops it: the
+    region is a ``mask`` image (white = the region; of the input image's size ``image_size`` (W,H), cropped like
+    it, or of the model's (R,R); see :func:`keep_mask_from_image`) or a ``box`` [y0, x0, y1, x1] of fractions of
+    the cropped image; ``mode`` (:data:`EDIT_MODES`) "inpaint" regenerates the region, "outpaint" the rest."""
+    if mode not in EDIT_MODES:
+        raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+    if (mask is None) == (box is None):
+        raise ValueError(f"give exactly one region to regenerate, mask=<image> or box=[y0,x0,y1,x1]; "
+                         f"got mask={mask!r} and box={box!r}")
+    if mask is not None:
+        keep_HW = keep_mask_from_image(mask, image_size, transform)
+        return keep_HW if mode == "inpaint" else 1 - keep_HW
+    values = list(box)
+    if len(values) != 4:
+        raise ValueError(f"box must be [y0, x0, y1, x1] (4 fractions), got {values}")
+    return box_keep_mask(transform.resolution, tuple(float(v) for v in values), inpainting=mode == "inpaint")

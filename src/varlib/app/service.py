@@ -8,7 +8,7 @@
   itself), decoded from the running f_hat after every scale, coarse to fine; its last picture is what
   ``VAR.generate`` returns.
 * Edit: an image and a drawn region; the region becomes a pixel keep-mask cropped like the image
-  (``varlib.inference.keep_mask_from_image``), which ``VAR.edit`` maps to the token grid of every scale
+  (``varlib.inference.edit_keep_mask``), which ``VAR.edit`` maps to the token grid of every scale
   (``varlib.models.editing``). A text model edits every mode conditioned on a prompt.
 
 Bad input raises ValueError with what was expected and what came; the app shows it in the page.
@@ -29,15 +29,15 @@ from PIL import Image
 
 from varlib.app.worker import ModelWorker
 from varlib.data import ImageTransform
-from varlib.data.images import to_rgb
+from varlib.data.decoding import to_rgb
 from varlib.images import unit_float_to_uint8
-from varlib.inference import inference_precision, keep_mask_from_image, model_resolution, regenerated_tokens
+from varlib.inference import EDIT_MODES, edit_keep_mask, inference_precision, model_resolution, regenerated_tokens
 from varlib.models.conditioning import TextConditioning
 from varlib.models.transformer import VAR
 
-#: Edit modes: the drawn region is regenerated (in-painting, class-conditional editing) or kept (out-painting). A
-#: text model conditions every mode on a prompt, so that "class" is in-painting there.
-EDIT_MODES = ("inpaint", "outpaint", "class")
+#: The app's edit modes: varlib.inference.EDIT_MODES, and "class", in-painting conditioned on a class. A text model
+#: conditions every mode on a prompt, so that "class" is in-painting there.
+APP_EDIT_MODES = (*EDIT_MODES, "class")
 MAX_SEED = 2**53 - 1  # the largest integer a JSON number (so the page and the API) carries exactly
 #: Uploads larger than this (width x height) are refused from their header, before they are decoded (conf/app.yaml).
 MAX_UPLOAD_PIXELS = 4096 * 4096
@@ -266,10 +266,8 @@ class AppService:
 
     # -- edit ------------------------------------------------------------------------------------------
 
-    def region_to_regenerate(self, background: Image.Image, layers: Sequence[Image.Image | None],
-                             mode: str) -> Image.Image:
-        """The drawn layers (their opaque pixels) -> a greyscale mask of the background's size, white where the
-        model regenerates: the drawn region (in-painting, class-conditional editing) or the rest (out-painting)."""
+    def drawn_region(self, background: Image.Image, layers: Sequence[Image.Image | None]) -> Image.Image:
+        """The drawn layers (their opaque pixels) -> a greyscale mask of the background's size, white where drawn."""
         drawn = [layer for layer in layers if layer is not None]
         if not drawn:
             raise ValueError("draw the region to regenerate on the image: got no drawing")
@@ -283,19 +281,18 @@ class AppService:
             alpha |= np.asarray(layer.getchannel("A")) > 0
         if not alpha.any():
             raise ValueError("the drawing is empty: draw over the region to regenerate")
-        regenerate = ~alpha if mode == "outpaint" else alpha
-        return Image.fromarray(np.where(regenerate, 255, 0).astype(np.uint8), mode="L")
+        return Image.fromarray(np.where(alpha, 255, 0).astype(np.uint8), mode="L")
 
     def edit(self, background: Image.Image | None, layers: Sequence[Image.Image | None], mode: Any,
              target_class: Any, seed: Any) -> EditOutcome:
-        """Regenerates the region drawn on ``background`` (see :meth:`region_to_regenerate`) with ``VAR.edit``
-        and the model's sampling settings: unconditionally for in- and out-painting, conditioned on
-        ``target_class`` for class-conditional editing. A text model takes a prompt as ``target_class`` and
+        """Regenerates the region drawn on ``background`` (see :meth:`drawn_region`), or the rest (out-painting),
+        with ``VAR.edit`` and the model's sampling settings: unconditionally for in- and out-painting, conditioned
+        on ``target_class`` for class-conditional editing. A text model takes a prompt as ``target_class`` and
         is conditioned on it in every mode."""
         if background is None:
             raise ValueError("upload an image (or pick an example) to edit: got none")
-        if mode not in EDIT_MODES:
-            raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+        if mode not in APP_EDIT_MODES:
+            raise ValueError(f"mode must be one of {APP_EDIT_MODES}, got {mode!r}")
         if self.text:
             condition = self.one_prompt(target_class, "editing")
         else:
@@ -305,7 +302,8 @@ class AppService:
         check_upload_size(background, self.max_upload_pixels)
         image = to_rgb(background)
         transform = ImageTransform(self.resolution, train=False)
-        keep_HW = keep_mask_from_image(self.region_to_regenerate(background, layers, mode), image.size, transform)
+        keep_HW = edit_keep_mask(transform, "outpaint" if mode == "outpaint" else "inpaint",
+                                 mask=self.drawn_region(background, layers), image_size=image.size)
         regenerated = regenerated_tokens(keep_HW, self.var)[0]
         image_13HW = transform(image).unsqueeze(0)
 

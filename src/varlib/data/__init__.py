@@ -14,8 +14,8 @@ skipped and counted in each DataModule's `skipped` property.
 from varlib.data.base import ImageDataModule
 from varlib.data.emoji import EmojiDataModule
 from varlib.data.folder import ImageFileDataset, ImageFolderDataModule
+from varlib.data.decoding import ImageDecodeError, decode_rgb_image, load_rgb_image, to_rgb
 from varlib.data.huggingface import HFDataModule
-from varlib.data.images import ImageDecodeError, decode_rgb_image, load_rgb_image, to_rgb
 from varlib.data.shards import WebDatasetDataModule, resolve_shard_urls
 from varlib.data.skipping import SkipCounter, collate_skipping_none
 from varlib.data.transforms import ImageTransform, resize_target

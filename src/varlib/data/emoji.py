@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from varlib.data.base import ImageDataModule, check_int_at_least, check_open_fraction
-from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.decoding import ImageDecodeError, decode_rgb_image
 from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
 from varlib.data.transforms import ImageTransform
@@ -135,13 +135,6 @@ def labelled_emoji_files(directory: Path) -> tuple[list[tuple[Path, str]], Count
     return labelled, dropped
 
 
-def captioned_emoji_files(directory: Path) -> list[tuple[Path, str, str]]:
-    """Sorted `(png_path, caption, category)` triples of the usable emoji (those of :func:`labelled_emoji_files`),
-    each captioned by :func:`emoji_caption`; the category is kept for scoring."""
-    labelled, _ = labelled_emoji_files(directory)
-    return [(path, emoji_caption(path.stem), category) for path, category in labelled]
-
-
 def is_validation_name(name: str, val_fraction: float, seed: int) -> bool:
     """Deterministic split: hash (seed, name) to a number in [0, 1) and compare with val_fraction.
 
@@ -209,6 +202,22 @@ class CachedImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index``."""
+        if self.captions_N is None:
+            raise ValueError("expected a captioned dataset (captions=True), got one without captions")
+        return self.captions_N[self.indices[index]]
+
+    def captioned(self, captions: list[str]) -> CachedImageDataset:
+        """The items captioned exactly ``captions``, in that order, from every row of the shared images (any
+        split), with this dataset's transform."""
+        all_captions = self.captions_N or []
+        missing = sorted(set(captions) - set(all_captions))
+        if missing:
+            raise ValueError(f"expected emoji captioned {missing}, found none (captions come from emoji_caption)")
+        rows = [all_captions.index(caption) for caption in captions]
+        return CachedImageDataset(self.images_NHWC, self.labels_N, rows, self.transform, self.captions_N)
 
     def __getitem__(self, index: int) -> tuple:
         row = self.indices[index]

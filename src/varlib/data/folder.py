@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from varlib.data.base import ImageDataModule
-from varlib.data.images import ImageDecodeError, decode_rgb_image
+from varlib.data.decoding import ImageDecodeError, decode_rgb_image
 from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
 from varlib.data.transforms import ImageTransform

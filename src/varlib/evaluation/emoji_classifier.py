@@ -18,7 +18,6 @@ one sample metric (the demo's scoring and the ablation's default ``--metric``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -108,11 +107,6 @@ def load_emoji_classifier(weights_path: str | Path | None = None) -> EmojiClassi
     except RuntimeError as error:
         raise ValueError(f"{path} does not hold EmojiClassifier weights: {error}") from error
     return classifier.eval()
-
-
-def load_calibration(path: str | Path = EMOJI_CLASSIFIER_CALIBRATION) -> dict:
-    """The calibration figures written by ``scripts/train_emoji_classifier.py`` beside the weights."""
-    return json.loads(Path(path).read_text())
 
 
 def balanced_draw(labels_N: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
@@ -218,4 +212,3 @@ def halfway_progress(scores: dict[str, float], points: dict[str, dict[str, float
         span = points["real"][key] - points["blurred_8x8"][key]
         progress[key] = (scores[key] - points["blurred_8x8"][key]) / span if span != 0 else float("nan")
     return progress
-

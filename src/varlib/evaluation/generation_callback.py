@@ -53,12 +53,6 @@ def gather_in_batch_order(trainer: lightning.Trainer, local: dict[int, torch.Ten
     gathered = trainer.strategy.all_gather(buffer).cpu()  # (world, batches per rank, max size, K)
     return torch.cat([gathered[i % world, i // world, :size] for i, size in enumerate(sizes)])
 
-def _check_float_images(images_BCHW: torch.Tensor, what: str) -> None:
-    if not images_BCHW.is_floating_point() or images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
-        raise ValueError(
-            f"{what}: expected float images of shape (B,3,H,W), got {images_BCHW.dtype} {tuple(images_BCHW.shape)}"
-        )
-
 
 class GenerationMetricsCallback(lightning.Callback):
     """Every ``every_n_epochs`` validation epochs, log ``val/fid``, ``val/is``, ``val/precision``, ``val/recall``

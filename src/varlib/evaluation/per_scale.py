@@ -55,10 +55,3 @@ class PerScaleAccumulator:
             out[f"loss_s{k}"] = float(ce_sum[k] / count[k])
             out[f"err_s{k}"] = float(100 * wrong[k] / count[k])
         return out
-
-
-def per_scale_metrics(logits_BLV: torch.Tensor, targets_BL: torch.Tensor, patch_nums: Sequence[int]) -> dict[str, float]:
-    """The per-scale metrics of one batch (see :class:`PerScaleAccumulator`)."""
-    acc = PerScaleAccumulator(patch_nums)
-    acc.update(logits_BLV, targets_BL)
-    return acc.compute()

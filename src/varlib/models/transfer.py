@@ -170,8 +170,3 @@ def merge_lora_state(state: Mapping[str, torch.Tensor], scaling: float,
             value = value + scaling * (up.float() @ down.float()).to(value.dtype)
         merged[f"{module}.{leaf}"] = value
     return merged
-
-
-def has_lora(state: Mapping[str, torch.Tensor]) -> bool:
-    return any(".lora_A." in k for k in state)
-

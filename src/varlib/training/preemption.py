@@ -28,7 +28,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from varlib.io import LAST_CHECKPOINT
+from varlib.files.loading import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ class RasterARModule(TokenTransformerModule):
         var: ``RasterAR`` keyword arguments (depth, num_classes, width, cond_drop_rate, ...): the config key
             ``model.var``, as for VAR. The network is the module's ``ar`` (its files' prefix).
         tokenizer_path, vae: a single-scale tokenizer.
-        loss: ``label_smoothing`` only (:class:`~varlib.training.configs.TokenLossConfig`).
+        loss: ``label_smoothing`` only (:class:`~varlib.training.settings.TokenLossConfig`).
         Every other argument as :class:`~varlib.training.token_transformer_module.TokenTransformerModule` (VAR's
         optimisation recipe and fine-tuning: ``init_from``, ``class_map``, ``class_names``, ``trainable``,
         ``lora``). VAR's progressive training and activation checkpointing have no counterpart here and are not

@@ -1,5 +1,5 @@
 """The tokenizer's training objective (VAR paper, eq. 5) as plain functions (its settings:
-:class:`varlib.training.configs.TokenizerLossConfig`).
+:class:`varlib.training.settings.TokenizerLossConfig`).
 
 Autoencoder loss for images x and reconstructions x_hat (B,3,H,W) in [-1, 1]::
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from varlib.training.configs import DISC_LOSS_NAMES, TokenizerLossConfig
+from varlib.training.settings import DISC_LOSS_NAMES, TokenizerLossConfig
 from varlib.training.gan import adaptive_gan_weight, hinge_d_loss, hinge_g_loss, vanilla_d_loss
 
 DISC_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = dict(zip(DISC_LOSS_NAMES, (hinge_d_loss, vanilla_d_loss)))

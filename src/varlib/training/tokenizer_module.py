@@ -41,9 +41,9 @@ from varlib.evaluation.codebook_usage import CodebookUsage
 from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
 from varlib.images import image_grid, signed_float_to_uint8
-from varlib.io import pop_ema_tensors
+from varlib.files.loading import pop_ema_tensors
 from varlib.loggers import log_image
-from varlib.models.hub import model_metadata, save_tokenizer
+from varlib.files.format import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.components import build_component, component_factory
@@ -53,7 +53,7 @@ from varlib.training.gan import gan_start_factor
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
 from varlib.training.seeding import seed_training_step
-from varlib.training.configs import OptimConfig, TokenizerLossConfig, build_config
+from varlib.training.settings import OptimConfig, TokenizerLossConfig, build_config
 from varlib.training.tokenizer_loss import autoencoder_loss, discriminator_loss
 
 # Fixed networks: rebuilt from the config, left out of checkpoints (the VGG trunk alone is ~60 MB).

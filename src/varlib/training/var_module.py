@@ -11,7 +11,7 @@ import torch
 
 from varlib.models.patch_schedules import scale_slices
 from varlib.models.transformer import VAR
-from varlib.training.configs import VARLossConfig
+from varlib.training.settings import VARLossConfig
 from varlib.training.optim_schedules import progressive_num_scales
 from varlib.training.token_transformer_module import TokenTransformerModule
 
@@ -24,7 +24,7 @@ class VARModule(TokenTransformerModule):
     Args:
         var: ``VAR`` keyword arguments (depth, num_classes, cond_drop_rate, ...); the other arguments are the base
             class's, with
-        loss: the fields of :class:`~varlib.training.configs.VARLossConfig`: label smoothing and progressive training.
+        loss: the fields of :class:`~varlib.training.settings.VARLossConfig`: label smoothing and progressive training.
         activation_checkpointing: recompute each block's activations in the backward pass (less memory,
             about one more forward of compute); per block, so it composes with DDP and FSDP2's per-block sharding.
     """
