@@ -14,6 +14,7 @@ setup: $(STAMP)
 ## built once); tests marked slow (subprocess training, notebooks) take up to a minute each on CPU
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 ## the suite without the slow tests: models, data, losses, configs, one-process training (a few minutes)

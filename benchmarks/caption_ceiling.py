@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from varlib.evaluation.emoji_classifier import dataset_labels
 from varlib.models.text import WordTokenizer
-from varlib.pipeline import captioned_emoji, colour_prompts, scored_captions
+from varlib.pipelines.text_demo import captioned_emoji, colour_prompts, scored_captions
 
 words = WordTokenizer.words
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import varlib
-from varlib.pipeline import held_out_images
+from varlib.pipelines.stages import held_out_images
 from varlib.data import EmojiDataModule
 from varlib.data.token_cache import read_index
 from varlib.evaluation.emoji_classifier import emoji_metric, load_emoji_classifier

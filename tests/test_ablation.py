@@ -1,4 +1,4 @@
-"""`varlib-ablation` at varlib.pipeline's tiny size: the paper's Table 3 rows, cumulatively (raster AR, VAR bare,
+"""`varlib-ablation` at its tiny size (conf/experiment/tiny_ablation_*.yaml): the paper's Table 3 rows, cumulatively (raster AR, VAR bare,
 +AdaLN, +top-k, +guidance, +attention normalisation, +depth) train and sample at equal budgets, the figures land in
 results.json/results.md, the emoji classifier scores the samples by default and a pluggable sample metric replaces
 it."""
@@ -10,7 +10,7 @@ import torch
 
 from varlib.cli import ablation
 from varlib.configs import compose_config
-from varlib.pipeline import ABLATION_ROWS, TINY_ABLATION_TOKENIZER, TINY_ABLATION_TRANSFORMER, ablation_table
+from varlib.pipelines.ablation import ABLATION_ROWS, TINY_ABLATION_MODELS, ablation_table
 
 
 def nearest_mean_metric(reference_images, reference_labels):
@@ -67,9 +67,9 @@ def test_rows_switch_sampling_off_and_scale_depth():
 def test_tiny_ablation_trains_every_row_at_equal_budget_and_reports(tmp_path, capsys):
     # a peak lr of 1e-2 for every transformer, so that 5 steps move their held-out loss
     cfg = compose_config("ablation", [f"out_dir={tmp_path}", "seeds=[3]", "per_class=2", "token_cache=false",
-                                      "cpu_threads=1"])
-    transformer_overrides = [*TINY_ABLATION_TRANSFORMER, "model.optim.lr=1e-2"]
-    cfg.tokenizer_overrides, cfg.transformer_overrides = list(TINY_ABLATION_TOKENIZER), transformer_overrides
+                                      "cpu_threads=1", "transformer_overrides=['model.optim.lr=1e-2']",
+                                      *(f"models.{name}=[{tokenizer},{net}]"
+                                        for name, (tokenizer, net) in TINY_ABLATION_MODELS.items())])
     ablation.run(cfg)  # the default sample metric: the demo's emoji classifier protocol
     report = json.loads((tmp_path / "results.json").read_text())
     rows = report["results"]["3"]

@@ -317,8 +317,8 @@ def test_model_page_lists_architecture_counts_schedule_and_sampling(var, service
 
 
 def test_bad_app_settings_exit_2_naming_the_setting(tmp_path, caplog):
-    from varlib.cli import app as app_cli
-    from varlib.cli.common import run_or_exit
+    from varlib.app.server import serve
+    from varlib.cli.entry import run_or_exit
     from varlib.configs import compose_config
 
     path = tmp_path / "tiny.safetensors"
@@ -334,11 +334,11 @@ def test_bad_app_settings_exit_2_naming_the_setting(tmp_path, caplog):
     for overrides, message in cases:
         caplog.clear()
         with pytest.raises(SystemExit) as exit_info:
-            run_or_exit(app_cli.run, compose_config("app", [f"checkpoint={path}", "device=cpu", *overrides]))
+            run_or_exit(serve, compose_config("app", [f"checkpoint={path}", "device=cpu", *overrides]))
         assert exit_info.value.code == 2 and message in caplog.text, (overrides, caplog.text)
     caplog.clear()
     with pytest.raises(SystemExit):
-        run_or_exit(app_cli.run, compose_config("app", [f"checkpoint={tmp_path / 'none.safetensors'}", "device=cpu"]))
+        run_or_exit(serve, compose_config("app", [f"checkpoint={tmp_path / 'none.safetensors'}", "device=cpu"]))
     assert "none.safetensors" in caplog.text and "got nothing there" in caplog.text
     config = compose_config("app", [])
     assert (config.host, config.port, config.batch_size) == ("127.0.0.1", 7860, 8)

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 import varlib  # noqa: E402
-from varlib.cli import app as app_cli  # noqa: E402
+from varlib.app.server import serve  # noqa: E402
 from varlib.configs import compose_config  # noqa: E402
 from varlib.data import ImageTransform  # noqa: E402
 from varlib.evaluation import to_uint8_nhwc  # noqa: E402
@@ -50,7 +50,7 @@ def model_file(tmp_path_factory):
 
 def serve(model_file, *overrides):
     config = compose_config("app", [f"checkpoint={model_file}", "device=cpu", f"port={free_port()}", *overrides])
-    return app_cli.run(config, block=False)
+    return serve(config, block=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 import varlib
-from varlib.cli import tokenize
 from varlib.configs import compose_config
 from varlib.data import ImageFolderDataModule, ImageTransform, WebDatasetDataModule
 from varlib.data.token_cache import TokenCacheDataModule, read_index
-from varlib.data.tokenizing import tokenize_split
+from varlib.data.tokenizing import tokenize_dataset, tokenize_split
 from varlib.models.vqvae import MultiScaleVQVAE
 
 # (relative path, caption or None, where the caption is written: "jsonl", "txt" or None)
@@ -181,7 +180,7 @@ def test_varlib_tokenize_keeps_a_captioned_folders_captions_and_labels_in_order(
         f"tokenizer={tmp_path / 'tok.safetensors'}", "data=imagefolder", f"data.root={captioned_folder}",
         "data.captions=true", "data.num_workers=0", "data.batch_size=2", "shard_size=2", "device=cpu",
         f"out_dir={cache}"])
-    result = tokenize.run(config)
+    result = tokenize_dataset(config)
     assert result.counts == {"train": 4, "val": 2} and result.skipped == {"train": 1, "val": 0}
     assert read_index(cache)["skipped"] == {"train": 1, "val": 0}
     data = TokenCacheDataModule(str(cache), batch_size=4, captions=True)  # what experiment=t2i_emoji reads

@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import varlib
-from varlib.cli import edit, evaluate, sample, tokenize
-from varlib.cli.common import (
-    parse_label,
-    parse_labels,
-    run_or_exit,
-)
+from varlib.cli.entry import run_or_exit
+from varlib.data.tokenizing import tokenize_dataset
+from varlib.evaluation.sampling_eval import evaluate_samples
+from varlib.generate_files import edit_to_file, sample_to_files
+from varlib.generation import parse_label, parse_labels
+from varlib.models.editing import keep_mask_from_box
 from varlib.configs import compose_config
 from varlib.data import ImageTransform
 from varlib.data.token_cache import TokenCacheDataModule, TokenDataset, read_index
@@ -117,7 +117,7 @@ def image_folder(tmp_path_factory) -> Path:
 def test_sample_grid_rows_per_class_files_and_per_batch_seeds(tiny, tmp_path):
     var, path = tiny
     overrides = [f"checkpoint={path}", "labels=null", "per_class=2", "batch_size=4", "seed=5", "top_k=20", "device=cpu"]
-    result = sample.run(compose_config("sample", overrides + [f"out_dir={tmp_path / 'a'}"]))
+    result = sample_to_files(compose_config("sample", overrides + [f"out_dir={tmp_path / 'a'}"]))
 
     assert result.labels == [0, 0, 1, 1, 2, 2]
     assert [p.name for p in result.image_paths] == [f"{i:05d}_class{c}.png" for i, c in enumerate(result.labels)]
@@ -136,7 +136,7 @@ def test_sample_grid_rows_per_class_files_and_per_batch_seeds(tiny, tmp_path):
         top, left = pad + row * cell, pad + column * cell
         np.testing.assert_array_equal(grid[top:top + SIDE, left:left + SIDE], image)
 
-    again = sample.run(compose_config("sample", overrides + [f"out_dir={tmp_path / 'b'}"]))
+    again = sample_to_files(compose_config("sample", overrides + [f"out_dir={tmp_path / 'b'}"]))
     for first, second in zip(result.image_paths + [result.grid_path], again.image_paths + [again.grid_path]):
         assert first.read_bytes() == second.read_bytes()
 
@@ -151,7 +151,7 @@ def test_sample_without_sampling_keys_uses_the_model_files_settings(tiny, tmp_pa
     varlib.save_var(var, path)
     loaded = varlib.load(path)
     assert loaded.sampling == own
-    result = sample.run(compose_config("sample", [f"checkpoint={path}", "per_class=3", "batch_size=2", "seed=7",
+    result = sample_to_files(compose_config("sample", [f"checkpoint={path}", "per_class=3", "batch_size=2", "seed=7",
                                                   "device=cpu", f"out_dir={tmp_path / 'cli'}"]))
     cli_NHWC = np.stack([read_png(p) for p in result.image_paths])
     np.testing.assert_array_equal(cli_NHWC, to_uint8_nhwc(sample_per_class(loaded, 3, seed=7, batch_size=2)))
@@ -169,7 +169,7 @@ def test_sample_command_line_overrides_match_in_process_run(tiny, tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-2000:]
 
-    in_process = sample.run(compose_config("sample", overrides + [f"out_dir={tmp_path / 'api'}"]))
+    in_process = sample_to_files(compose_config("sample", overrides + [f"out_dir={tmp_path / 'api'}"]))
     names = ["00000_class0.png", "00001_class1.png", "00002_class3.png", "grid.png"]  # 3 = unconditional
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == names
     for name in names:
@@ -201,7 +201,7 @@ def test_official_checkpoints_sample_like_the_official_code(tmp_path):
         f"labels={list(kwargs['label_B'])}", f"cfg={kwargs['cfg']}", f"top_k={kwargs['top_k']}",
         f"top_p={kwargs['top_p']}", f"seed={kwargs['g_seed']}", "batch_size=2", "device=cpu",
         f"out_dir={tmp_path / 'out'}"])
-    result = sample.run(config)
+    result = sample_to_files(config)
     got = np.stack([read_png(p) for p in result.image_paths]).astype(int)
     want = to_uint8_nhwc(run["img_01"]).astype(int)
     assert np.abs(got - want).max() <= 1  # PNG rounding of the official [0,1] images
@@ -217,7 +217,7 @@ def test_model_source_errors_exit_2(tiny, tmp_path, caplog):
     for overrides, message in cases:
         caplog.clear()
         with pytest.raises(SystemExit) as exit_info:
-            run_or_exit(sample.run, compose_config("sample", overrides + ["device=cpu", f"out_dir={tmp_path}"]))
+            run_or_exit(sample_to_files, compose_config("sample", overrides + ["device=cpu", f"out_dir={tmp_path}"]))
         assert exit_info.value.code == 2
         assert message in caplog.text
 
@@ -258,7 +258,7 @@ def edit_config(model_path: Path, image: Path, out: Path, *extra: str):
 
 def test_edit_box_matches_the_api_and_keeps_the_outside(tiny, photo, tmp_path):
     var, path = tiny
-    result = edit.run(edit_config(path, photo, tmp_path / "edited.png", f"box={list(BOX)}", "mode=inpaint"))
+    result = edit_to_file(edit_config(path, photo, tmp_path / "edited.png", f"box={list(BOX)}", "mode=inpaint"))
     edited = read_png(result.path)
     assert edited.shape == (SIDE, SIDE, 3)
 
@@ -283,7 +283,7 @@ def test_edit_box_matches_the_api_and_keeps_the_outside(tiny, photo, tmp_path):
 
 def test_edit_mask_image_white_regenerates_and_follows_the_crop(tiny, photo, tmp_path):
     _, path = tiny
-    from_box = edit.run(edit_config(path, photo, tmp_path / "box.png", f"box={list(BOX)}"))
+    from_box = edit_to_file(edit_config(path, photo, tmp_path / "box.png", f"box={list(BOX)}"))
     # Full-size mask: white rows 28:44 and columns 32:48 land on 12:20 after the 2x resize and crop (2, 4).
     full = np.zeros((72, 80), dtype=np.uint8)
     full[28:44, 32:48] = 255
@@ -292,10 +292,10 @@ def test_edit_mask_image_white_regenerates_and_follows_the_crop(tiny, photo, tmp
     small[12:20, 12:20] = 255
     Image.fromarray(small).convert("RGB").save(tmp_path / "mask_model.png")
     for mask in ("mask_full.png", "mask_model.png"):
-        result = edit.run(edit_config(path, photo, tmp_path / f"from_{mask}", f"mask={tmp_path / mask}"))
+        result = edit_to_file(edit_config(path, photo, tmp_path / f"from_{mask}", f"mask={tmp_path / mask}"))
         torch.testing.assert_close(result.keep_mask, from_box.keep_mask)
         assert result.path.read_bytes() == from_box.path.read_bytes()
-    outpaint_keep = edit.keep_mask_from_box(list(BOX), "outpaint", SIDE)
+    outpaint_keep = keep_mask_from_box(list(BOX), "outpaint", SIDE)
     torch.testing.assert_close(outpaint_keep, 1 - from_box.keep_mask)
 
 
@@ -317,12 +317,12 @@ def test_edit_bad_inputs_exit_2_with_expected_and_got(tiny, photo, tmp_path, cap
     for overrides, message in cases:
         caplog.clear()
         with pytest.raises(SystemExit) as exit_info:
-            run_or_exit(edit.run, edit_config(path, photo, tmp_path / "never.png", *overrides))
+            run_or_exit(edit_to_file, edit_config(path, photo, tmp_path / "never.png", *overrides))
         assert exit_info.value.code == 2, overrides
         assert message in caplog.text, (overrides, caplog.text)
     missing_image = edit_config(path, tmp_path / "no_photo.jpg", tmp_path / "never.png", f"box={list(BOX)}")
     with pytest.raises(SystemExit):
-        run_or_exit(edit.run, missing_image)
+        run_or_exit(edit_to_file, missing_image)
     assert "no_photo.jpg" in caplog.text
     assert not (tmp_path / "never.png").exists()
 
@@ -348,7 +348,7 @@ def test_evaluate_writes_shuffled_npz_and_metrics_from_the_plugged_extractor(tin
         f"checkpoint={path}", "num_per_class=4", "batch_size=5", "seed=2", "num_is_splits=2", "device=cpu",
         f"out_dir={tmp_path / 'eval'}", f"reference_npz={tmp_path / 'reference.npz'}",
         f"inception._target_={EXTRACTOR_TARGET}", f"inception.weights_path={weights}"])
-    result = evaluate.run(config)
+    result = evaluate_samples(config)
 
     samples_NHWC = load_adm_npz(result.npz_path)
     assert samples_NHWC.shape == (NUM_CLASSES * 4, SIDE, SIDE, 3) and result.num_images == 12
@@ -385,7 +385,7 @@ def test_evaluate_reference_images_from_a_data_config(tiny, extractor_weights, i
         f"out_dir={tmp_path}", "data@reference_data=imagefolder", f"reference_data.root={image_folder}",
         "reference_data.num_workers=0", "reference_data.batch_size=3",
         f"inception._target_={EXTRACTOR_TARGET}", f"inception.weights_path={weights}"])
-    result = evaluate.run(config)
+    result = evaluate_samples(config)
     assert result.num_reference_images == 4  # the val split: 2 classes x 2 images
 
     # the same figures computed directly: the val images centre-cropped to the model's side, the written samples
@@ -410,7 +410,7 @@ def test_evaluate_without_inception_weights_still_writes_the_npz(tiny, tmp_path)
     config = compose_config("evaluate", [
         f"checkpoint={path}", "num_per_class=1", "device=cpu", f"out_dir={tmp_path}",
         f"inception.weights_path={tmp_path / 'absent.pth'}"])
-    result = evaluate.run(config)
+    result = evaluate_samples(config)
     assert load_adm_npz(result.npz_path).shape == (NUM_CLASSES, SIDE, SIDE, 3)
     assert result.metrics == {}
     record = json.loads(result.metrics_path.read_text())
@@ -425,7 +425,7 @@ def test_evaluate_rejects_too_few_images_for_the_inception_score(tiny, extractor
         f"checkpoint={path}", "num_per_class=2", "device=cpu", f"out_dir={tmp_path}",
         f"inception._target_={EXTRACTOR_TARGET}", f"inception.weights_path={weights}"])  # 6 images < 10 splits
     with pytest.raises(SystemExit) as exit_info:
-        run_or_exit(evaluate.run, config)
+        run_or_exit(evaluate_samples, config)
     assert exit_info.value.code == 2
     assert "num_is_splits=10" in caplog.text and "= 6" in caplog.text
     assert not (tmp_path / "samples.npz").exists()
@@ -455,7 +455,7 @@ def test_tokenize_image_folder_writes_a_deterministic_readable_cache(tiny, image
     config = compose_config("tokenize", [
         f"tokenizer={path}", "data=imagefolder", f"data.root={image_folder}", "data.num_workers=0",
         "data.batch_size=4", "with_flip=true", "shard_size=2", "device=cpu", f"out_dir={out_dir}"])
-    result = tokenize.run(config)
+    result = tokenize_dataset(config)
     assert result.counts == {"train": 6, "val": 4}  # the corrupt file is skipped
 
     cache = TokenCacheDataModule(str(out_dir), batch_size=2)
@@ -482,17 +482,17 @@ def test_tokenize_processes_share_the_shards_through_rank_and_world_size(tiny, i
                  "splits=[train]", "shard_size=2", "device=cpu", f"out_dir={out_dir}"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    second = tokenize.run(compose_config("tokenize", overrides))
+    second = tokenize_dataset(compose_config("tokenize", overrides))
     # 7 files in shards of 2 (a/0 a/1 | a/2 a/9_corrupt | b/0 b/1 | b/2): rank 1 takes shards 1 and 3
     assert second.counts == {"train": 2} and second.skipped == {"train": 1}
     assert sorted(p.name for p in out_dir.iterdir()) == ["train-00001.safetensors", "train-00003.safetensors"]
     monkeypatch.setenv("RANK", "0")
-    first = tokenize.run(compose_config("tokenize", overrides))
+    first = tokenize_dataset(compose_config("tokenize", overrides))
     assert first.counts == {"train": 4} and first.skipped == {"train": 0}
     assert read_index(out_dir)["skipped"] == {"train": 1} and len(TokenDataset(out_dir, "train")) == 6
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="0 <= RANK < WORLD_SIZE"):
-        tokenize.run(compose_config("tokenize", overrides))
+        tokenize_dataset(compose_config("tokenize", overrides))
 
 
 def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
@@ -501,7 +501,7 @@ def test_tokenize_reads_an_official_tokenizer_file(image_folder, tmp_path):
     config = compose_config("tokenize", [
         f"tokenizer={tmp_path / 'vae.pth'}", "patch_nums=[1,2,3,4]", "splits=[val]", "data=imagefolder",
         f"data.root={image_folder}", "data.num_workers=0", "device=cpu", f"out_dir={tmp_path / 'cache'}"])
-    assert tokenize.run(config).counts == {"val": 4}
+    assert tokenize_dataset(config).counts == {"val": 4}
 
     vae = varlib.load(tmp_path / "vae.pth", patch_nums=(1, 2, 3, 4))
     transform = ImageTransform(64, train=False)  # the official tokenizer downsamples by 16: 4 x 16 px
@@ -515,7 +515,7 @@ def test_tokenize_defaults_to_the_emoji_data(tiny, tmp_path):
     config = compose_config("tokenize", [f"tokenizer={path}", "splits=[val]", "data.val_fraction=0.002",
                                          "device=cpu", f"out_dir={tmp_path}"])
     assert config.data._target_ == "varlib.data.EmojiDataModule"
-    result = tokenize.run(config)
+    result = tokenize_dataset(config)
 
     emoji = varlib.data.EmojiDataModule(image_size=SIDE, val_fraction=0.002)
     emoji.setup("fit")
@@ -540,7 +540,7 @@ def test_tokenize_config_errors_exit_2(tiny, tmp_path, caplog):
     for overrides, message in cases:
         caplog.clear()
         with pytest.raises(SystemExit) as exit_info:
-            run_or_exit(tokenize.run, compose_config("tokenize", [f"tokenizer={path}", "device=cpu", *overrides]))
+            run_or_exit(tokenize_dataset, compose_config("tokenize", [f"tokenizer={path}", "device=cpu", *overrides]))
         assert exit_info.value.code == 2
         assert message in caplog.text, caplog.text
     assert sorted(os.listdir(tmp_path)) == ["existing"]
@@ -563,17 +563,17 @@ def test_inference_precision_autocasts_bf16_with_tf32_and_restores():
 def test_precision_option_of_the_inference_tools(tiny, tmp_path, caplog):
     var, path = tiny
     overrides = [f"checkpoint={path}", "labels=[0,1]", "seed=5", "top_k=20", "device=cpu"]
-    bf16 = sample.run(compose_config("sample", overrides + ["precision=bf16", f"out_dir={tmp_path / 'bf16'}"]))
+    bf16 = sample_to_files(compose_config("sample", overrides + ["precision=bf16", f"out_dir={tmp_path / 'bf16'}"]))
     images = np.stack([read_png(p) for p in bf16.image_paths])
     assert images.shape == (2, SIDE, SIDE, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the option is exactly bf16 autocast
         expected = to_uint8_nhwc(var.generate([0, 1], cfg=1.5, top_k=20, top_p=0.96, seed=5).float())
     np.testing.assert_array_equal(images, expected)
-    for tool, name in ((sample, "sample"), (tokenize, "tokenize")):
+    for run, name in ((sample_to_files, "sample"), (tokenize_dataset, "tokenize")):
         caplog.clear()
         source = f"checkpoint={path}" if name == "sample" else f"tokenizer={path}"
         with pytest.raises(SystemExit) as exit_info:
-            run_or_exit(tool.run, compose_config(name, [source, "device=cpu", "precision=fp16",
+            run_or_exit(run, compose_config(name, [source, "device=cpu", "precision=fp16",
                                                         f"out_dir={tmp_path / 'bad'}"]))
         assert exit_info.value.code == 2
         assert "precision must be one of ('auto', 'fp32', 'bf16'), got 'fp16'" in caplog.text

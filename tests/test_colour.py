@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from varlib.evaluation.colour import COLOURS, HUE_RANGES, colour_share, dominant_colours, hsv
-from varlib.pipeline import captioned_emoji, colour_prompts, emoji_named
+from varlib.pipelines.text_demo import captioned_emoji, colour_prompts, emoji_named
 
 
 def solid(hue_degrees: float, saturation: float = 0.8, value: float = 0.9, size: int = 8) -> torch.Tensor:

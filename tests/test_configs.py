@@ -110,6 +110,5 @@ def test_the_512px_experiment_is_the_official_d36_recipe():
     assert cfg.data.global_batch_size == 768 and cfg.model.optim.lr == pytest.approx(8e-5 * 768 / 256)
     assert cfg.model.optim.weight_decay_end == 0.08 and cfg.trainer.max_steps == 350 * (1_281_167 // 768)
     with torch.device("meta"):  # the shape the configuration builds: VAR-d36-s, 2,353,893,904 parameters
-        model = VAR(MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=160), **{
-            k: v for k, v in var.items() if k != "attn_impl"})
+        model = VAR(MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=160), **var)
     assert sum(p.numel() for p in model.parameters()) == 2_353_893_904 and model.L == 2240

@@ -72,7 +72,7 @@ def test_shipped_calibration_orders_real_blurred_noise():
 
 
 def test_emoji_metric_on_the_held_out_set_reproduces_the_shipped_calibration(classifier):
-    from varlib.pipeline import held_out_images
+    from varlib.pipelines.stages import held_out_images
 
     images, labels = held_out_images(32)
     metric = emoji_metric(images, labels, per_class=50, seed=0, classifier=classifier)
@@ -173,7 +173,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
     import numpy as np
 
     import varlib
-    from varlib.cli import evaluate
+    from varlib.evaluation.sampling_eval import evaluate_samples
     from varlib.configs import compose_config
     from varlib.evaluation import load_adm_npz, write_adm_npz
 
@@ -188,7 +188,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
         f"checkpoint={path}", "num_per_class=2", "batch_size=9", "num_is_splits=2", "device=cpu",
         f"out_dir={tmp_path / 'eval'}", f"reference_npz={tmp_path / 'reference.npz'}",
         "inception._target_=varlib.evaluation.load_emoji_classifier", "inception.weights_path=null"])
-    result = evaluate.run(config)
+    result = evaluate_samples(config)
 
     samples_BCHW = torch.from_numpy(load_adm_npz(result.npz_path)).permute(0, 3, 1, 2)
     real_features, _ = classifier(torch.from_numpy(reference_NHWC).permute(0, 3, 1, 2))

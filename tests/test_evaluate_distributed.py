@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import varlib
-from varlib.cli import evaluate
-from varlib.cli.common import run_or_exit
+from varlib.cli.entry import run_or_exit
+from varlib.evaluation import sampling_eval
+from varlib.evaluation.sampling_eval import evaluate_samples
 from varlib.configs import compose_config
 from varlib.evaluation import load_adm_npz, write_adm_npz
 
@@ -110,8 +111,8 @@ def test_interrupted_evaluation_resumes_and_refuses_other_settings(setup, tmp_pa
     def config(*extra: str):
         return compose_config("evaluate", overrides(setup, tmp_path, *extra))
 
-    uninterrupted = evaluate.run(config("out_dir=" + str(tmp_path / "whole")))
-    write_shard, written = evaluate.write_shard, []
+    uninterrupted = evaluate_samples(config("out_dir=" + str(tmp_path / "whole")))
+    write_shard, written = sampling_eval.write_shard, []
 
     def write_two_shards(path, tensors, signature):
         if len(written) == 2:
@@ -119,25 +120,25 @@ def test_interrupted_evaluation_resumes_and_refuses_other_settings(setup, tmp_pa
         write_shard(path, tensors, signature)
         written.append(path.name)
 
-    monkeypatch.setattr(evaluate, "write_shard", write_two_shards)
+    monkeypatch.setattr(sampling_eval, "write_shard", write_two_shards)
     with pytest.raises(Interrupted):
-        evaluate.run(config())
+        evaluate_samples(config())
     monkeypatch.undo()
     assert written == ["batch-000000.safetensors", "batch-000001.safetensors"]
 
     with pytest.raises(SystemExit):
-        run_or_exit(evaluate.run, config("seed=4"))
+        run_or_exit(evaluate_samples, config("seed=4"))
     assert "batch-000000.safetensors was written by an evaluation with other settings (seed: 3 -> 4)" in caplog.text
 
     (tmp_path / "shards" / "batch-000001.safetensors").write_bytes(b"cut short")
     with pytest.raises(SystemExit):
-        run_or_exit(evaluate.run, config())
+        run_or_exit(evaluate_samples, config())
     assert "batch-000001.safetensors: expected an evaluation shard, got an unreadable file" in caplog.text
 
     (tmp_path / "shards" / "batch-000001.safetensors").unlink()
     caplog.clear()
     with caplog.at_level("INFO"):
-        resumed = evaluate.run(config())
+        resumed = evaluate_samples(config())
     assert "rank 0: 1 of its 6 batches were already sampled" in caplog.text
     np.testing.assert_array_equal(load_adm_npz(resumed.npz_path), load_adm_npz(uninterrupted.npz_path))
     assert resumed.metrics == uninterrupted.metrics and len(resumed.metrics) == 5

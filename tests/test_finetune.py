@@ -10,7 +10,7 @@ import torch
 
 import varlib
 from varlib import load_official_vqvae
-from varlib.models.hub import save_var
+from varlib.files.format import save_var
 from varlib.models.transfer import resize_class_embedding, resize_position_embedding, transfer_state
 from varlib.models.transformer import VAR
 from varlib.training.optim_schedules import decay_parameter_groups

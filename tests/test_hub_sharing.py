@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import varlib
-from varlib.models.hub import OFFICIAL_TOKENIZER
+from varlib.files.format import OFFICIAL_TOKENIZER
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint
 
 import varlib
-from varlib.models import hub
+from varlib.files import format as file_format
 from varlib.models.raster_ar import RasterAR
 from varlib.models.sampling import SamplingConfig
 
@@ -140,7 +140,7 @@ def test_load_opens_official_files_and_says_what_a_foreign_file_holds(tiny_model
     assert torch.equal(tokenizer.decode_tokens(b["vq"]["idx_Bl"]), vae.decode_tokens(b["vq"]["idx_Bl"]))
     for given in (tokenizer, tmp_path / "vae.pth"):  # the tokenizer as a model or as its file
         loaded = varlib.load(tmp_path / "var.pth", vae=given, patch_nums=patch_nums)
-        assert loaded.sampling == varlib.official.OFFICIAL_SAMPLING
+        assert loaded.sampling == varlib.files.official.OFFICIAL_SAMPLING
         assert torch.equal(loaded.generate([1, 2], top_k=3, seed=0), var.generate([1, 2], top_k=3, seed=0))
     varlib.save_var(var, tmp_path / "var.safetensors")
     with pytest.raises(ValueError, match=r"vae=.*var.safetensors: expected a tokenizer, got a VAR"):
@@ -178,7 +178,7 @@ def test_load_opens_pretrained_folders_and_distributed_checkpoints(tiny_models, 
     state = {**{f"vae.{k}": v for k, v in var.vae.state_dict().items()}, **{f"var.{k}": v for k, v in var.state_dict().items()}}
     torch.distributed.checkpoint.save({"state_dict": state, "optimizer_0": {"step": torch.tensor(3.0)}},
                                       checkpoint_id=checkpoint, no_dist=True)
-    torch.save({"global_step": 3, "varlib": varlib.models.hub.model_metadata(var.vae, var)}, checkpoint / "meta.pt")
+    torch.save({"global_step": 3, "varlib": file_format.model_metadata(var.vae, var)}, checkpoint / "meta.pt")
     loaded = varlib.load(checkpoint)
     for name, tensor in var.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -192,8 +192,9 @@ def test_load_opens_pretrained_folders_and_distributed_checkpoints(tiny_models, 
 
 def test_file_kinds_name_their_classes_and_other_kinds_are_refused(tiny_models, tmp_path):
     vae, var, _ = tiny_models
-    assert hub.MODEL_CLASSES == {"tokenizer": varlib.MultiScaleVQVAE, "var": varlib.VAR, "raster_ar": RasterAR}
-    assert hub.model_metadata(vae)["kind"] == "tokenizer" and hub.model_metadata(var.vae, var)["kind"] == "var"
+    assert file_format.MODEL_CLASSES == {"tokenizer": varlib.MultiScaleVQVAE, "var": varlib.VAR, "raster_ar": RasterAR}
+    assert file_format.model_metadata(vae)["kind"] == "tokenizer"
+    assert file_format.model_metadata(var.vae, var)["kind"] == "var"
     folder = var.save_pretrained(tmp_path / "var")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "kind": "diffusion"}))
@@ -205,12 +206,13 @@ def test_file_kinds_name_their_classes_and_other_kinds_are_refused(tiny_models, 
     with pytest.raises(ValueError, match="expected a VAR or RasterAR, got MultiScaleVQVAE"):
         varlib.save_var(vae, tmp_path / "tok.safetensors")
     with pytest.raises(ValueError, match="expected one of MultiScaleVQVAE, VAR, RasterAR, got Linear"):
-        hub.save_pretrained(torch.nn.Linear(1, 1), tmp_path / "linear")
+        file_format.save_pretrained(torch.nn.Linear(1, 1), tmp_path / "linear")
 
 
 def test_models_import_no_varlib_module_above_them():
-    """The models are the floor: none imports varlib.io or anything else above varlib.models, not even inside a
-    function (the file format lives in models/hub.py, which the model classes register with)."""
+    """The models are the floor: none imports anything above varlib.models but for the file methods of
+    models/pretrained.py, which delegate to varlib.files.format inside the methods (the model classes register
+    nowhere: files/format.py lists them)."""
     within, above = [], []
     for path in sorted((Path(varlib.__file__).parent / "models").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -222,5 +224,5 @@ def test_models_import_no_varlib_module_above_them():
                 continue
             for module in filter(lambda m: m.split(".")[0] == "varlib", modules):
                 (within if module.startswith("varlib.models.") else above).append(f"{path.name}: {module}")
-    assert "vqvae.py: varlib.models.hub" in within
-    assert above == []
+    assert "vqvae.py: varlib.models.pretrained" in within
+    assert above == ["pretrained.py: varlib.files.format"] * 3

@@ -1,4 +1,4 @@
-"""The notebooks in notebooks/ (their models come from varlib.pipeline.prepare_models, tested in test_pipeline.py).
+"""The notebooks in notebooks/ (their models come from varlib.pipelines.notebook_models.prepare_models, tested in test_pipeline.py).
 
 The slow tests execute each notebook with nbclient, each alone from a fresh project folder: a kernel running this
 interpreter (a kernelspec written to a temporary folder), a temporary working directory, and ``VARLIB_PROJECT_DIR``
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from varlib.pipeline import PROJECT_DIR_VARIABLE
+from varlib.pipelines.stages import PROJECT_DIR_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01_quickstart.ipynb", "02_zero_shot_editing.ipynb", "03_scaling_laws.ipynb",

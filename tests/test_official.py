@@ -1,4 +1,4 @@
-"""varlib.official: loading the official checkpoints refuses other models, depths and wrapped files."""
+"""varlib.files.official: loading the official checkpoints refuses other models, depths and wrapped files."""
 
 import pytest
 import torch

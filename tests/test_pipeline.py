@@ -1,4 +1,4 @@
-"""varlib.pipeline (the stages of varlib-demo, varlib-demo-text, varlib-ablation, varlib-scaling and the notebooks) and
+"""varlib.pipelines (the stages of varlib-demo, varlib-demo-text, varlib-ablation, varlib-scaling and the notebooks) and
 those commands: when a stage counts as done, where a run's files lie, both demos end to end at a tiny size, and each
 command's --help."""
 
@@ -18,22 +18,15 @@ from PIL import Image
 from helpers.runs import untrained_validation
 
 import varlib
-from varlib import pipeline
 from varlib.cli import demo, demo_text, scaling
 from varlib.configs import compose_config, datamodule_config
 from varlib.evaluation.scaling import SCALING_RECORD_FILENAME, ScalingRecord, write_scaling_record
 from varlib.evaluation.emoji_classifier import halfway_progress
 from varlib.images import image_grid
-from varlib.pipeline import (
-    PROJECT_DIR_VARIABLE,
-    RunFiles,
-    fit_sweep,
-    prepare_models,
-    project_dir,
-    stage_done,
-    tokenize_stage,
-    train_stage,
-)
+from varlib.pipelines import stages
+from varlib.pipelines.notebook_models import prepare_models
+from varlib.pipelines.scaling_sweep import fit_sweep
+from varlib.pipelines.stages import PROJECT_DIR_VARIABLE, RunFiles, project_dir, stage_done, tokenize_stage, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_a_training_stage_is_done_once_its_metrics_follow_its_model(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "train_experiment",
+    monkeypatch.setattr(stages, "train_experiment",
                         lambda experiment, out_dir, overrides: calls.append((experiment, out_dir, overrides)) or {})
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert not stage_done(tmp_path)  # killed between the export and metrics.json: train (resume) again
@@ -58,13 +51,13 @@ def test_a_training_stage_is_done_once_its_metrics_follow_its_model(tmp_path, mo
 
 def test_a_token_cache_is_done_once_its_index_lists_both_splits(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda argv, check: calls.append(argv[3:5]))
+    monkeypatch.setattr(stages, "tokenize_dataset", lambda cfg: calls.append([cfg.tokenizer, cfg.out_dir]))
     cache = tmp_path / "token_cache"
     cache.mkdir()
     (cache / "index.json").write_text(json.dumps({"splits": {"train": ["train-00000.safetensors"]}}))
     assert not stage_done(cache)  # interrupted before the val split
     tokenize_stage(tmp_path / "tok.safetensors", cache)
-    assert calls == [[f"tokenizer={tmp_path / 'tok.safetensors'}", f"out_dir={cache}"]]
+    assert calls == [[str(tmp_path / "tok.safetensors"), str(cache)]]
     (cache / "index.json").write_text(json.dumps({"splits": {"train": [], "val": []}}))
     assert stage_done(cache)
     tokenize_stage(tmp_path / "tok.safetensors", cache)

@@ -24,7 +24,7 @@ from varlib.evaluation.scaling import (
     training_flops,
     write_scaling_record,
 )
-from varlib.pipeline import fit_sweep
+from varlib.pipelines.scaling_sweep import fit_sweep
 
 
 def power_law(x, alpha, beta):

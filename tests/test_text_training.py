@@ -271,7 +271,7 @@ def test_text_feature_settings_that_do_not_fit_fail_with_what_was_expected(featu
 
 
 def test_varlib_tokenize_writes_the_emoji_captions_with_their_features(tmp_path):
-    from varlib.cli import tokenize
+    from varlib.data.tokenizing import tokenize_dataset
 
     varlib.save_tokenizer(tiny_vae(), tmp_path / "tok.safetensors")
     clip = ", ".join(f"{k}: {v}" for k, v in CLIP.items())
@@ -279,7 +279,7 @@ def test_varlib_tokenize_writes_the_emoji_captions_with_their_features(tmp_path)
         f"tokenizer={tmp_path / 'tok.safetensors'}", "data.captions=true", "splits=[val]", "device=cpu",
         f"out_dir={tmp_path / 'cache'}", "seed=3",
         f"text_encoder={{_target_: varlib.models.text.HFTextEncoder, config: {{{clip}}}, max_length: 40}}"])
-    tokenize.run(config)
+    tokenize_dataset(config)
     data = TokenCacheDataModule(str(tmp_path / "cache"), captions=True, text_features=True, train_split="val")
     data.setup()
     _, _, caption, features = data.val_set[5]
@@ -389,12 +389,12 @@ def text_var_file(tmp_path_factory) -> Path:
 
 
 def test_varlib_sample_draws_per_class_images_of_each_prompt(text_var_file, tmp_path):
-    from varlib.cli import sample
+    from varlib.generate_files import sample_to_files
 
     prompts = ["red heart", "cat face", "pizza"]
     overrides = [f"checkpoint={text_var_file}", "prompts=[red heart, cat face, pizza]", "per_class=2", "batch_size=4",
                  "seed=5", "device=cpu"]
-    result = sample.run(compose_config("sample", [*overrides, f"out_dir={tmp_path / 'a'}"]))
+    result = sample_to_files(compose_config("sample", [*overrides, f"out_dir={tmp_path / 'a'}"]))
     assert result.prompts == [p for p in prompts for _ in range(2)] and result.labels == []
     assert [p.name for p in result.image_paths] == [f"{i:05d}_prompt{i // 2}.png" for i in range(6)]
     assert Image.open(result.grid_path).size == (2 * 66 + 2, 3 * 66 + 2)  # a row per prompt, 64 px, 2 px padding
@@ -403,7 +403,7 @@ def test_varlib_sample_draws_per_class_images_of_each_prompt(text_var_file, tmp_
     want = torch.cat([var.generate(result.prompts[:4], seed=5), var.generate(result.prompts[4:], seed=6)])
     got = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in result.image_paths])
     assert torch.equal(got, (want * 255).round().to(torch.uint8))
-    negative = sample.run(compose_config("sample", [*overrides, "negative=blue heart", f"out_dir={tmp_path / 'b'}"]))
+    negative = sample_to_files(compose_config("sample", [*overrides, "negative=blue heart", f"out_dir={tmp_path / 'b'}"]))
     steered = torch.cat([var.generate(result.prompts[:4], seed=5, negative="blue heart"),
                          var.generate(result.prompts[4:], seed=6, negative="blue heart")])
     assert not torch.equal(steered, want)
@@ -412,15 +412,15 @@ def test_varlib_sample_draws_per_class_images_of_each_prompt(text_var_file, tmp_
 
 
 def test_varlib_sample_refuses_labels_for_text_and_prompts_for_class_models(text_var_file, tmp_path):
-    from varlib.cli import sample
+    from varlib.generate_files import sample_to_files
 
     base = [f"checkpoint={text_var_file}", "device=cpu", f"out_dir={tmp_path}"]
     with pytest.raises(ValueError, match="a text-conditional model samples prompts"):
-        sample.run(compose_config("sample", base))
+        sample_to_files(compose_config("sample", base))
     with pytest.raises(ValueError, match="takes prompts, not labels"):
-        sample.run(compose_config("sample", [*base, "prompts=[a]", "labels=[0]"]))
+        sample_to_files(compose_config("sample", [*base, "prompts=[a]", "labels=[0]"]))
     class_var = varlib.VAR(tiny_vae(), **dict(TINY_TEXT_VAR, num_classes=3, conditioning=None))
     varlib.save_var(class_var, tmp_path / "class.safetensors")
     with pytest.raises(ValueError, match="prompts and negative are for a text-conditional model"):
-        sample.run(compose_config("sample", [f"checkpoint={tmp_path / 'class.safetensors'}", "device=cpu",
+        sample_to_files(compose_config("sample", [f"checkpoint={tmp_path / 'class.safetensors'}", "device=cpu",
                                              "prompts=[red heart]", f"out_dir={tmp_path}"]))

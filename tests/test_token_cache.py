@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from varlib.data.base import units_of_range
 from varlib.data.skipping import SkipCounter, collate_skipping_none
 from varlib.data.token_cache import FORMAT, RankBlockSampler, TokenDataset, memmap_safetensors
-from varlib.data.tokenizing import tokenize_split, units_of_range
+from varlib.data.tokenizing import tokenize_split
 from varlib.data.transforms import MultiCropTransform
 from varlib.models.vqvae import MultiScaleVQVAE
 

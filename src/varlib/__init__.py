@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from varlib.io import load
-from varlib.models.hub import save_tokenizer, save_var
+from varlib.files.format import save_tokenizer, save_var
+from varlib.files.loading import load
+from varlib.files.official import load_official_var, load_official_vqvae
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.official import load_official_var, load_official_vqvae
 
 __all__ = ["MultiScaleVQVAE", "VAR", "load", "load_official_vqvae", "load_official_var", "save_tokenizer", "save_var"]

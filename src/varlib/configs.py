@@ -77,7 +77,7 @@ def datamodule_config(data: DictConfig) -> DictConfig:
 
 def instantiate_config(config: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, re-raising a target's ValueError or FileNotFoundError as itself (Hydra
-    wraps it in an InstantiationException), so that :func:`varlib.cli.common.run_or_exit` reports it as a usage error."""
+    wraps it in an InstantiationException), so that :func:`varlib.cli.entry.run_or_exit` reports it as a usage error."""
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as error:

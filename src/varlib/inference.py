@@ -1,9 +1,10 @@
-"""What the command-line tools and the app share when they run a model: the inference precision, a model's image
-resolution, and the pixel masks of editing (a drawn or uploaded mask cropped like its image, the tokens it
+"""What the command-line tools and the app share when they run a model: the device, the inference precision, a
+model's image resolution, and the pixel masks of editing (a drawn or uploaded mask cropped like its image, the tokens it
 regenerates)."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +20,24 @@ from varlib.models.transformer import VAR
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Mask pixels at least this grey (of 255) mark pixels to regenerate.
 WHITE_THRESHOLD = 128
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; any other torch device string is used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but CUDA is not available (use device=cpu or auto)")
+    return device
+
+
+def rank_device(device: torch.device, rank: int, world_size: int) -> torch.device:
+    """The device of process ``rank``: with several processes, a CUDA device without an index becomes
+    ``cuda:LOCAL_RANK`` (torchrun sets it; else ``rank``) modulo the visible GPUs; any other device as given."""
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -3,7 +3,7 @@
 
     varlib-ablation [out_dir=outputs/ablation] [seeds=[0,1]] [cpu_threads=1] ['sampling={cfg: 2, top_k: 100}']
 
-The stages are :func:`varlib.pipeline.run_ablation`'s; the keys: ``conf/ablation.yaml`` (``varlib-ablation --help``).
+The stages are :func:`varlib.pipelines.ablation.run_ablation`'s; the keys: ``conf/ablation.yaml`` (``varlib-ablation --help``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
-from varlib.pipeline import ablation_table, run_ablation
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
+from varlib.pipelines.ablation import ablation_table, run_ablation
 
 
 def run(cfg: DictConfig) -> dict:
@@ -26,7 +26,8 @@ def run(cfg: DictConfig) -> dict:
         net_overrides.append(f"cpu_threads={cfg.cpu_threads}")
     factory = get_object(cfg.metric) if cfg.metric else None
     report = run_ablation(cfg.out_dir, list(cfg.seeds), tokenizer_overrides, net_overrides, cfg.per_class,
-                          OmegaConf.to_container(cfg.sampling), factory, cfg.token_cache)
+                          OmegaConf.to_container(cfg.sampling), factory, cfg.token_cache,
+                          {name: tuple(experiments) for name, experiments in cfg.models.items()})
     print(ablation_table(report["results"]))
     return report
 

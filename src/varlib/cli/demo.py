@@ -2,7 +2,7 @@
 
     varlib-demo [out_dir=outputs/demo] [seed=0] ['var.overrides=["trainer.max_steps=300"]']
 
-The stages are :func:`varlib.pipeline.run_demo`'s; the keys and what ``metrics.json`` holds: ``conf/demo.yaml``
+The stages are :func:`varlib.pipelines.class_demo.run_demo`'s; the keys and what ``metrics.json`` holds: ``conf/demo.yaml``
 (``varlib-demo --help``).
 """
 
@@ -13,8 +13,8 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
-from varlib.pipeline import run_demo
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
+from varlib.pipelines.class_demo import run_demo
 
 
 def run(cfg: DictConfig) -> dict:

@@ -2,7 +2,7 @@
 
     varlib-demo-text [out_dir=outputs/demo_text] [demo_dir=outputs/demo] [seed=0] ['prompts=[red heart, pizza]']
 
-The stages are :func:`varlib.pipeline.run_demo_text`'s; the keys and what ``metrics.json`` holds:
+The stages are :func:`varlib.pipelines.text_demo.run_demo_text`'s; the keys and what ``metrics.json`` holds:
 ``conf/demo_text.yaml`` (``varlib-demo-text --help``).
 """
 
@@ -13,8 +13,8 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
-from varlib.pipeline import run_demo_text
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
+from varlib.pipelines.text_demo import run_demo_text
 
 
 def run(cfg: DictConfig) -> dict:

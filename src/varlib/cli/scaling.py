@@ -3,7 +3,7 @@
     varlib-train --multirun experiment=var_emoji_scaling model.var.depth=1,2,3,4,5
     varlib-scaling sources=multirun/var_emoji_scaling out_dir=outputs/scaling skip_fraction=0.2
 
-The fits are :func:`varlib.pipeline.fit_sweep`'s; the keys: ``conf/scaling.yaml`` (``varlib-scaling --help``).
+The fits are :func:`varlib.pipelines.scaling_sweep.fit_sweep`'s; the keys: ``conf/scaling.yaml`` (``varlib-scaling --help``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
-from varlib.pipeline import fit_sweep
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
+from varlib.pipelines.scaling_sweep import fit_sweep
 
 
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:

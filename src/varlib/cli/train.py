@@ -7,7 +7,7 @@
 A run writes to ``outputs/<task_name>/`` (multirun: ``multirun/<task_name>/<job number>/``), so running the same
 command again resumes where it stopped; a command that changes the run's settings stops with the list of changes,
 ``resume=false`` starts afresh and ``resume=force`` continues anyway. A bad configuration (or a changed one) exits
-with status 2 and one logged message, before anything is trained (:func:`~varlib.cli.common.run_or_exit`). What a
+with status 2 and one logged message, before anything is trained (:func:`~varlib.cli.entry.run_or_exit`). What a
 run builds, resumes, writes and exports: :mod:`varlib.training.runner`, whose :func:`~varlib.training.runner.train`
 this wraps.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from varlib.cli.common import CONFIG_PATH, run_or_exit
+from varlib.cli.entry import CONFIG_PATH, run_or_exit
 from varlib.training.runner import train
 
 

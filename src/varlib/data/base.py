@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,27 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from varlib.data.resumable import ClassBalancedSampler, ResumableLoader, ResumableSampler, check_class_balance
 from varlib.data.skipping import SkipCounter, collate_skipping_none
-from varlib.data.tokenizing import Unit, units_of_range
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,)[, captions])``
+    (captions: B str) or None (a batch whose images were all unreadable); ``size`` is its image count when known
+    (else None);
+    ``skip_count()`` reads the split's skip counter, whose growth over the unit is the unit's skipped images."""
+
+    index: int
+    make_loader: Callable[[], DataLoader]
+    size: int | None
+    skip_count: Callable[[], int]
+
+
+def units_of_range(count: int, shard_size: int, make_loader: Callable[[range], DataLoader],
+                   skip_count: Callable[[], int]) -> list[Unit]:
+    """Units of ``shard_size`` consecutive indices of a map-style dataset of ``count`` images;
+    ``make_loader(indices)`` returns the loader of those indices in order."""
+    ranges = [range(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+    return [Unit(i, (lambda r=r: make_loader(r)), len(r), skip_count) for i, r in enumerate(ranges)]
 
 
 def check_int_at_least(name: str, value: Any, minimum: int) -> int:

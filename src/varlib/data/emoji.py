@@ -210,6 +210,22 @@ class CachedImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def caption(self, index: int) -> str:
+        """The caption of item ``index``."""
+        if self.captions_N is None:
+            raise ValueError("expected a captioned dataset (captions=True), got one without captions")
+        return self.captions_N[self.indices[index]]
+
+    def captioned(self, captions: list[str]) -> CachedImageDataset:
+        """The items captioned exactly ``captions``, in that order, from every row of the shared images (any
+        split), with this dataset's transform."""
+        all_captions = self.captions_N or []
+        missing = sorted(set(captions) - set(all_captions))
+        if missing:
+            raise ValueError(f"expected emoji captioned {missing}, found none (captions come from emoji_caption)")
+        rows = [all_captions.index(caption) for caption in captions]
+        return CachedImageDataset(self.images_NHWC, self.labels_N, rows, self.transform, self.captions_N)
+
     def __getitem__(self, index: int) -> tuple:
         row = self.indices[index]
         image = Image.fromarray(self.images_NHWC[row].numpy())

@@ -38,11 +38,10 @@ from torch.utils.data import DataLoader, Dataset
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from varlib.data.base import ImageDataModule, check_int_at_least
+from varlib.data.base import ImageDataModule, Unit, check_int_at_least
 from varlib.data.images import ImageDecodeError, decode_rgb_image
 from varlib.data.resumable import sample_generator
 from varlib.data.skipping import SkipCounter
-from varlib.data.tokenizing import Unit
 from varlib.data.transforms import ImageTransform
 
 GLOB_CHARACTERS = ("*", "?", "[")

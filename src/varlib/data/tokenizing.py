@@ -15,33 +15,27 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from varlib.data.token_cache import FORMAT, TEXT_ENCODER_FILE
-from varlib.models.text import TextEncoder
+from varlib.configs import datamodule_config, instantiate_config
+from varlib.data.base import ImageDataModule, Unit, check_int_at_least
+from varlib.data.token_cache import CLASS_NAMES_FILE, FORMAT, TEXT_ENCODER_FILE, read_index
+from varlib.data.transforms import ImageTransform, MultiCropTransform
+from varlib.inference import inference_precision, rank_device, resolve_device, resolve_precision
+from varlib.files.loading import load_tokenizer
+from varlib.models.patch_schedules import validate_patch_nums
+from varlib.models.text import TextEncoder, build_text_encoder
 from varlib.models.vqvae import MultiScaleVQVAE
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One shard's worth of images: ``make_loader()`` yields ``(images (B,[C,]3,R,R), labels (B,)[, captions])``
-    (captions: B str) or None (a batch whose images were all unreadable); ``size`` is its image count when known
-    (else None);
-    ``skip_count()`` reads the split's skip counter, whose growth over the unit is the unit's skipped images."""
-
-    index: int
-    make_loader: Callable[[], DataLoader]
-    size: int | None
-    skip_count: Callable[[], int]
+SPLITS = ("train", "val")
 
 
 def shard_name(split: str, unit: int) -> str:
@@ -52,14 +46,6 @@ def read_shard_metadata(path: Path) -> dict:
     """The run settings, unit and skip count a shard was written with."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return json.loads((f.metadata() or {}).get("varlib", "{}"))
-
-
-def units_of_range(count: int, shard_size: int, make_loader: Callable[[range], DataLoader],
-                   skip_count: Callable[[], int]) -> list[Unit]:
-    """Units of ``shard_size`` consecutive indices of a map-style dataset of ``count`` images;
-    ``make_loader(indices)`` returns the loader of those indices in order."""
-    ranges = [range(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
-    return [Unit(i, (lambda r=r: make_loader(r)), len(r), skip_count) for i, r in enumerate(ranges)]
 
 
 def tokenize_to_cache(vae: MultiScaleVQVAE, batches, out_dir: str | os.PathLike, split: str, num_classes: int,
@@ -263,3 +249,86 @@ def distributed_rank() -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"expected 0 <= RANK < WORLD_SIZE in the environment, got RANK={rank} WORLD_SIZE={world_size}")
     return rank, world_size
+
+
+@dataclass
+class TokenizeResult:
+    """The cache folder, and for this process how many images each split got and how many were skipped."""
+
+    out_dir: Path
+    counts: dict[str, int]
+    skipped: dict[str, int]
+
+
+def check_existing_cache(out_dir: Path, patch_nums: tuple[int, ...], vocab_size: int, num_classes: int) -> None:
+    """Adding splits to an existing cache is fine only when it was written with the same schedule and classes."""
+    if not (out_dir / "index.json").is_file():
+        return
+    index = read_index(out_dir)
+    existing = (tuple(index["patch_nums"]), index["vocab_size"], index["num_classes"])
+    if existing != (patch_nums, vocab_size, num_classes):
+        raise ValueError(
+            f"{out_dir} already holds a token cache with (patch_nums, vocab_size, num_classes) = {existing}; "
+            f"this run writes {(patch_nums, vocab_size, num_classes)}: choose another out_dir"
+        )
+
+
+def tokenize_dataset(cfg: DictConfig) -> TokenizeResult:
+    """``varlib-tokenize``: tokenises the splits of a ``tokenize`` config (``conf/tokenize.yaml``) into
+    ``cfg.out_dir``; returns the per-split image counts (see :mod:`varlib.cli.tokenize`)."""
+    splits = list(cfg.splits)
+    if not splits or any(split not in SPLITS for split in splits) or len(set(splits)) != len(splits):
+        raise ValueError(f"splits must be distinct names among {list(SPLITS)}, got {splits}")
+    check_int_at_least("shard_size", cfg.shard_size, 1)
+    check_int_at_least("crops", cfg.crops, 1)
+    rank, world_size = distributed_rank()
+    device = resolve_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # a bad value fails before any model loads
+    device = rank_device(device, rank, world_size)
+    requested = None if cfg.patch_nums is None else validate_patch_nums(list(cfg.patch_nums))
+    vae = load_tokenizer(cfg.tokenizer, requested).to(device)
+    patch_nums = vae.patch_nums if requested is None else requested
+    resolution = patch_nums[-1] * vae.downsample
+    if "image_size" not in cfg.data:
+        raise ValueError(f"data must be an image dataset config with an image_size (emoji, imagefolder, webdataset), "
+                         f"got {cfg.data.get('_target_')}")
+    if cfg.data.image_size != resolution:
+        logger.info("data.image_size=%s replaced by the tokenizer's resolution %d", cfg.data.image_size, resolution)
+    datamodule = instantiate_config(datamodule_config(cfg.data), image_size=resolution)
+    if not isinstance(datamodule, ImageDataModule):
+        raise ValueError(f"data must build a varlib ImageDataModule, got {type(datamodule).__name__}")
+    if datamodule.hflip:
+        logger.info("data.hflip is ignored: the cache stores unflipped images (with_flip=true adds mirrored twins)")
+    check_existing_cache(Path(cfg.out_dir), patch_nums, vae.vocab_size, datamodule.num_classes)
+    class_names = getattr(datamodule, "class_names", None)
+    if rank == 0 and class_names is not None:  # training names the model's classes with them
+        write_class_names(Path(cfg.out_dir), list(class_names))
+    text_encoder = None
+    if cfg.text_encoder is not None:
+        torch.manual_seed(cfg.seed)  # a config-only encoder is random: every process draws the same weights
+        text_encoder = build_text_encoder(OmegaConf.to_container(cfg.text_encoder, resolve=True)).to(device).eval()
+        if rank == 0:
+            write_text_encoder(cfg.out_dir, text_encoder)
+
+    transform = ImageTransform(resolution, train=False) if cfg.crops == 1 else MultiCropTransform(resolution, cfg.crops)
+    counts, skipped = {}, {}
+    for split in splits:
+        units = datamodule.tokenizing_units(split, transform, cfg.shard_size)
+        with inference_precision(cfg.precision, device):
+            result = tokenize_split(vae, units, cfg.out_dir, split, datamodule.num_classes, patch_nums,
+                                    with_flip=cfg.with_flip, crops=cfg.crops, seed=cfg.seed, rank=rank,
+                                    world_size=world_size, captions=getattr(datamodule, "captions", False),
+                                    text_encoder=text_encoder)
+        counts[split], skipped[split] = result["written"], result["skipped"]
+        logger.info("%s: %d images tokenised, %d skipped (unreadable or uncaptioned), %d finished shards kept "
+                    "(process %d of %d)", split, result["written"], result["skipped"], result["resumed"], rank,
+                    world_size)
+    return TokenizeResult(out_dir=Path(cfg.out_dir), counts=counts, skipped=skipped)
+
+
+def write_class_names(out_dir: Path, class_names: list[str]) -> None:
+    """``out_dir/class_names.json`` (:data:`~varlib.data.token_cache.CLASS_NAMES_FILE`), written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"{CLASS_NAMES_FILE}.{os.getpid()}.partial"
+    partial.write_text(json.dumps(class_names, indent=1))
+    os.replace(partial, out_dir / CLASS_NAMES_FILE)

@@ -14,15 +14,24 @@ same extractor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
+from varlib.configs import datamodule_config, instantiate_config
+from varlib.data.base import check_int_at_least, images_from_batch
 from varlib.evaluation.adm_npz import ADM_ARRAY_KEY, check_uint8_nhwc
+from varlib.images import signed_float_to_uint8
+from varlib.inference import resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,3 +137,20 @@ def load_reference(path: str | Path) -> ReferenceStatistics:
     if images_NHWC is not None:
         check_uint8_nhwc(images_NHWC)
     return ReferenceStatistics(mu, sigma, images_NHWC)
+
+
+def write_data_reference(cfg: DictConfig) -> ReferenceStatistics:
+    """``varlib-reference``: writes ``cfg.out`` from the validation images of a ``reference`` config's ``cfg.data``
+    (``conf/reference.yaml``) and returns what was written."""
+    check_int_at_least("keep_images", cfg.keep_images, 0)
+    datamodule = instantiate_config(datamodule_config(cfg.data))
+    datamodule.setup("validate")
+    extractor = instantiate_config(cfg.inception)
+    batches = (signed_float_to_uint8(images_from_batch(batch)) for batch in datamodule.val_dataloader()
+               if batch is not None)  # None: every sample of the batch was unreadable
+    if cfg.max_batches is not None:
+        batches = islice(batches, cfg.max_batches)
+    written = write_reference(cfg.out, extractor, batches, resolve_device(cfg.device), cfg.keep_images, cfg.seed)
+    logger.info("wrote %s: %d-d statistics, %d images kept", cfg.out, written.mu.shape[0],
+                0 if written.images_NHWC is None else written.images_NHWC.shape[0])
+    return written

@@ -12,6 +12,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+#: How a box marks the region to regenerate: in-painting regenerates the box, out-painting everything outside it.
+EDIT_MODES = ("inpaint", "outpaint")
+
 
 def box_keep_mask(
     side: int, box: tuple[float, float, float, float], inpainting: bool = True
@@ -27,6 +30,16 @@ def box_keep_mask(
     inside = torch.zeros(side, side)
     inside[round(y0 * side):round(y1 * side), round(x0 * side):round(x1 * side)] = 1
     return 1 - inside if inpainting else inside
+
+
+def keep_mask_from_box(box: Sequence[float], mode: str, side: int) -> torch.Tensor:
+    """``box = [y0, x0, y1, x1]`` fractions and ``mode`` in EDIT_MODES -> keep-mask (side, side), 1 = keep."""
+    if mode not in EDIT_MODES:
+        raise ValueError(f"mode must be one of {EDIT_MODES}, got {mode!r}")
+    values = list(box)
+    if len(values) != 4:
+        raise ValueError(f"box must be [y0, x0, y1, x1] (4 fractions), got {values}")
+    return box_keep_mask(side, tuple(float(v) for v in values), inpainting=mode == "inpaint")
 
 
 def keep_masks_per_scale(keep_BHW: torch.Tensor, patch_nums: Sequence[int]) -> list[torch.Tensor]:

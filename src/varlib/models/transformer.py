@@ -18,7 +18,7 @@ from varlib.models.conditioning import ClassConditioning, Conditioning, build_co
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, LNBeforeHead, LNSelfAttn, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
 from varlib.models.flops import flops_per_token, per_token_linear_params
-from varlib.models.hub import PretrainedMixin
+from varlib.models.pretrained import PretrainedMixin
 from varlib.models.patch_schedules import scale_slices, sequence_length, validate_patch_nums
 from varlib.models.sampling import SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
 from varlib.models.vqvae import MultiScaleVQVAE

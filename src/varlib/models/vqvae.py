@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from varlib.models.hub import PretrainedMixin
+from varlib.models.pretrained import PretrainedMixin
 from varlib.models.patch_schedules import PATCH_NUMS_256, validate_patch_nums
 from varlib.models.quantizer import MultiScaleQuantizer, QuantizerOutput
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from varlib.io import EMA_PREFIX
+from varlib.files.loading import EMA_PREFIX
 
 
 class ModelEMA:

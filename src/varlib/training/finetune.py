@@ -73,7 +73,7 @@ def pretrained_model(source: str, what: str, expected: type, vae: nn.Module | No
     """The model in ``source`` (anything :func:`varlib.load` opens; ``vae`` completes an official VAR file and
     ``patch_nums`` sets an official tokenizer file's schedule), which must be an ``expected``; a tokenizer asked
     for from a transformer file gets that file's tokenizer."""
-    from varlib.io import load  # varlib.io imports the training modules' conventions: imported when used
+    from varlib.files.loading import load  # the loader imports the training modules' conventions: imported when used
 
     model = load(source, vae=vae, patch_nums=patch_nums)
     if not isinstance(model, expected) and isinstance(getattr(model, "vae", None), expected):

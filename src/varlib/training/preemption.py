@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning as L
 
-from varlib.io import LAST_CHECKPOINT
+from varlib.files.loading import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from torch.distributed.checkpoint import FileSystemReader
 
 from varlib.configs import compose_config, datamodule_config, device_count, instantiate_config
-from varlib.io import DISTRIBUTED_CHECKPOINT_INDEX, LAST_CHECKPOINT, LIGHTNING_META_NAME
+from varlib.files.loading import DISTRIBUTED_CHECKPOINT_INDEX, LAST_CHECKPOINT, LIGHTNING_META_NAME
 from varlib.training.preemption import StepCheckpoint
 from varlib.training.run_config import check_resume_mode, check_run_config, record_run_config
 

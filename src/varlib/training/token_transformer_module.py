@@ -33,9 +33,9 @@ from torch.distributed.tensor import DTensor
 from varlib.data.token_cache import read_text_encoder_config
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
-from varlib.io import load_tokenizer, pop_ema_tensors
+from varlib.files.loading import load_tokenizer, pop_ema_tensors
 from varlib.loggers import log_image
-from varlib.models.hub import model_metadata, save_var
+from varlib.files.format import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
 from varlib.models.sampling import SamplingConfig
 from varlib.models.conditioning import TextConditioning
@@ -77,7 +77,7 @@ class TokenTransformerModule(L.LightningModule):
 
     Args:
         var: the network's keyword arguments (``transformer_class``: depth, num_classes, width, ...).
-        tokenizer_path: the frozen tokenizer (:func:`varlib.io.load_tokenizer`); or pass it as ``vae``.
+        tokenizer_path: the frozen tokenizer (:func:`varlib.files.loading.load_tokenizer`); or pass it as ``vae``.
         optim: the optimisation recipe, the fields of :class:`~varlib.training.configs.RecipeOptimConfig`.
         optimizer: the optimiser as a config node ``{_target_: torch.optim.AdamW, betas: [0.9, 0.95], ...}``
             (plain data); called with the weight-decay parameter groups and the peak lr (default: the official

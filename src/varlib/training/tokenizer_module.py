@@ -41,9 +41,9 @@ from varlib.evaluation.codebook_usage import CodebookUsage
 from varlib.evaluation.generative_metrics import GenerativeMetrics
 from varlib.evaluation.image_quality import ReconstructionMetrics
 from varlib.images import image_grid, signed_float_to_uint8
-from varlib.io import pop_ema_tensors
+from varlib.files.loading import pop_ema_tensors
 from varlib.loggers import log_image
-from varlib.models.hub import model_metadata, save_tokenizer
+from varlib.files.format import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.components import build_component, component_factory

@@ -1,65 +1,24 @@
-"""Helpers shared by the inference command-line tools: loading models, labels, batched sampling.
-
-Every tool is a plain ``run(cfg)`` function plus a thin ``@hydra.main`` wrapper that calls
-:func:`run_or_exit`, which turns the expected user errors (ValueError, FileNotFoundError, a missing ``???``
-config value) into one logged message and exit status 2 instead of a traceback.
-"""
+"""Generating with a VAR as the sampling tools (``varlib-sample``, ``varlib-edit``, ``varlib-evaluate``, the app) do:
+the model a config names, the labels, the sampling settings, seeded batches."""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 from tqdm.auto import tqdm
 
 import varlib
-from varlib.configs import CONFIG_MODULE
 from varlib.data.base import check_int_at_least
 from varlib.inference import inference_precision
 from varlib.models.sampling import check_sampling_values
 from varlib.models.transformer import VAR
 
 logger = logging.getLogger(__name__)
-
-# The packaged configs (see varlib.configs), found from any directory.
-CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
-# Exit status for bad input or configuration (2, as argparse uses for usage errors).
-USAGE_ERROR = 2
-
-
-def run_or_exit(run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Calls ``run(cfg)``; a ValueError, FileNotFoundError or missing mandatory config value (``???``) is
-    logged as one message and exits with status 2."""
-    try:
-        return run(cfg)
-    except (ValueError, FileNotFoundError, MissingMandatoryValue) as error:
-        logger.error("%s", error)
-        sys.exit(USAGE_ERROR)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; any other torch device string is used as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was requested but CUDA is not available (use device=cpu or auto)")
-    return device
-
-
-def rank_device(device: torch.device, rank: int, world_size: int) -> torch.device:
-    """The device of process ``rank``: with several processes, a CUDA device without an index becomes
-    ``cuda:LOCAL_RANK`` (torchrun sets it; else ``rank``) modulo the visible GPUs; any other device as given."""
-    if device.type == "cuda" and device.index is None and world_size > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    return device
 
 
 def _existing_path(path: str | None, what: str) -> Path:

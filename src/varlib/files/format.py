@@ -8,8 +8,9 @@ and the transformer's recommended sampling settings (``.sampling``). A :func:`sa
 ``model.safetensors`` (that file) and ``config.json`` (the same configs, readable); :func:`from_pretrained` also
 takes a Hub repo id, downloaded with the optional ``huggingface_hub`` package.
 
-This module sits below the model classes: each registers itself through :class:`PretrainedMixin` under its
-``FILE_KIND``. :func:`varlib.load` (in :mod:`varlib.io`) opens these files and every other model file.
+The model classes a file kind builds are listed in :data:`MODEL_CLASSES`; their ``from_pretrained`` and
+``save_pretrained`` methods (:class:`varlib.models.pretrained.PretrainedMixin`) call this module.
+:func:`varlib.load` (:mod:`varlib.files.loading`) opens these files and every other model file.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import os
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from varlib.models.pretrained import PretrainedMixin
+from varlib.models.raster_ar import RasterAR
+from varlib.models.transformer import VAR
+from varlib.models.vqvae import MultiScaleVQVAE
 
 FORMAT = "varlib/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -39,72 +45,8 @@ OFFICIAL_REPO, OFFICIAL_TOKENIZER = "FoundationVision/var", "vae_ch160v4096z32.p
 CARD_NAME = "README.md"
 #: where named Hub files are looked for first (and where to put them by hand offline): $VARLIB_WEIGHTS
 WEIGHTS_ENV = "VARLIB_WEIGHTS"
-#: file kind -> model class, filled by PretrainedMixin subclasses that set FILE_KIND
-MODEL_CLASSES: dict[str, type[PretrainedMixin]] = {}
-
-
-class PretrainedMixin:
-    """Adds ``model.save_pretrained(dir)`` and ``Model.from_pretrained(dir_or_repo_id)`` to a varlib model.
-
-    A subclass that sets ``FILE_KIND`` ('tokenizer', 'var' or 'raster_ar') is the class model files of that
-    kind build; ``FILE_PREFIX`` names its weights (``var.``) and config (``var_config``) in files and
-    checkpoints. It has a ``config`` dict (its constructor's arguments)."""
-
-    FILE_KIND: ClassVar[str]
-    FILE_PREFIX: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "FILE_KIND" in cls.__dict__:
-            MODEL_CLASSES[cls.FILE_KIND] = cls
-
-    @classmethod
-    def from_config(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor] | None = None, **parts):
-        """The model with constructor arguments ``config`` (its ``.config``) and ``parts`` (the built
-        sub-models it takes, a transformer's ``vae``), with every weight of ``state_dict`` when given."""
-        model = cls(**parts, **config)
-        if state_dict is not None:
-            load_strict(model, state_dict, cls.__name__)
-        return model
-
-    def save_pretrained(self, directory: str | os.PathLike, training: Mapping | None = None,
-                        license: str = "mit") -> Path:
-        """Writes ``directory/model.safetensors``, ``config.json`` and the model card ``README.md`` (see
-        :func:`save_pretrained`)."""
-        return save_pretrained(self, directory, training, license)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Uploads the :meth:`save_pretrained` folder to the Hub model repo ``repo_id`` (see :func:`push_to_hub`)."""
-        return push_to_hub(self, repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-                        revision: str | None = None):
-        """The model saved in a local folder or a Hub repo id, in eval mode (see :func:`from_pretrained`).
-
-        Raises ValueError when the folder holds another kind of model (a tokenizer asked for as a VAR)."""
-        model = from_pretrained(name_or_path, device, revision)
-        if not isinstance(model, cls):
-            raise ValueError(f"{name_or_path} holds a {type(model).__name__}, expected a {cls.__name__}")
-        return model
-
-
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    """Loads every key (buffers included) or raises ValueError naming the missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mis_shaped = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-                  for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or mis_shaped:
-        def show(items):
-            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "") or "none"
-        raise ValueError(
-            f"state dict does not fit {what}: missing keys [{show(missing)}]; unexpected keys [{show(unexpected)}]; "
-            f"shape mismatches [{show(mis_shaped)}]"
-        )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
-    return model
+#: file kind -> the model class its files build
+MODEL_CLASSES: dict[str, type[PretrainedMixin]] = {cls.FILE_KIND: cls for cls in (MultiScaleVQVAE, VAR, RasterAR)}
 
 
 def model_class(kind: str | None, source: str) -> type[PretrainedMixin]:

@@ -1,9 +1,9 @@
 """:func:`load`, the one loader of every model file varlib reads, and the EMA convention of training checkpoints.
 
-:func:`load` opens varlib's own files and ``save_pretrained`` folders (the format of :mod:`varlib.models.hub`:
+:func:`load` opens varlib's own files and ``save_pretrained`` folders (the format of :mod:`varlib.files.format`:
 safetensors weights plus the constructor configs), Lightning checkpoints written by varlib's training modules
 (files, or the folders of distributed FSDP2 checkpoints) and the official FoundationVision checkpoints (through
-:mod:`varlib.official`). Torch files are read with ``torch.load(weights_only=True)``.
+:mod:`varlib.files.official`). Torch files are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from varlib.models.hub import (FORMAT, HUB_FILE, HUB_REPO_ID, build_model, from_pretrained, hub_file, model_class,
-                               official_tokenizer_name, read_pretrained_folder, read_safetensors,
-                               unreadable_file_error)
-# the model classes register their file kinds with models.hub on import, so load builds every kind
+from varlib.files.format import (FORMAT, HUB_FILE, HUB_REPO_ID, build_model, from_pretrained, hub_file, model_class,
+                                 official_tokenizer_name, read_pretrained_folder, read_safetensors,
+                                 unreadable_file_error)
+from varlib.files.official import load_official_var, load_official_vqvae
 from varlib.models.raster_ar import RasterAR
 from varlib.models.transfer import lora_scaling, merge_lora_state
 from varlib.models.transformer import VAR
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.official import load_official_var, load_official_vqvae
 
 #: what marks a distributed (torch.distributed.checkpoint) folder, and Lightning's metadata file in it
 DISTRIBUTED_CHECKPOINT_INDEX = ".metadata"
@@ -95,7 +94,7 @@ def _read_distributed_checkpoint(folder: Path) -> tuple[dict[str, str], dict[str
 
 def _build(meta: Mapping[str, str], state: Mapping[str, torch.Tensor], source: str,
            ema: bool = True) -> MultiScaleVQVAE | VAR | RasterAR:
-    """The model of a varlib file or checkpoint (:func:`varlib.models.hub.build_model`), in eval mode on the CPU.
+    """The model of a varlib file or checkpoint (:func:`varlib.files.format.build_model`), in eval mode on the CPU.
 
     A checkpoint's EMA entries (``ema.*``, see :mod:`varlib.training.ema`) replace the online weights of the
     averaged network (the tokenizer in a tokenizer checkpoint, else the transformer), unless ``ema`` is False."""
@@ -135,9 +134,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
          patch_nums: Sequence[int] | None = None, ema: bool = True) -> MultiScaleVQVAE | VAR | RasterAR:
     """Opens any model file varlib reads, in eval mode on ``device``; the one loader every tool calls.
 
-    ``path`` is a varlib ``.safetensors`` file (:func:`~varlib.models.hub.save_var`,
-    :func:`~varlib.models.hub.save_tokenizer`, a training module's ``export``), a
-    :func:`~varlib.models.hub.save_pretrained` folder, a Lightning checkpoint of varlib's training modules (a file,
+    ``path`` is a varlib ``.safetensors`` file (:func:`~varlib.files.format.save_var`,
+    :func:`~varlib.files.format.save_tokenizer`, a training module's ``export``), a
+    :func:`~varlib.files.format.save_pretrained` folder, a Lightning checkpoint of varlib's training modules (a file,
     or the folder of a distributed FSDP2 checkpoint, gathered whole in this one process), or an
     official FoundationVision checkpoint (``.pth`` or ``.safetensors``): the tokenizer ``vae_ch160v4096z32.pth``,
     or a transformer such as ``var_d16.pth`` given its tokenizer as ``vae`` (a MultiScaleVQVAE or a file).
@@ -147,9 +146,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *,
 
     A name that is not on disk is looked up on the Hugging Face Hub: ``owner/repo/file.pth`` names a file
     (``FoundationVision/var/var_d16.pth``, whose tokenizer ``FoundationVision/var/vae_ch160v4096z32.pth`` comes
-    with it), found in ``$VARLIB_WEIGHTS/owner/repo/`` or downloaded (:func:`~varlib.models.hub.hub_file`; offline,
+    with it), found in ``$VARLIB_WEIGHTS/owner/repo/`` or downloaded (:func:`~varlib.files.format.hub_file`; offline,
     the error says what to fetch and where to put it); ``owner/repo`` names a ``save_pretrained`` repo
-    (:func:`~varlib.models.hub.from_pretrained`).
+    (:func:`~varlib.files.format.from_pretrained`).
 
     Returns a :class:`MultiScaleVQVAE` for a tokenizer, or a :class:`VAR` or :class:`RasterAR` (its tokenizer at
     ``.vae``) ready for ``generate``. Torch files are read with ``weights_only=True``; a file holding pickled

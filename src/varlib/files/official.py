@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from varlib.models.hub import load_strict
+from varlib.models.pretrained import load_strict
 from varlib.models.patch_schedules import PRESETS, sequence_length
 from varlib.models.sampling import SamplingConfig
 from varlib.models.transformer import VAR
