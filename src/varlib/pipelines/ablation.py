@@ -64,7 +64,8 @@ class AblationRow:
         return overrides + ([f"model.var.depth={2 * base_depth}"] if self.double_depth else [])
 
 
-#: The rows, each adding one design choice to the one before (the paper's FID column: Tian et al. 2024, Table 3).
+#: The rows, each adding one design choice to the one before (the paper's FID column: Tian et al. 2024, arXiv
+#: 2404.02905, Table 3; docs/results.md says which of its figures were checked against a stored copy).
 ABLATION_ROWS = (
     AblationRow("raster_ar", "AR (raster next-token)", 18.65, "raster_ar", next_scale=False),
     AblationRow("var", "AR to VAR", 5.22, "var"),
