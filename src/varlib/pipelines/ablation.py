@@ -144,10 +144,12 @@ def evaluate_ablation_row(row: AblationRow, run: dict, per_class: int, seed: int
                           metric: SampleMetric, metric_name: str) -> dict:
     """Samples, scores and times one row's model with the row's sampling; writes ``<row>.png`` (the samples) and
     ``<row>.json`` under ``seed<s>/rows/`` and returns the latter's content, which is reused when it was made with
-    the same metric, samples per class and sampling."""
+    the same metric, samples per class and sampling from a model with the same final validation metrics (a
+    retrained model is scored again)."""
     model = varlib.load(run["files"].transformer)
     row_sampling = row.sampling(model.sampling.resolve(**sampling))
-    made_with = {"metric": metric_name, "per_class": per_class, "sampling": row_sampling}
+    made_with = {"metric": metric_name, "per_class": per_class, "sampling": row_sampling,
+                 "model_metrics": run["transformer"]}
     rows_dir = run["files"].root.parent / "rows"
     done = rows_dir / f"{row.name}.json"
     if done.is_file() and json.loads(done.read_text())["made_with"] == made_with:
