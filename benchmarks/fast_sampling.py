@@ -36,7 +36,7 @@ import varlib
 from varlib.configs import compose_config
 from varlib.evaluation.emoji_classifier import emoji_metric
 from varlib.models.sampling import Draft, sample_per_class
-from varlib.pipeline import class_labels, held_out_images
+from varlib.pipelines.stages import class_labels, held_out_images
 
 # name -> generate options; "draft" is replaced by Draft(drafter, scales)
 SETTINGS = {

@@ -97,3 +97,18 @@ def test_the_raster_ar_experiment_is_var_emoji_on_another_tokenizer():
     assert ar["trainer"] == var["trainer"]
     assert {k: v for k, v in ar["data"].items() if k != "root"} == {k: v for k, v in var["data"].items() if k != "root"}
     assert ar["data"]["root"] != var["data"]["root"] and ar["model"]["tokenizer_path"] != var["model"]["tokenizer_path"]
+
+
+def test_the_512px_experiment_is_the_official_d36_recipe():
+    from varlib import VAR, MultiScaleVQVAE
+    from varlib.models.patch_schedules import PATCH_NUMS_512
+
+    cfg = compose_config("train", ["experiment=var_d36_imagenet512"])
+    var = OmegaConf.to_container(cfg.model.var)
+    assert (var["depth"], var["shared_aln"], tuple(var["patch_nums"])) == (36, True, PATCH_NUMS_512)
+    assert var["init_adaln_gamma"] == 5e-6 and var["adaln"] and var["attn_l2_norm"]
+    assert cfg.data.global_batch_size == 768 and cfg.model.optim.lr == pytest.approx(8e-5 * 768 / 256)
+    assert cfg.model.optim.weight_decay_end == 0.08 and cfg.trainer.max_steps == 350 * (1_281_167 // 768)
+    with torch.device("meta"):  # the shape the configuration builds: VAR-d36-s, 2,353,893,904 parameters
+        model = VAR(MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=160), **var)
+    assert sum(p.numel() for p in model.parameters()) == 2_353_893_904 and model.L == 2240

@@ -212,3 +212,19 @@ def test_raster_ar_init_from_changes_the_class_count(tmp_path):
     assert torch.equal(ar.class_emb.weight[1], source.class_emb.weight[3])
     assert torch.equal(ar.class_emb.weight[0], source.class_emb.weight[:4].mean(0))
     assert torch.equal(ar.head.weight, source.head.weight)
+
+
+def test_fine_tuning_inherits_the_design_switches_the_finetune_experiment_leaves_null(tmp_path):
+    from varlib.configs import compose_config
+    from varlib.models.vqvae import MultiScaleVQVAE
+
+    torch.manual_seed(0)
+    vae = MultiScaleVQVAE(vocab_size=16, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2),
+                          using_sa=False, using_mid_sa=False, norm_groups=8)
+    source = VAR(vae, depth=1, num_classes=4, width=32, num_heads=2, adaln=False, attn_l2_norm=False)
+    save_var(source, tmp_path / "bare.safetensors")
+    var = dict(compose_config("train", ["experiment=var_finetune"]).model.var)
+    assert var["adaln"] is None and var["attn_l2_norm"] is None
+    module = VARModule(var={**var, "num_classes": 4}, vae=vae, init_from=str(tmp_path / "bare.safetensors"))
+    assert not module.var.adaln and not module.var.config["attn_l2_norm"]
+    assert torch.equal(module.var.head_nm.weight, source.head_nm.weight)

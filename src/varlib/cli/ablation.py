@@ -1,5 +1,5 @@
-"""``varlib-ablation``: next-scale (VAR) vs raster next-token prediction at equal budget on the emoji data (the
-paper's Table 3).
+"""``varlib-ablation``: the paper's Table 3 on the emoji data, row by row (raster AR, VAR bare, +AdaLN, +top-k,
++guidance, +attention normalisation, +depth) at equal budget.
 
     varlib-ablation [out_dir=outputs/ablation] [seeds=[0,1]] [cpu_threads=1] ['sampling={cfg: 2, top_k: 100}']
 

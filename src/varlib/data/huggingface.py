@@ -34,14 +34,13 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from varlib.data.base import ImageDataModule, check_int_at_least, check_open_fraction
+from varlib.data.base import ImageDataModule, Unit, check_int_at_least, check_open_fraction
+from varlib.data.decoding import ImageDecodeError, decode_rgb_image
 from varlib.data.emoji import is_validation_name
 from varlib.data.folder import FLAT_CLASS_NAME
-from varlib.data.images import ImageDecodeError, decode_rgb_image
 from varlib.data.resumable import augmentation_seed, sample_generator, world_and_rank
 from varlib.data.shards import BadSampleError
 from varlib.data.skipping import SkipCounter, collate_skipping_none
-from varlib.data.tokenizing import Unit
 from varlib.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)

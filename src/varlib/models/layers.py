@@ -235,3 +235,33 @@ class SharedAdaLin(nn.Linear):
 
     def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
         return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
+
+
+class LNSelfAttn(nn.Module):
+    """A pre-LN transformer block without AdaLN (the paper's Table 3 rows before "+AdaLN"): affine LayerNorms
+    ``ln1``, ``ln2`` and no condition, ``x += attn(ln1(x))`` then ``x += ffn(ln2(x))``. The class reaches such a
+    model only through its start token. Takes the arguments of :class:`AdaLNSelfAttn` less the conditioning ones.
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, attn_l2_norm: bool = True):
+        super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.ln1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = SelfAttention(width, num_heads, attn_drop=attn_drop, proj_drop=drop, l2_norm=attn_l2_norm)
+        self.ln2 = nn.LayerNorm(width, eps=norm_eps)
+        self.ffn = FeedForward(width, round(width * mlp_ratio), drop=drop)
+
+    def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor | None = None,
+                attention: BlockCausalAttention | None = None, kv_cache: KVCache | None = None,
+                context: None = None) -> torch.Tensor:
+        """(B,L,C) -> (B,L,C); ``cond`` is accepted for the AdaLN block's call and not used."""
+        x_BLC = x_BLC + self.drop_path(self.attn(self.ln1(x_BLC), attention=attention, kv_cache=kv_cache))
+        return x_BLC + self.drop_path(self.ffn(self.ln2(x_BLC)))
+
+
+class LNBeforeHead(nn.LayerNorm):
+    """The affine LayerNorm before the head of a model without AdaLN; ``cond_BD`` is accepted and not used."""
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x_BLC)

@@ -31,7 +31,7 @@ class RasterAR(AdaLNTransformer):
         depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
         num_classes: number of real classes; class ``num_classes`` is the null class.
         shape: width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm,
-            cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer` (no shared AdaLN).
+            adaln, cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer` (no shared AdaLN).
     """
 
     FILE_KIND, FILE_PREFIX = "raster_ar", "ar"

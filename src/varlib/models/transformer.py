@@ -14,8 +14,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
-from varlib.models.conditioning import Conditioning, build_conditioning
-from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
+from varlib.models.conditioning import ClassConditioning, Conditioning, build_conditioning
+from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, LNBeforeHead, LNSelfAttn, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
 from varlib.models.flops import flops_per_token, per_token_linear_params
 from varlib.models.pretrained import PretrainedMixin
@@ -51,7 +51,12 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         conditioning: None (class labels) or a conditioning spec (see
             :func:`~varlib.models.conditioning.build_conditioning`), e.g. text with an encoder; text adds a
             cross-attention to every block.
-        width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm: the blocks.
+        width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps: the blocks.
+        attn_l2_norm: L2-normalised queries and keys with a learned per-head scale (the paper's Table 3 row
+            "+Attn. Norm."); off: the official code's plain attention, softmax scale 0.25/sqrt(head width).
+        adaln: the class condition modulates every block's and the head's LayerNorm (AdaLN, Table 3 row "+AdaLN");
+            off: affine LayerNorms (:class:`~varlib.models.layers.LNSelfAttn`) and the condition reaches the model
+            only through the start token (rows "AR" and "AR to VAR"); class conditioning only.
         cond_drop_rate: conditional dropout probability (to the null class or null text) in training mode (never
             applied in eval mode).
         init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
@@ -82,6 +87,7 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         scale_embedding: bool = False,
         shared_aln: bool = False,
         conditioning: Mapping | None = None,
+        adaln: bool = True,
     ):
         super().__init__()
         shape = depth_scaled_shape(depth)
@@ -98,11 +104,15 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
         self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-                           norm_eps=norm_eps, attn_l2_norm=attn_l2_norm, cond_drop_rate=cond_drop_rate)
+                           norm_eps=norm_eps, attn_l2_norm=attn_l2_norm, cond_drop_rate=cond_drop_rate, adaln=adaln)
+        self.adaln = adaln
         self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
 
         self.word_embed = nn.Linear(self.code_channels, width)
         cond_module = build_conditioning(conditioning, num_classes, width)
+        if not adaln and (shared_aln or not isinstance(cond_module, ClassConditioning)):
+            raise ValueError(f"adaln=False takes class conditioning and no shared AdaLN, got shared_aln={shared_aln}, "
+                             f"conditioning={cond_module.spec}")
         # registered under its own name: class models keep the official key class_emb.weight
         self.add_module(cond_module.ATTRIBUTE, cond_module)
         self._conditioning_name = cond_module.ATTRIBUTE
@@ -113,13 +123,21 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
             self.lvl_embed = nn.Embedding(len(patch_nums), width)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(width, 6 * width)) if shared_aln else nn.Identity()
         drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                          drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
-                          cross_attn_dim=cond_module.context_dim)
-            for i in range(depth)
-        )
-        self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
+        if adaln:
+            self.blocks = nn.ModuleList(
+                AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+                              drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln,
+                              attn_l2_norm=attn_l2_norm, cross_attn_dim=cond_module.context_dim)
+                for i in range(depth)
+            )
+            self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
+        else:
+            self.blocks = nn.ModuleList(
+                LNSelfAttn(width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+                           drop_path=drop_path[i], norm_eps=norm_eps, attn_l2_norm=attn_l2_norm)
+                for i in range(depth)
+            )
+            self.head_nm = LNBeforeHead(width, eps=norm_eps)
         self.head = nn.Linear(width, self.vocab_size)
         self.init_weights(init_adaln, init_adaln_gamma, init_head, math.sqrt(1 / width / 3) if init_std < 0 else init_std)
 
@@ -158,7 +176,7 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
     @torch.no_grad()
     def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float, init_std: float) -> None:
         """The official initialisation (truncated normals, scaled-down residual projections and AdaLN); a frozen
-        text encoder keeps its own weights."""
+        text encoder keeps its own weights. Without AdaLN the LayerNorms start at weight 1, bias 0."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad:
                 nn.init.trunc_normal_(m.weight, std=init_std)
@@ -169,12 +187,15 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         if init_head >= 0:
             self.head.weight.mul_(init_head)
             self.head.bias.zero_()
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
+        if not self.adaln:
+            return
         self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
         self.head_nm.ada_lin[-1].bias.zero_()
         C = self.width
         for block in self.blocks:
-            block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
-            block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
             if block.shared_aln:
                 block.ada_gss[:, :, 2:].mul_(init_adaln)
                 block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
@@ -220,7 +241,7 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
         return self.shared_ada_lin(cond_BD)
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """AdaLN head norm + linear head, in fp32: (B,L,C) -> (B,L,V)."""
+        """Head norm (AdaLN, or an affine LayerNorm with ``adaln`` off) + linear head, in fp32: (B,L,C) -> (B,L,V)."""
         return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
 
     def num_non_embedding_params(self) -> int:
@@ -258,7 +279,7 @@ class VAR(AdaLNTransformer):
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             storing them (training with gradients only); also a runtime setting.
         shape: width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm,
-            cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer`.
+            adaln, cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer`.
     """
 
     FILE_KIND, FILE_PREFIX = "var", "var"
