@@ -92,8 +92,12 @@ def test_the_raster_ar_experiment_is_var_emoji_on_another_tokenizer():
     assert ar["model"]["_target_"].endswith("RasterARModule") and var["model"]["_target_"].endswith("VARModule")
     shared = ("depth", "num_classes", "width", "num_heads", "drop_path_rate", "init_adaln_gamma", "cond_drop_rate")
     assert {k: ar["model"]["var"][k] for k in shared} == {k: var["model"]["var"][k] for k in shared}
-    for key in ("optim", "optimizer", "sampling", "ema_decay", "grid_classes"):
+    for key in ("optim", "optimizer", "ema_decay", "grid_classes"):
         assert ar["model"][key] == var["model"][key], key
+    # the same sampling; the fast options are next-scale ones, which var_emoji leaves off (exact)
+    assert {k: var["model"]["sampling"][k] for k in ar["model"]["sampling"]} == ar["model"]["sampling"]
+    assert {k: var["model"]["sampling"][k] for k in ("cfg_until", "prune", "stop_after")} == dict.fromkeys(
+        ("cfg_until", "prune", "stop_after"))
     assert ar["trainer"] == var["trainer"]
     assert {k: v for k, v in ar["data"].items() if k != "root"} == {k: v for k, v in var["data"].items() if k != "root"}
     assert ar["data"]["root"] != var["data"]["root"] and ar["model"]["tokenizer_path"] != var["model"]["tokenizer_path"]

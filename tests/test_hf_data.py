@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import varlib
 from helpers.hf_data import CLASS_NAMES, caption, png, rows, write_image_folder, write_parquet
-from varlib.cli import tokenize
+from varlib.data.tokenizing import TokenizeResult, tokenize_dataset
 from varlib.configs import compose_config
 from varlib.data import HFDataModule, ImageTransform, decode_rgb_image
 from varlib.data.huggingface import HashSplit
@@ -237,8 +237,8 @@ def test_tokenising_a_stream_on_two_processes_writes_the_cache_of_the_same_image
     (tmp_path / "folder" / "train" / "cat" / "006.png").write_bytes(b"broken")  # row 3: cats 0, 2, 4, 6, ...
     varlib.save_tokenizer(tiny_vae(), tmp_path / "tok.safetensors")
 
-    def tokenise(out: str, *data: str) -> tokenize.TokenizeResult:
-        return tokenize.run(compose_config("tokenize", [
+    def tokenise(out: str, *data: str) -> TokenizeResult:
+        return tokenize_dataset(compose_config("tokenize", [
             f"tokenizer={tmp_path / 'tok.safetensors'}", *data, "data.captions=true", "data.num_workers=0",
             "data.batch_size=4", "shard_size=6", "device=cpu", f"out_dir={tmp_path / out}"]))
 

@@ -45,7 +45,8 @@ def test_save_pretrained_round_trip_gives_equal_outputs(tiny_models, tmp_path, m
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["kind"] == "var" and config["var_config"]["depth"] == var.depth
-    assert config["sampling"] == {"cfg": 2.5, "top_k": 7, "top_p": 0.9}
+    assert config["sampling"] == {"cfg": 2.5, "top_k": 7, "top_p": 0.9, "cfg_until": None, "prune": 1.0,
+                                  "stop_after": None}
     assert config["vae_config"]["vocab_size"] == vae.vocab_size
 
     loaded = varlib.VAR.from_pretrained(folder)
