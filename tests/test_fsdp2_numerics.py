@@ -2,7 +2,6 @@
 same autocast, i.e. an fp32 residual stream and fp32 embeddings, not FSDP2's default input casting to bf16."""
 
 import json
-import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,11 +22,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def one_gloo_process():
+def one_gloo_process(monkeypatch):
     """A one-process gloo group and its device mesh (what ModelParallelStrategy gives configure_model)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    # for this test only: a MASTER_PORT left in the environment would send every later DDP run of the worker to it
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
     dist.destroy_process_group()

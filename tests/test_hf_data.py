@@ -4,9 +4,6 @@ tokenised into the cache that the same images give from a folder. Tiny generated
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -15,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import varlib
+from helpers.shard_training import assert_killed_run_resumes_exactly
 from helpers.hf_data import CLASS_NAMES, caption, png, rows, write_image_folder, write_parquet
 from varlib.data.tokenizing import TokenizeResult, tokenize_dataset
 from varlib.configs import compose_config
@@ -178,10 +176,6 @@ def _saved(tmp_path: Path, state: dict) -> Path:
     return tmp_path / "state.pt"
 
 
-def read_records(prefix: Path, rank: int) -> list[dict]:
-    return [json.loads(line) for line in Path(f"{prefix}-rank{rank}.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow  # three 2-process training runs
 def test_a_two_process_two_worker_stream_killed_mid_epoch_resumes_with_the_rest_of_it(tmp_path):
     # 4 files (one per rank and worker) of 12 training rows after 0, 2, 4, 6 rows that the hash split validates:
@@ -197,27 +191,8 @@ def test_a_two_process_two_worker_stream_killed_mid_epoch_resumes_with_the_rest_
         train_rows += indices[False][12 * shard:12 * shard + 12]
         table = [{"image": {"bytes": png(i), "path": None}, "index": i} for i in validated + train_rows[-12:]]
         datasets.Dataset.from_list(table, features=features).to_parquet(str(tmp_path / f"train-{shard}.parquet"))
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-
-    def train(run: str, record: str, *kill_at: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(TESTS / "helpers" / "hf_training.py"), str(tmp_path / "train-*.parquet"),
-                   str(tmp_path / run), str(tmp_path / record), *kill_at]
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-
-    whole = train("whole", "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = train("killed", "before", "15")  # epoch 1, 3 of its 12 batches trained, checkpoint at step 15
-    assert killed.returncode != 0
-    resumed = train("killed", "after")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for rank in (0, 1):
-        expected = read_records(tmp_path / "whole", rank)
-        assert [r["step"] for r in expected] == list(range(20))
-        before, after = read_records(tmp_path / "before", rank), read_records(tmp_path / "after", rank)
-        assert [r["step"] for r in before] == list(range(15)) and [r["step"] for r in after] == list(range(15, 20))
-        assert before + after == expected  # the same rows, crops and flips in the same order
-    epoch_one = [label for rank in (0, 1) for r in read_records(tmp_path / "whole", rank)[:12] for label in r["labels"]]
+    epoch_one = assert_killed_run_resumes_exactly(TESTS / "helpers" / "hf_training.py",
+                                                  str(tmp_path / "train-*.parquet"), tmp_path)
     assert sorted(epoch_one) == sorted(train_rows)  # an epoch: every training row once over both ranks
 
 

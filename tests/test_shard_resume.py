@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.shard_training import assert_killed_run_resumes_exactly
 from varlib.data import WebDatasetDataModule
 from varlib.data.resumable import SeededIndex
 from varlib.data.shards import IndexedShardDataset, ShardSampleDecoder
@@ -89,35 +86,9 @@ def test_indexed_train_loader_reads_each_sample_once_per_epoch_in_a_seeded_order
     assert epoch_labels(0) == first and epoch_labels(1) != first
 
 
-def read_records(prefix: Path, rank: int) -> list[dict]:
-    path = Path(f"{prefix}-rank{rank}.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.slow  # three 2-process training runs
 def test_a_two_process_two_worker_run_killed_mid_epoch_resumes_with_the_rest_of_the_stream(tmp_path):
     write_shards(tmp_path, 4, 12)  # 48 samples: 24 rows and 12 batches of 2 per rank and epoch
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-
-    def train(run: str, record: str, *kill_at: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(TESTS / "helpers" / "shard_training.py"), str(tmp_path / "*.tar"),
-                   str(tmp_path / run), str(tmp_path / record), *kill_at]
-        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-
-    whole = train("whole", "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = train("killed", "before", "15")  # epoch 1, 3 of its 12 batches trained, checkpoint at step 15
-    assert killed.returncode != 0
-    resumed = train("killed", "after")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    for rank in (0, 1):
-        expected = read_records(tmp_path / "whole", rank)
-        assert [r["step"] for r in expected] == list(range(20))
-        before = read_records(tmp_path / "before", rank)
-        after = read_records(tmp_path / "after", rank)
-        assert [r["step"] for r in before] == list(range(15)) and [r["step"] for r in after] == list(range(15, 20))
-        assert before + after == expected  # the same labels and pixels (crops and flips) in the same order
-    epoch_one = [label for rank in (0, 1) for r in read_records(tmp_path / "whole", rank)[:12] for label in r["labels"]]
+    epoch_one = assert_killed_run_resumes_exactly(TESTS / "helpers" / "shard_training.py", str(tmp_path / "*.tar"),
+                                                  tmp_path)
     assert sorted(epoch_one) == list(range(48))  # an epoch: every sample once over both ranks

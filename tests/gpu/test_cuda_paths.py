@@ -5,7 +5,6 @@ mixed-precision policy, fused AdamW on the recipe's parameter groups, and the co
 (plain models, no Lightning or Hydra), except the one Lightning test, skipped where Lightning or Hydra is absent.
 """
 
-import os
 import socket
 
 import pytest
@@ -103,11 +102,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def one_process_group():
+def one_process_group(monkeypatch):
     """A one-process NCCL group (FSDP2 needs one), destroyed afterwards."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    # for this test only: a MASTER_PORT left in the environment would send every later DDP run of the worker to it
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

@@ -11,11 +11,9 @@ a SIGKILL of each rank after the checkpoint of KILL_AT_STEP).
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from helpers.callbacks import KillAtStep
-from helpers.shard_training import BatchRecorder
+from helpers.shard_training import train_recording
 from varlib.data import HFDataModule
 
 
@@ -27,13 +25,7 @@ def main() -> None:
                               streaming=True, label_column="index", num_classes=200, rows_per_epoch=48,
                               shuffle_buffer=8, batch_size=2, num_workers=2, image_size=8, hflip=True, shuffle_seed=5,
                               cache_dir=str(Path(run_dir) / "datasets_cache"))
-    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir, every_n_train_steps=5, save_last=True)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=20, limit_val_batches=0,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
-                        callbacks=[saver] + ([KillAtStep(kill_at)] if kill_at is not None else []))
-    last = Path(run_dir) / "last.ckpt"
-    trainer.fit(BatchRecorder(record_prefix), datamodule=datamodule, ckpt_path=last if last.is_file() else None,
-                weights_only=True)
+    train_recording(datamodule, run_dir, record_prefix, kill_at)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,9 @@ def evaluate_ablation_row(row: AblationRow, run: dict, per_class: int, seed: int
     the same metric, samples per class and sampling from a model with the same final validation metrics (a
     retrained model is scored again)."""
     model = varlib.load(run["files"].transformer)
-    row_sampling = row.sampling(model.sampling.resolve(**sampling))
+    # the rows compare exact samplers: the fast options (next-scale only, a raster model takes none) stay off
+    exact = {key: value for key, value in model.sampling.resolve(**sampling).items() if key in ("cfg", "top_k", "top_p")}
+    row_sampling = row.sampling(exact)
     made_with = {"metric": metric_name, "per_class": per_class, "sampling": row_sampling,
                  "model_metrics": run["transformer"]}
     rows_dir = run["files"].root.parent / "rows"
