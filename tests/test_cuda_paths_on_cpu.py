@@ -147,19 +147,22 @@ def test_in_loop_sampling_runs_in_the_trainers_precision(tiny_var):
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.bfloat16
 
 
-@pytest.mark.slow  # inductor compiles one C++ graph per scale: two scales here
+@pytest.mark.slow  # inductor compiles C++ graphs per scale and batch size: four scales, two settings here
 def test_compiled_sampler_draws_the_eager_samplers_tokens_on_cpu():
+    """compile=True (inductor on the CPU): the eager sampler's tokens, also with guidance stopped after a scale (a
+    second graph per batch size) and pruning (the pruned scales run eagerly)."""
     torch.manual_seed(0)
-    vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2)).requires_grad_(False)
-    var = VAR(vae, depth=1, width=32, num_heads=2, num_classes=3).eval()
-    options = dict(cfg=1.5, top_k=8, top_p=0.9, seed=0)
-    eager = var.generate_tokens([0, 2, 3], **options)
-    torch._dynamo.reset()
-    compiled = var.generate_tokens([0, 2, 3], compile=True, **options)
-    assert len(compiled.tokens) == 2
-    for scale, (want, got) in enumerate(zip(eager.tokens, compiled.tokens)):
-        assert torch.equal(got, want), scale
-    torch.testing.assert_close(compiled.f_hat, eager.f_hat, rtol=0, atol=1e-4)
+    vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4)).requires_grad_(False)
+    var = VAR(vae, depth=2, width=32, num_heads=2, num_classes=3).eval()
+    for fast in (dict(), dict(cfg_until=2, prune=0.5)):
+        options = dict(cfg=1.5, top_k=8, top_p=0.9, seed=0, **fast)
+        eager = var.generate_tokens([0, 2, 3], **options)
+        torch._dynamo.reset()
+        compiled = var.generate_tokens([0, 2, 3], compile=True, **options)
+        assert len(compiled.tokens) == 4
+        for scale, (want, got) in enumerate(zip(eager.tokens, compiled.tokens)):
+            assert torch.equal(got, want), (fast, scale)
+        torch.testing.assert_close(compiled.f_hat, eager.f_hat, rtol=0, atol=1e-4)
 
 
 def test_fused_adamw_on_the_recipe_groups_equals_the_unfused_one_on_cpu(tiny_var):

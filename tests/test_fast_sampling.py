@@ -165,14 +165,3 @@ def test_model_sampling_supplies_the_fast_options(model):
     finally:
         var.sampling = own
 
-
-@pytest.mark.slow
-def test_inductor_compiled_sampler_equals_the_eager_one(model):
-    """compile=True: each scale's static-shape step compiled by inductor (C++ on the CPU); also with pruning (the
-    pruned scales run eagerly) and without guidance after a scale (a second graph per batch size)."""
-    var = model
-    for options in (dict(), dict(cfg_until=2, prune=0.5)):
-        eager, compiled = tokens_of(var, **options), tokens_of(var, compile=True, **options)
-        for x, y in zip(compiled.tokens, eager.tokens):
-            assert torch.equal(x, y)
-        torch.testing.assert_close(compiled.f_hat, eager.f_hat, atol=1e-4, rtol=0)
