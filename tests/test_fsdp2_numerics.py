@@ -2,7 +2,6 @@
 same autocast, i.e. an fp32 residual stream and fp32 embeddings, not FSDP2's default input casting to bf16."""
 
 import json
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,15 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers.process_groups import one_process_group
 from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.ema import ModelEMA
 from varlib.training.var_module import VARModule
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -26,12 +20,8 @@ def one_gloo_process(monkeypatch):
     """A one-process gloo group and its device mesh (what ModelParallelStrategy gives configure_model)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    # for this test only: a MASTER_PORT left in the environment would send every later DDP run of the worker to it
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
-    dist.destroy_process_group()
+    with one_process_group("gloo", monkeypatch):
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
 
 
 def var_module() -> VARModule:

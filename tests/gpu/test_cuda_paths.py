@@ -5,12 +5,12 @@ mixed-precision policy, fused AdamW on the recipe's parameter groups, and the co
 (plain models, no Lightning or Hydra), except the one Lightning test, skipped where Lightning or Hydra is absent.
 """
 
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.process_groups import one_process_group
 from varlib import VAR, MultiScaleVQVAE
 from varlib.models.attention import resolve_attn_impl
 from varlib.models.patch_schedules import PATCH_NUMS_256, sequence_length
@@ -95,27 +95,15 @@ def test_auto_attention_is_flex_on_cuda():
     assert with_dropout.block_causal_attention(with_dropout.L).impl == "prefix"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def one_process_group(monkeypatch):
+def nccl_group(monkeypatch):
     """A one-process NCCL group (FSDP2 needs one), destroyed afterwards."""
-    import torch.distributed as dist
-
-    # for this test only: a MASTER_PORT left in the environment would send every later DDP run of the worker to it
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_process_group("nccl", monkeypatch):
+        yield
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
-def test_bf16_fsdp2_trains_with_bf16_weights_fp32_shards_and_fp32_gradients(one_process_group):
+def test_bf16_fsdp2_trains_with_bf16_weights_fp32_shards_and_fp32_gradients(nccl_group):
     """The sharding and policy of TokenTransformerModule.configure_model (trainer=fsdp's default bf16-mixed): every
     block, then the root, gathered in bf16 and reduced in fp32, inside bf16 autocast as Lightning runs it."""
     from torch.distributed.device_mesh import init_device_mesh
