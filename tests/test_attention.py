@@ -73,7 +73,8 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(ch=32, patch_nums=(1, 2, 3, 4)).requires_grad_(False)
     # label dropout and drop-path on: the recomputation must replay the same random draws
-    var = VAR(vae, VARConfig(depth=3, width=64, num_heads=2, num_classes=10, drop_path_rate=0.2, cond_drop_rate=0.5)).train()
+    config = VARConfig(depth=3, width=64, num_heads=2, num_classes=10, drop_path_rate=0.2, cond_drop_rate=0.5)
+    var = VAR(vae, config).train()
     calls = []
     for block in var.blocks:
         block.register_forward_pre_hook(lambda module, args: calls.append(module))

@@ -199,8 +199,8 @@ def test_the_end_of_a_validation_builds_one_whole_weight_copy(tiny_var):
     module = VARModule(var=dict(depth=1, num_classes=3, width=32, num_heads=2), vae=tiny_var.vae, grid_classes=0,
                        lora={"r": 2, "alpha": 4})
     builds = []
-    build = module.build_transformer
-    module.build_transformer = lambda: builds.append(build()) or builds[-1]
+    build = module._plain_copy
+    module._plain_copy = lambda: builds.append(build()) or builds[-1]
     module._trainer = SimpleNamespace(validating=True)
     copies = []
     for _ in range(2):  # the FID callback, then the grid

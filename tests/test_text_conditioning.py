@@ -46,7 +46,8 @@ def small_encoder(width: int = 16) -> SmallTextEncoder:
 
 def text_var(encoder: TextEncoder, **kwargs) -> VAR:
     torch.manual_seed(2)
-    return VAR(tiny_vae(), VARConfig(depth=2, width=32, num_heads=2, conditioning=dict(type="text", encoder=encoder), **kwargs))
+    text = dict(type="text", encoder=encoder)
+    return VAR(tiny_vae(), VARConfig(depth=2, width=32, num_heads=2, conditioning=text, **kwargs))
 
 
 def set_gates(var: VAR, value: float) -> None:

@@ -8,4 +8,5 @@ from varlib.files.official import load_official_var, load_official_vqvae
 from varlib.models.transformer import VAR, VARConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 
-__all__ = ["MultiScaleVQVAE", "VAR", "VARConfig", "load", "load_official_vqvae", "load_official_var", "save_tokenizer", "save_var"]
+__all__ = ["MultiScaleVQVAE", "VAR", "VARConfig", "load", "load_official_vqvae", "load_official_var", "save_tokenizer",
+           "save_var"]

@@ -500,22 +500,8 @@ class VAR(AdaLNTransformer):
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
-    def edit(
-        self,
-        images: torch.Tensor,
-        keep_mask: torch.Tensor,
-        labels,
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = 0,
-        more_smooth: bool = False,
-        negative=None,
-        cfg_until: int | None = None,
-        prune: float | None = None,
-        stop_after: int | None = None,
-        draft: Draft | None = None,
-    ) -> torch.Tensor:
+    def edit(self, images: torch.Tensor, keep_mask: torch.Tensor, labels, seed: int | None = 0,
+             **options) -> torch.Tensor:
         """Zero-shot in-painting, out-painting or class- or text-conditional editing (the official method).
 
         The ground-truth tokens of ``images`` are teacher-forced wherever ``keep_mask`` is 1 at every
@@ -527,8 +513,9 @@ class VAR(AdaLNTransformer):
                 it (e.g. the image resolution). See ``varlib.models.editing.box_keep_mask``.
             labels: classes or prompts as in :meth:`generate` (one is used for every image); ``num_classes``
                 (null) for unconditional in-/out-painting.
-            cfg, top_k, top_p, more_smooth, negative, cfg_until, prune, stop_after, draft: as :meth:`generate`
-                (left out: the model's :attr:`sampling`).
+            seed: seeds a private ``torch.Generator``.
+            options: ``cfg``, ``top_k``, ``top_p``, ``more_smooth``, ``negative``, ``cfg_until``, ``prune``,
+                ``stop_after``, ``draft``, as :meth:`generate` (left out: the model's :attr:`sampling`).
         Returns:
             (B,3,H,W) edited images in [0,1].
         """
@@ -538,7 +525,6 @@ class VAR(AdaLNTransformer):
         if grid.shape[0] not in (1, B):
             raise ValueError(f"keep mask batch {grid.shape[0]} does not match the {B} images")
         keep = [m.expand(B, -1, -1) for m in keep_masks_per_scale(grid, self.patch_nums)]
-        out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, more_smooth=more_smooth,
-                                   batch_size=B, constraint=TokenConstraint(tokens, keep), negative=negative,
-                                   cfg_until=cfg_until, prune=prune, stop_after=stop_after, draft=draft)
+        out = self.generate_tokens(labels, seed=seed, batch_size=B, constraint=TokenConstraint(tokens, keep),
+                                   **options)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)

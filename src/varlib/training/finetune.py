@@ -23,6 +23,7 @@ import torch.nn as nn
 from varlib.models.transfer import TransferReport, transfer_state
 from varlib.models.transformer import AdaLNTransformer, VARConfig
 from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.training.components import construct
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +209,22 @@ def _take_pretrained(model: AdaLNTransformer, pretrained: AdaLNTransformer | Non
         carried = [pretrained.class_names[class_map[i]] if i in class_map else None for i in range(model.num_classes)]
         class_names = None if None in carried else carried
     return None if class_names is None else list(class_names)
+
+
+def start_tokenizer(vae: Mapping[str, Any] | MultiScaleVQVAE, what: str, init_from: str | None = None,
+                    trainable: Sequence[str] | None = None) -> MultiScaleVQVAE:
+    """The tokenizer a training run of ``what`` starts from: ``vae`` built (``model.vae``, the MultiScaleVQVAE
+    arguments; with ``init_from``, entries left out or null take the pretrained tokenizer's values) or as given,
+    with the pretrained weights of ``init_from`` and only the ``trainable`` parameters trained."""
+    pretrained = None
+    if init_from is not None:
+        pretrained = pretrained_model(init_from, what, MultiScaleVQVAE,
+                                      patch_nums=None if isinstance(vae, MultiScaleVQVAE) else vae.get("patch_nums"))
+        if not isinstance(vae, MultiScaleVQVAE):
+            vae = with_pretrained_values(vae, pretrained.config)
+    if not isinstance(vae, MultiScaleVQVAE):
+        vae = construct(MultiScaleVQVAE, vae, "model.vae")
+    if pretrained is not None:
+        initialise_from(vae, pretrained, init_from)
+    freeze_except(vae, trainable)
+    return vae
