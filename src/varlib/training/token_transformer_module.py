@@ -1,8 +1,8 @@
 """What VAR's and the raster-AR baseline's Lightning modules share: their construction from the config (``model.var``
 holds the :class:`~varlib.models.transformer.VARConfig` of both), the official optimisation recipe (AdamW with the
-no-decay groups, the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded randomness, the
-teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample grid,
-whole-weight sampling/export and checkpoint metadata. A text-conditional VAR (``var.conditioning`` a text spec)
+no-decay groups, the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded
+randomness, the teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample
+grid, whole-weight sampling/export and checkpoint metadata. A text-conditional VAR (``var.conditioning`` a text spec)
 trains on the captions of captioned batches where a class model takes the labels, and its grid shows prompts.
 
 A subclass names its network class (:attr:`transformer_class`, whose ``FILE_PREFIX`` is also the module attribute
