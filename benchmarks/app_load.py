@@ -11,7 +11,9 @@ memory after the warm-up and after the load. Bounded: every request has a timeou
 ``--time-limit-s``. Targets (issue 25): no failed request, p95 under 2x the single-request latency with batching
 on, memory after within 10% of before. The clients run in this process, on the same CPU as the server.
 ``model_sampling_s`` is the model's own ``generate`` of the same request in this process (interleaved with the
-single requests), ``single_over_model`` the median ratio of the two (issue 41's target: at most 2).
+single requests), ``single_over_model`` the median ratio of the two (issue 41's target: at most 2);
+``http_single_s`` and ``http_single_over_model`` the same for the request as the page makes it (Gradio's REST call
+and event stream, then the image's GET; :func:`http_request`), without gradio_client's 50 ms polling.
 """
 
 from __future__ import annotations
@@ -74,6 +76,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def http_request(url: str, inputs: list) -> float:
+    """One Generate request as the page makes it, in seconds: Gradio's REST call (POST, then the event stream read
+    until its ``complete`` event) and the GET of every image it names. gradio_client's event reader polls its
+    message queue every 50 ms, so this is the app's own latency."""
+    start = time.perf_counter()
+    post = urllib.request.Request(f"{url}gradio_api/call/generate", data=json.dumps({"data": inputs}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=REQUEST_TIMEOUT_S) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/generate/{event_id}", timeout=REQUEST_TIMEOUT_S) as stream:
+        event = None
+        for line in stream:
+            line = line.decode().strip()
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                if event == "error":
+                    raise RuntimeError(f"the app answered an error: {line}")
+                gallery = json.loads(line.split(":", 1)[1])[0]
+                break
+    for item in gallery:
+        with urllib.request.urlopen(item["image"]["url"], timeout=REQUEST_TIMEOUT_S) as image:
+            image.read()
+    return time.perf_counter() - start
+
+
 def measure(checkpoint: str, batch_size: int, args: argparse.Namespace, folder: Path) -> dict:
     var = varlib.load(checkpoint).eval()
     names = class_names_of(var)
@@ -89,13 +117,18 @@ def measure(checkpoint: str, batch_size: int, args: argparse.Namespace, folder: 
                 raise RuntimeError(f"expected {args.count} images, got {len(images)}")
             return time.perf_counter() - start
 
+        sampling = var.sampling.resolve()  # the page's defaults: the file's settings, seed 0
+        http_inputs = [[names[0]], args.count, sampling["cfg"], min(sampling["top_k"], var.vocab_size),
+                       sampling["top_p"], 0]
         for _ in range(2):  # warm-up
             request(client, names[0])
-        single, model = [], []
+            http_request(url, http_inputs)
+        single, http_single, model = [], [], []
         with torch.no_grad():  # the model's own sampling of the same request, in this process
             var.generate([0] * args.count, seed=0)
-            for _ in range(args.single):  # interleaved, so that both see the same load
+            for _ in range(args.single):  # interleaved, so that all see the same load
                 single.append(request(client, names[0]))
+                http_single.append(http_request(url, http_inputs))
                 start = time.perf_counter()
                 var.generate([0] * args.count, seed=0)
                 model.append(time.perf_counter() - start)
@@ -135,6 +168,8 @@ def measure(checkpoint: str, batch_size: int, args: argparse.Namespace, folder: 
             "single_request_s": round(statistics.median(single), 4),
             "model_sampling_s": round(statistics.median(model), 4),
             "single_over_model": round(statistics.median([a / b for a, b in zip(single, model)]), 2),
+            "http_single_s": round(statistics.median(http_single), 4),
+            "http_single_over_model": round(statistics.median([a / b for a, b in zip(http_single, model)]), 2),
             "p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
             "p95_s": round(percentile(latencies, 0.95), 4) if latencies else None,
             "p95_over_single": round(percentile(latencies, 0.95) / statistics.median(single), 2) if latencies else None,

@@ -48,7 +48,9 @@ SETTINGS = {
     "prune=0.5": {"prune": 0.5},
     "prune=0.25": {"prune": 0.25},
     "draft=4": {"draft": 4},
+    "stop_after=4": {"stop_after": 4},
     "cfg_until=4,stop_after=5": {"cfg_until": 4, "stop_after": 5},
+    "cfg_until=3,stop_after=5": {"cfg_until": 3, "stop_after": 5},
     "cfg_until=3,prune=0.5": {"cfg_until": 3, "prune": 0.5},
     "compile,cfg_until=4,stop_after=5": {"compile": True, "cfg_until": 4, "stop_after": 5},
 }

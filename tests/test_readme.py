@@ -15,9 +15,10 @@ The convention for README code blocks (new ones follow it; the fence's info stri
   (resolved against the installed packages, nothing installed), ``make X`` as ``make -n X``.
 - ```` ```text ````: not code (listings, folder layouts). No other info string is allowed.
 
-Commands are split like a shell (``shlex``; ``\\`` continues a line, ``#`` starts a comment) and started without a
-shell, with one torch thread (``OMP_NUM_THREADS=1``, the machine is shared). The stand-ins lie at the names a user
-has: ``vae_ch160v4096z32.pth`` and ``var_d16.pth`` (tiny official-format files: the 256 px schedule, 1,000 classes),
+Commands are split like a shell (``shlex``; ``\\`` continues a line, ``#`` starts a comment). A ``varlib-*`` command
+runs through its Hydra entry point in the test's process (what its console script calls; ``tests/test_packaging.py``
+starts a script as a user does), other programs without a shell, with one torch thread (``OMP_NUM_THREADS=1``).
+The stand-ins lie at the names a user has: ``vae_ch160v4096z32.pth`` and ``var_d16.pth`` (tiny official-format files: the 256 px schedule, 1,000 classes),
 ``imagenet/{train,val}/<class>/*.JPEG`` (a few small JPEGs), ``cat.png``, and ``make demo``'s
 ``outputs/demo/{tokenizer,var}/model.safetensors`` (a tiny 32 px VAR on 9 classes).
 """
@@ -124,15 +125,31 @@ def hydra_entry_point(argv: list[str]) -> tuple[Callable[[], None], list[str]] |
     return None
 
 
-def compose_job(argv: list[str], monkeypatch) -> None:
-    """``argv --cfg job`` through the command's own Hydra entry point, in this process: the config composes."""
+def call_entry_point(argv: list[str], cwd: Path, monkeypatch) -> None:
+    """A varlib command (see :func:`hydra_entry_point`) with ``argv``'s arguments, in ``cwd``, in this process."""
     main, args = hydra_entry_point(argv)
-    monkeypatch.setattr(sys, "argv", [argv[0], *first_job(args), "--cfg", "job"])
-    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [argv[0], *args])
+    monkeypatch.chdir(cwd)
     try:
         main()
     except SystemExit as exit_:  # Hydra exits on a config that does not compose, having printed why
-        raise AssertionError(f"{shlex.join(argv)} --cfg job exited with {exit_.code}") from exit_
+        if exit_.code not in (None, 0):
+            raise AssertionError(f"{shlex.join(argv)} exited with {exit_.code}") from exit_
+
+
+def compose_job(argv: list[str], monkeypatch) -> None:
+    """``argv --cfg job`` through the command's own Hydra entry point, in this process: the config composes."""
+    program, *args = argv
+    call_entry_point([program, *first_job(args), "--cfg", "job"], REPO, monkeypatch)
+
+
+def run_command(argv: list[str], cwd: Path, monkeypatch) -> None:
+    """A ``bash`` block's command as written: a varlib command through its Hydra entry point in this process (as
+    its console script calls it), another program as a subprocess."""
+    if hydra_entry_point(argv) is None:
+        run(executable(argv), cwd)
+    else:
+        call_entry_point(argv, cwd, monkeypatch)
 
 
 def dry_run(argv: list[str]) -> list[str]:
@@ -219,7 +236,7 @@ def test_readme_block_runs(block, workdir, monkeypatch):
         run([sys.executable, "-c", block.code], workdir)
     elif block.info == "bash":
         for argv in commands(block.code):
-            run(executable([argv[0], *SMALL_COUNTS.get(argv[0], []), *argv[1:]]), workdir)
+            run_command([argv[0], *SMALL_COUNTS.get(argv[0], []), *argv[1:]], workdir, monkeypatch)
     else:
         for argv in commands(block.code):
             if hydra_entry_point(argv) is not None:
