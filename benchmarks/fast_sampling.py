@@ -76,7 +76,7 @@ def demo_shape(depth: int | None = None, vae: varlib.MultiScaleVQVAE | None = No
     overrides = ["experiment=var_emoji"] if depth is None else ["experiment=var_emoji_scaling",
                                                                  f"model.var.depth={depth}"]
     model = compose_config("train", overrides).model
-    var = varlib.VAR(vae, **OmegaConf.to_container(model.var, resolve=True)).eval()
+    var = varlib.VAR(vae, varlib.VARConfig.from_dict(OmegaConf.to_container(model.var, resolve=True))).eval()
     var.sampling = var.sampling.from_dict(OmegaConf.to_container(model.sampling, resolve=True))
     return var
 
@@ -85,7 +85,7 @@ def d16_shape() -> varlib.VAR:
     """The official 256 px d16 shape (tokenizer ch 160, 4096 codes, 10 scales) with random weights."""
     torch.manual_seed(0)
     vae = varlib.MultiScaleVQVAE()
-    return varlib.VAR(vae, depth=16, num_classes=1000).eval()
+    return varlib.VAR(vae, varlib.VARConfig(depth=16, num_classes=1000)).eval()
 
 
 def options_of(setting: dict, drafter: varlib.VAR | None) -> dict:

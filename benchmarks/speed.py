@@ -54,7 +54,7 @@ from official_runner import (
     official_contender,
 )
 import varlib
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.attention import ATTN_IMPLS
 from varlib.models.flops import per_token_linear_params, visible_keys_per_query
 from varlib.models.patch_schedules import PRESETS, sequence_length, validate_patch_nums
@@ -157,7 +157,7 @@ def build_models(args: argparse.Namespace) -> tuple[MultiScaleVQVAE, VAR]:
         if args.var_ckpt:
             var = varlib.load(args.var_ckpt, vae=vae)
         else:
-            var = VAR(vae, depth=args.depth, num_classes=args.num_classes)
+            var = VAR(vae, VARConfig(depth=args.depth, num_classes=args.num_classes))
     var.attn_impl, var.activation_checkpointing = args.attn_impl, args.activation_checkpointing
     if var.patch_nums != vae.patch_nums:
         raise ValueError(f"the VAR checkpoint's schedule {var.patch_nums} is not the tokenizer's {vae.patch_nums}; "

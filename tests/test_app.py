@@ -32,7 +32,7 @@ def tiny_vae() -> varlib.MultiScaleVQVAE:
 
 
 def tiny_var(class_names=None) -> varlib.VAR:
-    var = varlib.VAR(tiny_vae(), depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2).eval()
+    var = varlib.VAR(tiny_vae(), varlib.VARConfig(depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2)).eval()
     var.class_names = class_names
     return var
 
@@ -41,7 +41,8 @@ def tiny_text_var() -> varlib.VAR:
     vae = tiny_vae()
     torch.manual_seed(1)
     encoder = SmallTextEncoder(width=16, depth=1, num_heads=2, max_length=32)
-    return varlib.VAR(vae, depth=2, width=64, num_heads=2, conditioning={"type": "text", "encoder": encoder}).eval()
+    text = {"type": "text", "encoder": encoder}
+    return varlib.VAR(vae, varlib.VARConfig(depth=2, width=64, num_heads=2, conditioning=text)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def model_file(tmp_path_factory):
     torch.manual_seed(0)
     vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
-    var = varlib.VAR(vae, depth=2, num_classes=3, width=64, num_heads=2)
+    var = varlib.VAR(vae, varlib.VARConfig(depth=2, num_classes=3, width=64, num_heads=2))
     var.sampling = SamplingConfig(cfg=2.0, top_k=20, top_p=0.9)
     path = tmp_path_factory.mktemp("model") / "tiny_var.safetensors"
     varlib.save_var(var, path)
@@ -224,7 +224,8 @@ def test_a_text_model_takes_prompts_and_a_negative_prompt(tmp_path):
     vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
     encoder = SmallTextEncoder(width=16, depth=1, num_heads=2, max_length=32)
-    var = varlib.VAR(vae, depth=2, width=64, num_heads=2, conditioning={"type": "text", "encoder": encoder})
+    text = {"type": "text", "encoder": encoder}
+    var = varlib.VAR(vae, varlib.VARConfig(depth=2, width=64, num_heads=2, conditioning=text))
     var.sampling = SamplingConfig(cfg=2.0, top_k=20, top_p=0.9)
     varlib.save_var(var, tmp_path / "text_var.safetensors")
     server = serve(tmp_path / "text_var.safetensors")

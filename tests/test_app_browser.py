@@ -55,7 +55,7 @@ def tiny_model(path: Path) -> Path:
     torch.manual_seed(0)
     vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
-    varlib.save_var(varlib.VAR(vae, depth=2, num_classes=3, width=64, num_heads=2), path)
+    varlib.save_var(varlib.VAR(vae, varlib.VARConfig(depth=2, num_classes=3, width=64, num_heads=2)), path)
     return path
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.attention import SMALL_SCALE_TOKENS, resolve_attn_impl, scale_groups
 from varlib.models.patch_schedules import PATCH_NUMS_256, PATCH_NUMS_512, sequence_length
 
@@ -16,7 +16,7 @@ def tiny_var(request) -> VAR:
     """A narrow, shallow VAR on the full 256 or 512 px schedule (random weights, seed 0)."""
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(ch=32, patch_nums=SCHEDULES[request.param]).requires_grad_(False)
-    return VAR(vae, depth=2, width=64, num_heads=2, num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.0)
+    return VAR(vae, VARConfig(depth=2, width=64, num_heads=2, num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.0))
 
 
 def _inputs(var: VAR, length: int, batch: int = 2):
@@ -73,7 +73,8 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients():
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(ch=32, patch_nums=(1, 2, 3, 4)).requires_grad_(False)
     # label dropout and drop-path on: the recomputation must replay the same random draws
-    var = VAR(vae, depth=3, width=64, num_heads=2, num_classes=10, drop_path_rate=0.2, cond_drop_rate=0.5).train()
+    config = VARConfig(depth=3, width=64, num_heads=2, num_classes=10, drop_path_rate=0.2, cond_drop_rate=0.5)
+    var = VAR(vae, config).train()
     calls = []
     for block in var.blocks:
         block.register_forward_pre_hook(lambda module, args: calls.append(module))
@@ -119,4 +120,4 @@ def test_attn_impl_selection_and_bad_values():
         resolve_attn_impl("flex", torch.device("cpu"), attn_dropout=True)
     vae = MultiScaleVQVAE(ch=32, patch_nums=(1, 2))
     with pytest.raises(ValueError, match=r"attn_impl must be one of .*'sparse'"):
-        VAR(vae, depth=1, width=32, num_heads=1, num_classes=2, attn_impl="sparse")
+        VAR(vae, VARConfig(depth=1, width=32, num_heads=1, num_classes=2), attn_impl="sparse")

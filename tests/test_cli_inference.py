@@ -89,7 +89,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
-    var = varlib.VAR(vae, depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2)
+    var = varlib.VAR(vae, varlib.VARConfig(depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2))
     path = tmp_path_factory.mktemp("model") / "tiny_var.safetensors"
     varlib.save_var(var, path)
     return varlib.load(path), path

@@ -104,7 +104,7 @@ def test_the_raster_ar_experiment_is_var_emoji_on_another_tokenizer():
 
 
 def test_the_512px_experiment_is_the_official_d36_recipe():
-    from varlib import VAR, MultiScaleVQVAE
+    from varlib import VAR, MultiScaleVQVAE, VARConfig
     from varlib.models.patch_schedules import PATCH_NUMS_512
 
     cfg = compose_config("train", ["experiment=var_d36_imagenet512"])
@@ -114,5 +114,5 @@ def test_the_512px_experiment_is_the_official_d36_recipe():
     assert cfg.data.global_batch_size == 768 and cfg.model.optim.lr == pytest.approx(8e-5 * 768 / 256)
     assert cfg.model.optim.weight_decay_end == 0.08 and cfg.trainer.max_steps == 350 * (1_281_167 // 768)
     with torch.device("meta"):  # the shape the configuration builds: VAR-d36-s, 2,353,893,904 parameters
-        model = VAR(MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=160), **var)
+        model = VAR(MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=160), VARConfig(**var))
     assert sum(p.numel() for p in model.parameters()) == 2_353_893_904 and model.L == 2240

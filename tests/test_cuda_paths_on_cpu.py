@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers.attention_probe import probe_attention_dtypes
 
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.patch_schedules import sequence_length
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -18,7 +18,7 @@ def tiny_var() -> VAR:
     """A fresh model per test: tests set its attention implementation."""
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=PATCH_NUMS).requires_grad_(False)
-    return VAR(vae, depth=2, width=32, num_heads=2, num_classes=3, drop_path_rate=0.0, cond_drop_rate=0.0)
+    return VAR(vae, VARConfig(depth=2, width=32, num_heads=2, num_classes=3, drop_path_rate=0.0, cond_drop_rate=0.0))
 
 
 def inputs(var: VAR, length: int, batch: int = 2):
@@ -153,7 +153,7 @@ def test_compiled_sampler_draws_the_eager_samplers_tokens_on_cpu():
     second graph per batch size) and pruning (the pruned scales run eagerly)."""
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4)).requires_grad_(False)
-    var = VAR(vae, depth=2, width=32, num_heads=2, num_classes=3).eval()
+    var = VAR(vae, VARConfig(depth=2, width=32, num_heads=2, num_classes=3)).eval()
     for fast in (dict(), dict(cfg_until=2, prune=0.5)):
         options = dict(cfg=1.5, top_k=8, top_p=0.9, seed=0, **fast)
         eager = var.generate_tokens([0, 2, 3], **options)
@@ -199,8 +199,8 @@ def test_the_end_of_a_validation_builds_one_whole_weight_copy(tiny_var):
     module = VARModule(var=dict(depth=1, num_classes=3, width=32, num_heads=2), vae=tiny_var.vae, grid_classes=0,
                        lora={"r": 2, "alpha": 4})
     builds = []
-    build = module.build_transformer
-    module.build_transformer = lambda: builds.append(build()) or builds[-1]
+    build = module._plain_copy
+    module._plain_copy = lambda: builds.append(build()) or builds[-1]
     module._trainer = SimpleNamespace(validating=True)
     copies = []
     for _ in range(2):  # the FID callback, then the grid

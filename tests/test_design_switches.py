@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import varlib
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.layers import SelfAttention
 from varlib.models.raster_ar import RasterAR
 from varlib.models.text import SmallTextEncoder
@@ -18,7 +18,7 @@ def tiny_vae(patch_nums=(1, 2, 3, 4)):
 
 def tiny_var(**kwargs):
     torch.manual_seed(1)
-    var = VAR(tiny_vae(), depth=2, num_classes=5, width=64, num_heads=2, **kwargs).eval()
+    var = VAR(tiny_vae(), VARConfig(depth=2, num_classes=5, width=64, num_heads=2, **kwargs)).eval()
     with torch.no_grad():  # the official gamma init leaves the blocks almost idle: make them matter
         for p in var.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -61,16 +61,16 @@ def test_adaln_off_has_affine_layernorms_and_no_condition_projections():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(on) - count(off) == adaln_params - layernorm_params
     assert on.config["adaln"] and not off.config["adaln"]
-    fresh = VAR(tiny_vae(), depth=2, num_classes=5, width=64, num_heads=2, adaln=False)
+    fresh = VAR(tiny_vae(), VARConfig(depth=2, num_classes=5, width=64, num_heads=2, adaln=False))
     assert torch.equal(fresh.blocks[1].ln2.weight, torch.ones(C)) and torch.equal(fresh.head_nm.bias, torch.zeros(C))
 
 
 def test_adaln_off_rejects_shared_adaln_and_text():
     with pytest.raises(ValueError, match="adaln=False"):
-        VAR(tiny_vae(), depth=2, num_classes=5, width=64, num_heads=2, adaln=False, shared_aln=True)
+        VAR(tiny_vae(), VARConfig(depth=2, num_classes=5, width=64, num_heads=2, adaln=False, shared_aln=True))
     text = dict(type="text", encoder=SmallTextEncoder(width=16, depth=1, num_heads=2, max_length=32).config)
     with pytest.raises(ValueError, match="adaln=False takes class conditioning"):
-        VAR(tiny_vae(), depth=2, width=64, num_heads=2, adaln=False, conditioning=text)
+        VAR(tiny_vae(), VARConfig(depth=2, width=64, num_heads=2, adaln=False, conditioning=text))
 
 
 def test_switches_are_saved_and_files_without_them_load_as_today(tmp_path):
@@ -89,7 +89,7 @@ def test_switches_are_saved_and_files_without_them_load_as_today(tmp_path):
 def test_raster_ar_takes_the_adaln_switch():
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=(4,)).eval()
-    ar = RasterAR(vae, depth=1, num_classes=5, width=64, num_heads=2, adaln=False, attn_l2_norm=False).eval()
+    ar = RasterAR(vae, VARConfig(depth=1, num_classes=5, width=64, num_heads=2, adaln=False, attn_l2_norm=False)).eval()
     assert not any("ada_lin" in name for name, _ in ar.named_parameters())
     tokens = ar.generate_tokens([0, 1], seed=0, cfg=0, top_k=0, top_p=0)
     assert tokens.shape == (2, 16)

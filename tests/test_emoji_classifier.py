@@ -187,7 +187,7 @@ def test_varlib_evaluate_scores_with_the_emoji_classifier(classifier, tmp_path):
     vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8), ch_mult=(1, 1),
                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
     path = tmp_path / "tiny_var.safetensors"
-    varlib.save_var(varlib.VAR(vae, depth=1, num_classes=9, width=32, num_heads=2), path)
+    varlib.save_var(varlib.VAR(vae, varlib.VARConfig(depth=1, num_classes=9, width=32, num_heads=2)), path)
     reference_NHWC = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
     write_adm_npz(tmp_path / "reference.npz", reference_NHWC)
     config = compose_config("evaluate", [

@@ -31,7 +31,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     vae = varlib.MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 4, 8, 16), ch_mult=(1, 1),
                                  num_res_blocks=1, using_sa=False, using_mid_sa=False)
-    varlib.save_var(varlib.VAR(vae, depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2), root / "var.safetensors")
+    var = varlib.VAR(vae, varlib.VARConfig(depth=2, num_classes=NUM_CLASSES, width=64, num_heads=2))
+    varlib.save_var(var, root / "var.safetensors")
     reference_NHWC = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     write_adm_npz(root / "reference.npz", reference_NHWC)
     return {"root": root, "model": root / "var.safetensors", "reference": root / "reference.npz"}

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from varlib import VAR
+from varlib import VAR, VARConfig
 from varlib.models.sampling import PRUNED_SCALES, Draft, SamplingConfig
 
 LABELS = torch.tensor([3, 7, 1])
@@ -42,7 +42,7 @@ def model(tiny_models):
 def drafter(model):
     """A deeper random VAR on the same tokenizer: the draft model."""
     torch.manual_seed(0)
-    return VAR(model.vae, depth=3, num_classes=model.num_classes, width=128, num_heads=2).eval()
+    return VAR(model.vae, VARConfig(depth=3, num_classes=model.num_classes, width=128, num_heads=2)).eval()
 
 
 def test_neutral_values_sample_exactly_the_exact_sampler(model, drafter):
@@ -114,8 +114,8 @@ def test_draft_samples_the_first_scales_with_the_draft_model(model, drafter):
 
 def test_draft_needs_the_same_tokenizer_and_a_scale_count(model, drafter):
     var = model
-    other = VAR(var.vae, depth=1, num_classes=var.num_classes, width=64, num_heads=1,
-                patch_nums=(1,) + tuple(p + 1 for p in var.patch_nums[1:])).eval()
+    other = VAR(var.vae, VARConfig(depth=1, num_classes=var.num_classes, width=64, num_heads=1,
+                patch_nums=(1,) + tuple(p + 1 for p in var.patch_nums[1:]))).eval()
     with pytest.raises(ValueError, match="share the tokenizer and schedule"):
         tokens_of(var, draft=Draft(other, 1))
     with pytest.raises(ValueError, match=r"draft.scales must be an integer in \[0, "):

@@ -12,7 +12,7 @@ import varlib
 from varlib import load_official_vqvae
 from varlib.files.format import save_var
 from varlib.models.transfer import resize_class_embedding, resize_position_embedding, transfer_state
-from varlib.models.transformer import VAR
+from varlib.models.transformer import VAR, VARConfig
 from varlib.training.optim_schedules import decay_parameter_groups
 from varlib.training.var_module import VARModule
 
@@ -202,7 +202,7 @@ def test_raster_ar_init_from_changes_the_class_count(tmp_path):
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=16, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(4,),
                           using_sa=False, using_mid_sa=False, norm_groups=8)
-    source = RasterAR(vae, depth=1, num_classes=4, width=32, num_heads=2)
+    source = RasterAR(vae, VARConfig(depth=1, num_classes=4, width=32, num_heads=2))
     save_var(source, tmp_path / "ar.safetensors")
     module = RasterARModule(var={"depth": None, "width": None, "num_heads": None, "num_classes": 2}, vae=vae,
                             init_from=str(tmp_path / "ar.safetensors"), class_map={1: 3})
@@ -221,7 +221,7 @@ def test_fine_tuning_inherits_the_design_switches_the_finetune_experiment_leaves
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=16, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2),
                           using_sa=False, using_mid_sa=False, norm_groups=8)
-    source = VAR(vae, depth=1, num_classes=4, width=32, num_heads=2, adaln=False, attn_l2_norm=False)
+    source = VAR(vae, VARConfig(depth=1, num_classes=4, width=32, num_heads=2, adaln=False, attn_l2_norm=False))
     save_var(source, tmp_path / "bare.safetensors")
     var = dict(compose_config("train", ["experiment=var_finetune"]).model.var)
     assert var["adaln"] is None and var["attn_l2_norm"] is None

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from helpers.token_caches import tokenize_to_cache
 
 import varlib
-from varlib.models.transformer import VAR
+from varlib.models.transformer import VAR, VARConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4)).eval()
     varlib.save_tokenizer(vae, tmp / "tok.safetensors")
-    varlib.save_var(VAR(vae, depth=2, num_classes=5, width=64, num_heads=2), tmp / "pretrained.safetensors")
+    varlib.save_var(VAR(vae, VARConfig(depth=2, num_classes=5, width=64, num_heads=2)), tmp / "pretrained.safetensors")
     images, labels = torch.rand(24, 3, 64, 64) * 2 - 1, torch.arange(24) % 3
     batches = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, 24, 8)]
     tokenize_to_cache(vae, batches[:2], tmp / "cache", "train", num_classes=3)

@@ -12,7 +12,7 @@ import torch
 
 import varlib
 from varlib.files.format import OFFICIAL_TOKENIZER
-from varlib.models.transformer import VAR
+from varlib.models.transformer import VAR, VARConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
@@ -21,7 +21,7 @@ def tiny_var():
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=16, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
                           using_sa=False, using_mid_sa=False, norm_groups=8)
-    var = VAR(vae, depth=2, num_classes=3, width=32, num_heads=2).eval()
+    var = VAR(vae, VARConfig(depth=2, num_classes=3, width=32, num_heads=2)).eval()
     var.class_names = ["cat", "dog", "fox"]
     return var
 

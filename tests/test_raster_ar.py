@@ -35,7 +35,7 @@ def single_scale_vae(seed=0, patch_nums=(SIDE,)) -> MultiScaleVQVAE:
 def tiny_ar(seed=0, **kwargs) -> RasterAR:
     vae = single_scale_vae(seed)
     torch.manual_seed(seed)
-    model = RasterAR(vae, **{**TINY_AR, **kwargs}).eval()
+    model = RasterAR(vae, varlib.VARConfig(**{**TINY_AR, **kwargs})).eval()
     with torch.no_grad():  # the official init zeroes AdaLN gammas to 1e-5: make every path count in the tests
         for block in model.blocks:
             block.ada_lin[-1].weight.normal_(0, 0.05)
@@ -102,13 +102,15 @@ def test_sampling_filters_guidance_and_seeds():
 
 def test_same_blocks_and_non_embedding_parameters_as_var():
     ar = tiny_ar()
-    var = varlib.VAR(single_scale_vae(patch_nums=(1, 2, SIDE)), **TINY_AR)
+    var = varlib.VAR(single_scale_vae(patch_nums=(1, 2, SIDE)), varlib.VARConfig(**TINY_AR))
     assert ar.num_non_embedding_params() == var.num_non_embedding_params()
     block_shapes = lambda m: {k: v.shape for k, v in m.blocks.state_dict().items()}  # noqa: E731
     assert block_shapes(ar) == block_shapes(var)
     assert ar.flops_per_token() == 6 * ar.num_non_embedding_params() + 12 * 2 * 32 * (ar.L + 1) / 2
     with pytest.raises(ValueError, match="single-scale tokenizer"):
-        RasterAR(var.vae, **TINY_AR)
+        RasterAR(var.vae, varlib.VARConfig(**TINY_AR))
+    with pytest.raises(ValueError, match="RasterAR takes neither shared_aln, conditioning nor another patch_nums"):
+        RasterAR(ar.vae, varlib.VARConfig(**TINY_AR, shared_aln=True))
     with pytest.raises(ValueError, match="l <= L-1"):
         ar(torch.tensor([0]), torch.zeros(1, ar.L, dtype=torch.long))
 

@@ -44,7 +44,7 @@ from PIL import Image
 
 import varlib
 from varlib.models.sampling import SamplingConfig
-from varlib.models.transformer import VAR
+from varlib.models.transformer import VAR, VARConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -181,11 +181,11 @@ def stand_ins(tmp_path_factory) -> Path:
     vae = varlib.MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1,
                                  using_sa=False, using_mid_sa=False)
     torch.save(vae.state_dict(), root / "vae_ch160v4096z32.pth")
-    torch.save(VAR(vae, depth=1, width=64, num_heads=1, num_classes=1000).state_dict(), root / "var_d16.pth")
+    torch.save(VAR(vae, VARConfig(depth=1, width=64, num_heads=1, num_classes=1000)).state_dict(), root / "var_d16.pth")
     # make demo's files: a 32 px tokenizer (8x8 latent) and a VAR on the 9 emoji categories
     demo_vae = varlib.MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
                                       using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4, 8))
-    demo_var = VAR(demo_vae, depth=1, width=32, num_heads=1, num_classes=9)
+    demo_var = VAR(demo_vae, VARConfig(depth=1, width=32, num_heads=1, num_classes=9))
     demo_var.sampling = SamplingConfig(cfg=2.0, top_k=50, top_p=0.75)
     (root / "outputs" / "demo" / "tokenizer").mkdir(parents=True)
     (root / "outputs" / "demo" / "var").mkdir(parents=True)

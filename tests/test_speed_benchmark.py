@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.flops import per_token_linear_params, visible_keys_per_query
 from varlib.models.patch_schedules import PATCH_NUMS_256, PATCH_NUMS_512
 
@@ -40,7 +40,7 @@ def test_visible_keys_per_query_counts_the_block_causal_mask(patch_nums):
 
 def test_flops_per_token_counts_per_token_linears_only():
     vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3))
-    var = VAR(vae, depth=2, num_classes=10, width=32, num_heads=2)
+    var = VAR(vae, VARConfig(depth=2, num_classes=10, width=32, num_heads=2))
     C, V, Cv, depth = 32, 64, 8, 2
     per_block = (3 * C * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C)  # qkv (no bias), proj, fc1, fc2
     expected_N = (Cv * C + C) + depth * per_block + (C * V + V)  # word_embed, blocks, head

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, T5Config
 
 import varlib
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.data.emoji import emoji_caption, labelled_emoji_files, twemoji_png_dir
 from varlib.models.flops import per_token_linear_params
 from varlib.models.layers import AdaLNSelfAttn
@@ -46,7 +46,8 @@ def small_encoder(width: int = 16) -> SmallTextEncoder:
 
 def text_var(encoder: TextEncoder, **kwargs) -> VAR:
     torch.manual_seed(2)
-    return VAR(tiny_vae(), depth=2, width=32, num_heads=2, conditioning=dict(type="text", encoder=encoder), **kwargs)
+    text = dict(type="text", encoder=encoder)
+    return VAR(tiny_vae(), VARConfig(depth=2, width=32, num_heads=2, conditioning=text, **kwargs))
 
 
 def set_gates(var: VAR, value: float) -> None:
@@ -108,8 +109,8 @@ def test_drop_words_leaves_out_words_at_the_rate_and_keeps_one():
 
 def test_word_dropout_acts_in_training_mode_only_and_travels_in_the_model_file(tmp_path):
     torch.manual_seed(2)
-    var = VAR(tiny_vae(), depth=2, width=32, num_heads=2,
-              conditioning=dict(type="text", encoder=small_encoder().config, word_dropout=0.5))
+    var = VAR(tiny_vae(), VARConfig(depth=2, width=32, num_heads=2,
+              conditioning=dict(type="text", encoder=small_encoder().config, word_dropout=0.5)))
     prompts = ["cat face with wry smile"] * 4
     var.eval()
     torch.testing.assert_close(var.text_cond.prepare(prompts, None, var).pooled_BD,
@@ -124,8 +125,8 @@ def test_word_dropout_acts_in_training_mode_only_and_travels_in_the_model_file(t
     var.save_pretrained(tmp_path / "m")
     assert varlib.load(tmp_path / "m").text_cond.word_dropout == 0.5
     with pytest.raises(ValueError, match=r"word_dropout must lie in \[0, 1\), got 1.0"):
-        VAR(tiny_vae(), depth=2, width=32, num_heads=2,
-            conditioning=dict(type="text", encoder=small_encoder().config, word_dropout=1.0))
+        VAR(tiny_vae(), VARConfig(depth=2, width=32, num_heads=2,
+            conditioning=dict(type="text", encoder=small_encoder().config, word_dropout=1.0)))
 
 
 def test_small_encoder_shapes_padding_and_trainable():
@@ -230,7 +231,7 @@ def test_text_model_with_zero_gates_equals_the_class_model():
     its pooled projection, computes exactly the class model's logits and samples at step 0, whatever its text tokens."""
     torch.manual_seed(0)
     num_classes = 5
-    class_var = VAR(tiny_vae(), depth=2, num_classes=num_classes, width=32, num_heads=2).eval()
+    class_var = VAR(tiny_vae(), VARConfig(depth=2, num_classes=num_classes, width=32, num_heads=2)).eval()
     text = text_var(small_encoder(width=num_classes + 1)).eval()
     missing, unexpected = text.load_state_dict(class_var.state_dict(), strict=False)
     assert unexpected == ["class_emb.weight"]
@@ -267,14 +268,14 @@ def test_text_var_forward_shapes_state_and_config():
     assert var.num_classes == 0 and var.config["num_classes"] == 0
     assert var.config["conditioning"] == dict(type="text", encoder=var.text_cond.encoder.config, cross_attention=True,
                                               word_dropout=0.0)
-    pooled_only = VAR(tiny_vae(), depth=2, width=32, num_heads=2,
-                      conditioning=dict(type="text", encoder=small_encoder().config, cross_attention=False))
+    pooled_only = VAR(tiny_vae(), VARConfig(depth=2, width=32, num_heads=2,
+                      conditioning=dict(type="text", encoder=small_encoder().config, cross_attention=False)))
     assert not any("cross" in k for k in pooled_only.state_dict()) and pooled_only(PROMPTS, x).shape == (2, var.L, 16)
     with pytest.raises(ValueError, match="prompts"):
         var(torch.tensor([0, 1]), x)
     assert var.generate("red heart", batch_size=3, seed=0).shape == (3, 3, 6, 6)
     # N counts what runs on image tokens: the text encoder, pooled projection and cross-attention keys/values do not
-    class_var = VAR(tiny_vae(), depth=2, num_classes=3, width=32, num_heads=2)
+    class_var = VAR(tiny_vae(), VARConfig(depth=2, num_classes=3, width=32, num_heads=2))
     assert per_token_linear_params(var) == per_token_linear_params(class_var) + 2 * 2 * (32 * 32 + 32)
 
 
@@ -340,7 +341,7 @@ def test_text_dropout_swaps_in_the_null_text_at_the_rate():
 
 def test_class_model_negative_classes_replace_the_null_class():
     torch.manual_seed(0)
-    var = VAR(tiny_vae(), depth=2, num_classes=4, width=32, num_heads=2).eval()
+    var = VAR(tiny_vae(), VARConfig(depth=2, num_classes=4, width=32, num_heads=2)).eval()
     sample = dict(cfg=3.0, top_k=1, top_p=0.0, seed=0)
     plain = var.generate_tokens([0, 1], **sample).tokens
     assert all(torch.equal(a, b) for a, b in zip(plain, var.generate_tokens([0, 1], negative=4, **sample).tokens))

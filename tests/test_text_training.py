@@ -380,7 +380,7 @@ def test_a_killed_t2i_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_one(t
 @pytest.fixture(scope="module")
 def text_var_file(tmp_path_factory) -> Path:
     torch.manual_seed(2)
-    var = varlib.VAR(tiny_vae(), **TINY_TEXT_VAR)
+    var = varlib.VAR(tiny_vae(), varlib.VARConfig(**TINY_TEXT_VAR))
     with torch.no_grad():  # open gates, so the token features (and a negative prompt) reach the logits
         for block in var.blocks:
             block.cross_gate.fill_(1.0)
@@ -421,7 +421,7 @@ def test_varlib_sample_refuses_labels_for_text_and_prompts_for_class_models(text
         sample_to_files(compose_config("sample", base))
     with pytest.raises(ValueError, match="takes prompts, not labels"):
         sample_to_files(compose_config("sample", [*base, "prompts=[a]", "labels=[0]"]))
-    class_var = varlib.VAR(tiny_vae(), **dict(TINY_TEXT_VAR, num_classes=3, conditioning=None))
+    class_var = varlib.VAR(tiny_vae(), varlib.VARConfig(**dict(TINY_TEXT_VAR, num_classes=3, conditioning=None)))
     varlib.save_var(class_var, tmp_path / "class.safetensors")
     with pytest.raises(ValueError, match="prompts and negative are for a text-conditional model"):
         sample_to_files(compose_config("sample", [f"checkpoint={tmp_path / 'class.safetensors'}", "device=cpu",

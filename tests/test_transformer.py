@@ -6,7 +6,7 @@ import torch
 
 from helpers.manifests import manifest, meta_models, shapes
 
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.patch_schedules import PATCH_NUMS_512
 
 
@@ -37,7 +37,7 @@ def test_d36_shared_adaln_parameter_count():
 def test_official_init_statistics():
     vae = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), ch_mult=(1, 1, 2, 2, 4))
     torch.manual_seed(0)
-    var = VAR(vae, depth=4, num_classes=10, init_adaln_gamma=1e-3)
+    var = VAR(vae, VARConfig(depth=4, num_classes=10, init_adaln_gamma=1e-3))
     std = (1 / 256 / 3) ** 0.5
     assert abs(var.class_emb.weight.std().item() - std) < 0.1 * std
     assert abs(var.blocks[0].ffn.fc2.weight.std().item() - std / 8 ** 0.5) < 0.1 * std / 8 ** 0.5
@@ -66,7 +66,7 @@ def test_label_dropout_replaces_labels_by_the_null_class_at_the_configured_rate(
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(vocab_size=16, z_channels=4, ch=16, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2),
                           using_sa=False, using_mid_sa=False, norm_groups=8)
-    var = VAR(vae, depth=1, num_classes=10, width=32, num_heads=2, cond_drop_rate=rate)
+    var = VAR(vae, VARConfig(depth=1, num_classes=10, width=32, num_heads=2, cond_drop_rate=rate))
     rows = 4000
     labels = torch.arange(rows) % 10
     seen = []
@@ -142,3 +142,34 @@ def test_sample_per_class_seed_scheme_and_model_defaults(tiny_models):
     guided = sample_per_class(var, per_class=1, seed=5, cfg=var.sampling.cfg + 2.0)
     assert torch.equal(guided[:1], var.generate([0], seed=5, cfg=var.sampling.cfg + 2.0))
     assert not torch.equal(guided, images[::3])
+
+
+def test_var_config_resolves_the_depth_scaled_shape_and_checks_its_values():
+    config = VARConfig(depth=4, num_classes=10)
+    assert (config.width, config.num_heads, config.drop_path_rate) == (256, 4, pytest.approx(0.1 * 4 / 24))
+    assert VARConfig(depth=4, width=64, num_heads=2, patch_nums=[1, 2]).patch_nums == (1, 2)
+    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
+        VARConfig(depth=0)
+    with pytest.raises(ValueError, match=r"cond_drop_rate must be in \[0, 1\), got 1.0"):
+        VARConfig(cond_drop_rate=1.0)
+    with pytest.raises(ValueError, match="adaln=False takes class conditioning and no shared AdaLN"):
+        VARConfig(adaln=False, shared_aln=True)
+
+
+def test_var_config_from_dict_names_unknown_keys_and_defaults_missing_ones():
+    with pytest.raises(ValueError, match=r"unknown model.var keys \['attn_impl', 'dept'\]; expected some of \['depth'"):
+        VARConfig.from_dict({"dept": 2, "attn_impl": "auto"})
+    written_before_adaln = {"depth": 2, "num_classes": 3, "width": 64, "num_heads": 2}
+    config = VARConfig.from_dict(written_before_adaln, "var_config")
+    assert config.adaln and config.init_adaln_gamma == 1e-5 and config.cond_drop_rate == 0.1
+
+
+def test_a_var_records_its_config_as_built():
+    vae = MultiScaleVQVAE(vocab_size=16, z_channels=4, ch=16, ch_mult=(1, 1), num_res_blocks=1, patch_nums=(1, 2),
+                          using_sa=False, using_mid_sa=False, norm_groups=8)
+    config = VARConfig(depth=1, num_classes=10, width=32, num_heads=2, init_adaln_gamma=1e-3)
+    var = VAR(vae, config)
+    assert var.var_config.patch_nums == (1, 2) and var.var_config.conditioning == {"type": "class"}
+    assert var.config == {**config.to_dict(), "patch_nums": (1, 2), "conditioning": {"type": "class"}}
+    assert VARConfig.from_dict(var.config) == var.var_config
+    assert VAR(vae, var.var_config).config == var.config

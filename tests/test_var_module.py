@@ -42,7 +42,7 @@ class ImageData(L.LightningDataModule):
 
 
 def test_no_decay_groups_follow_the_official_set():
-    var = varlib.VAR(tiny_vae(), **TINY_VAR)
+    var = varlib.VAR(tiny_vae(), varlib.VARConfig(**TINY_VAR))
     decay, no_decay = decay_parameter_groups(var, 0.05)
     names = {id(p): n for n, p in var.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -140,16 +140,18 @@ def test_token_cache_round_trip_and_training(tmp_path):
 
 
 def test_module_passes_runtime_options_to_the_transformer():
-    module = VARModule(var={**TINY_VAR, "attn_impl": "dense"}, vae=tiny_vae(), activation_checkpointing=True)
+    module = VARModule(var=TINY_VAR, vae=tiny_vae(), attn_impl="dense", activation_checkpointing=True)
     assert module.var.activation_checkpointing and module.var.attn_impl == "dense"
     assert "attn_impl" not in module.var.config  # runtime settings are not saved with the weights
     with pytest.raises(ValueError, match="attn_impl must be one of"):
-        VARModule(var={**TINY_VAR, "attn_impl": "sparse"}, vae=tiny_vae())
+        VARModule(var=TINY_VAR, vae=tiny_vae(), attn_impl="sparse")
 
 
 def test_bad_configuration_fails_early(tmp_path):
     with pytest.raises(ValueError, match="depth must be >= 1"):
         VARModule(var={**TINY_VAR, "depth": 0}, vae=tiny_vae())
+    with pytest.raises(ValueError, match=r"unknown model.var keys \['attn_impl'\]"):  # a module setting
+        VARModule(var={**TINY_VAR, "attn_impl": "dense"}, vae=tiny_vae())
     with pytest.raises(ValueError, match="exactly one of tokenizer_path or vae"):
         VARModule(var=TINY_VAR)
     with pytest.raises(ValueError, match="lr > 0"):

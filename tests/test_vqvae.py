@@ -5,7 +5,7 @@ import torch
 
 from helpers.manifests import manifest, meta_models, shapes
 
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 
 
 def test_official_vqvae_layout_matches_manifest():
@@ -36,7 +36,7 @@ def test_schedule_must_end_at_latent_and_widths_fit_groupnorm():
     with pytest.raises(ValueError, match="last patch number must equal the latent side"):
         vae.quantize.f_to_tokens(torch.zeros(1, 8, 3, 3))
     with pytest.raises(ValueError, match="depth must be >= 1"):
-        VAR(vae, depth=0, num_classes=3)
+        VAR(vae, VARConfig(depth=0, num_classes=3))
 
 
 def test_other_schedules_round_trip():

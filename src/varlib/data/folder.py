@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from varlib.data.base import ImageDataModule
@@ -263,11 +263,3 @@ class ImageFolderDataModule(ImageDataModule):
                 self.skip_counters["val"],
                 FolderCaptions(self.val_split) if self.captions else None,
             )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return self.make_loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return self.make_loader(self.val_set, train=False)

@@ -329,6 +329,38 @@ class StreamLoader(DataLoader):
         self.started = False
 
 
+def check_splits_and_columns(path: str, splits: Mapping[str, Any], train_split: str, val_split: str | None,
+                             columns: Sequence[str | None]) -> None:
+    """Raises ValueError, naming what the dataset has, for a split or a column (None: not read) it does not have."""
+    for role, split in (("train_split", train_split), ("val_split", val_split)):
+        if split is not None and split not in splits:
+            hint = " (val_split=null divides the train split by a hash)" if role == "val_split" else ""
+            raise ValueError(f"{path} has no split {split!r} ({role}): it has {sorted(splits)}{hint}")
+    for split in {train_split, val_split} - {None}:
+        # a stream may know its columns only from its first row
+        features = splits[split].features or dict.fromkeys(next(iter(splits[split])))
+        missing = [column for column in columns if column is not None and column not in features]
+        if missing:
+            raise ValueError(f"{path} split {split!r} has no column {', '.join(map(repr, missing))}: it has "
+                             f"{sorted(features)} (set data.image_column, data.label_column or "
+                             f"data.caption_column)")
+
+
+def dataset_classes(path: str, train: Any, label_column: str | None,
+                    num_classes: int | None) -> tuple[int, list[str]]:
+    """(number of classes, their names): ``num_classes`` given (names "0", "1", ...), one flat class without a
+    label column, else the names of the train split's ``ClassLabel`` label column."""
+    if num_classes is not None:
+        return check_int_at_least("num_classes", num_classes, 1), [str(index) for index in range(num_classes)]
+    if label_column is None:
+        return 1, [FLAT_CLASS_NAME]
+    label_feature = (train.features or {}).get(label_column)
+    if isinstance(label_feature, import_datasets().ClassLabel):
+        return len(label_feature.names), list(label_feature.names)
+    raise ValueError(f"column {label_column!r} of {path} is {label_feature}, not a ClassLabel with class "
+                     f"names: set data.num_classes")
+
+
 class HFDataModule(ImageDataModule):
     """LightningDataModule over a Hugging Face dataset: batches of ``(images (B, 3, R, R) in [-1, 1], labels (B,))``
     (with ``captions``: ``(images, labels, captions (B str))``).
@@ -353,6 +385,9 @@ class HFDataModule(ImageDataModule):
     Raises ValueError before reading any image for a split or column the dataset does not have (naming those it
     has), or a Hub that cannot be reached.
     """
+
+    train_set: HFRowDataset | None = None
+    val_set: HFRowDataset | None = None
 
     def __init__(
         self,
@@ -381,55 +416,35 @@ class HFDataModule(ImageDataModule):
         class_balance: float = 0.0,
     ) -> None:
         super().__init__(batch_size, num_workers, image_size, hflip, shuffle_seed, class_balance)
+        self._set_reading_options(path, streaming, captions, val_fraction, split_seed, shuffle_buffer, rows_per_epoch)
+        splits = load_splits(path, name, data_files, data_dir, streaming, cache_dir)
+        read = {train_split, val_split} - {None}
+        check_splits_and_columns(path, splits, train_split, val_split,
+                                 [image_column, label_column, caption_column if captions else None])
+        self.train_split, self.val_split = train_split, val_split
+        self.num_classes, self.class_names = dataset_classes(path, splits[train_split], label_column, num_classes)
+        if isinstance((splits[train_split].features or {}).get(image_column), import_datasets().Image):
+            splits = {split: splits[split].cast_column(image_column, import_datasets().Image(decode=False))
+                      for split in read}
+        self.splits = splits
+        self.image_column = image_column
+        self.reader = RowReader(image_column, label_column, caption_column if captions else None, self.num_classes)
+
+    def _set_reading_options(self, path: str, streaming: bool, captions: bool, val_fraction: float, split_seed: int,
+                             shuffle_buffer: int, rows_per_epoch: int | None) -> None:
+        """Checks and keeps the options of how rows are read (raises ValueError for one out of its range)."""
         for flag, value in (("streaming", streaming), ("captions", captions)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be a bool, got {value!r}")
         if streaming and self.class_balance:
             raise ValueError(f"class_balance needs every label first: use streaming=false, got class_balance="
-                             f"{class_balance} with streaming=true")
+                             f"{self.class_balance} with streaming=true")
         self.path, self.streaming, self.captions = path, streaming, captions
         self.val_fraction = check_open_fraction("val_fraction", val_fraction)
         self.split_seed = check_int_at_least("split_seed", split_seed, 0)
         self.shuffle_buffer = check_int_at_least("shuffle_buffer", shuffle_buffer, 1)
         self.rows_per_epoch = None if rows_per_epoch is None else check_int_at_least("rows_per_epoch",
                                                                                       rows_per_epoch, 1)
-        splits = load_splits(path, name, data_files, data_dir, streaming, cache_dir)
-        for role, split in (("train_split", train_split), ("val_split", val_split)):
-            if split is not None and split not in splits:
-                hint = " (val_split=null divides the train split by a hash)" if role == "val_split" else ""
-                raise ValueError(f"{path} has no split {split!r} ({role}): it has {sorted(splits)}{hint}")
-        self.train_split, self.val_split = train_split, val_split
-        datasets = import_datasets()
-        columns = [image_column, label_column, caption_column if captions else None]
-        for split in {train_split, val_split} - {None}:
-            # a stream may know its columns only from its first row
-            features = splits[split].features or dict.fromkeys(next(iter(splits[split])))
-            missing = [column for column in columns if column is not None and column not in features]
-            if missing:
-                raise ValueError(f"{path} split {split!r} has no column {', '.join(map(repr, missing))}: it has "
-                                 f"{sorted(features)} (set data.image_column, data.label_column or "
-                                 f"data.caption_column)")
-        features = splits[train_split].features or {}
-        label_feature = None if label_column is None else features.get(label_column)
-        if num_classes is not None:
-            self.num_classes = check_int_at_least("num_classes", num_classes, 1)
-            self.class_names = [str(index) for index in range(num_classes)]
-        elif label_column is None:
-            self.num_classes, self.class_names = 1, [FLAT_CLASS_NAME]
-        elif isinstance(label_feature, datasets.ClassLabel):
-            self.class_names = list(label_feature.names)
-            self.num_classes = len(self.class_names)
-        else:
-            raise ValueError(f"column {label_column!r} of {path} is {label_feature}, not a ClassLabel with class "
-                             f"names: set data.num_classes")
-        if isinstance(features.get(image_column), datasets.Image):
-            splits = {split: splits[split].cast_column(image_column, datasets.Image(decode=False))
-                      for split in {train_split, val_split} - {None}}
-        self.splits = splits
-        self.image_column = image_column
-        self.reader = RowReader(image_column, label_column, caption_column if captions else None, self.num_classes)
-        self.train_set: HFRowDataset | None = None
-        self.val_set: HFRowDataset | None = None
 
     def split_source(self, split: str) -> tuple[Any, Callable[[Mapping[str, Any]], bool], str]:
         """The dataset holding ``split`` ("train" or "val"), the filter of its rows, and its name for messages."""
@@ -491,8 +506,7 @@ class HFDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if not self.streaming:
-            self.setup("fit")
-            return self.make_loader(self.train_set, train=True)
+            return super().train_dataloader()
         transform = ImageTransform(self.image_size, train=True, hflip=self.hflip)
         world_size, rank = world_and_rank(None, None)
         batches = self.epoch_rows() // (world_size * self.batch_size)
@@ -503,11 +517,9 @@ class HFDataModule(ImageDataModule):
                             world_size, rank, torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        transform = ImageTransform(self.image_size, train=False)
         if not self.streaming:
-            self.setup("validate")
-            return self.make_loader(self.val_set, train=False)
-        return self.make_loader(self.streamed_rows("val", transform), train=False)
+            return super().val_dataloader()
+        return self.make_loader(self.streamed_rows("val", ImageTransform(self.image_size, train=False)), train=False)
 
     def tokenizing_units(self, split: str, transform: Callable, shard_size: int) -> list[Unit]:
         """Streamed: one unit per shard of the stream (a file of a local builder; ``shard_size`` does not apply),

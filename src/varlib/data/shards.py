@@ -343,6 +343,20 @@ def shard_pipeline(
     return wds.DataPipeline(*stages)
 
 
+def check_shard_reading(indexed: bool, resampled: bool, samples_per_epoch: int | None) -> None:
+    """Raises ValueError for shard reading options that do not go together: resampling and a fixed epoch length
+    are for streamed (not indexed) shards, and resampling needs the epoch length."""
+    if samples_per_epoch is not None:
+        check_int_at_least("samples_per_epoch", samples_per_epoch, 1)
+    if resampled and samples_per_epoch is None:
+        raise ValueError("resampled=True streams forever: set samples_per_epoch to an int >= 1, got None")
+    if not isinstance(indexed, bool):
+        raise ValueError(f"indexed must be a bool, got {indexed!r}")
+    if indexed and (resampled or samples_per_epoch is not None):
+        raise ValueError("resampled and samples_per_epoch apply to streamed shards (indexed=false), got "
+                         f"resampled={resampled}, samples_per_epoch={samples_per_epoch} with indexed=true")
+
+
 class WebDatasetDataModule(ImageDataModule):
     """LightningDataModule of `(image, label)` samples (`(image, label, caption)` with `captions`) from WebDataset
     tar shards.
@@ -400,15 +414,7 @@ class WebDatasetDataModule(ImageDataModule):
         self.num_classes = check_int_at_least("num_classes", num_classes, 1)
         self.class_names = [str(index) for index in range(num_classes)]
         self.shuffle_buffer = check_int_at_least("shuffle_buffer", shuffle_buffer, 0)
-        if samples_per_epoch is not None:
-            check_int_at_least("samples_per_epoch", samples_per_epoch, 1)
-        if resampled and samples_per_epoch is None:
-            raise ValueError("resampled=True streams forever: set samples_per_epoch to an int >= 1, got None")
-        if not isinstance(indexed, bool):
-            raise ValueError(f"indexed must be a bool, got {indexed!r}")
-        if indexed and (resampled or samples_per_epoch is not None):
-            raise ValueError("resampled and samples_per_epoch apply to streamed shards (indexed=false), got "
-                             f"resampled={resampled}, samples_per_epoch={samples_per_epoch} with indexed=true")
+        check_shard_reading(indexed, resampled, samples_per_epoch)
         self.indexed = indexed
         if not image_keys or isinstance(image_keys, str):
             raise ValueError(f"image_keys must be a non-empty list of sample keys, got {image_keys!r}")

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -133,6 +133,24 @@ def _write_unit(vae, unit: Unit, path: Path, patch_nums, with_flip: bool, seed: 
     return shard["labels"].shape[0], skipped
 
 
+def unfinished_units(out: Path, split: str, units: Sequence[Unit], signature: Mapping[str, Any]) -> list[Unit]:
+    """The ``units`` whose shard in ``out`` is not written yet; raises ValueError for a finished shard written with
+    another ``signature`` (schedule, tokenizer size, crops, ...)."""
+    todo = []
+    for unit in units:
+        path = out / shard_name(split, unit.index)
+        if not path.is_file():
+            todo.append(unit)
+            continue
+        # shards written before captions existed have none
+        metadata = {"captions": False, "text_encoder": None, **read_shard_metadata(path)}
+        found = {k: v for k, v in metadata.items() if k in signature}
+        if found != signature:
+            raise ValueError(f"{path} was written by another tokenisation run ({found}); this run writes "
+                             f"{signature}: choose another out_dir")
+    return todo
+
+
 def tokenize_split(
     vae: MultiScaleVQVAE,
     units: Sequence[Unit],
@@ -169,18 +187,7 @@ def tokenize_split(
                  # as the metadata's JSON reads back (a Hugging Face config has int dict keys)
                  "text_encoder": None if text_encoder is None else json.loads(json.dumps(text_encoder.config))}
     mine = [unit for unit in units if unit.index % world_size == rank]
-    todo = []
-    for unit in mine:
-        path = out / shard_name(split, unit.index)
-        if not path.is_file():
-            todo.append(unit)
-            continue
-        # shards written before captions existed have none
-        metadata = {"captions": False, "text_encoder": None, **read_shard_metadata(path)}
-        found = {k: v for k, v in metadata.items() if k in signature}
-        if found != signature:
-            raise ValueError(f"{path} was written by another tokenisation run ({found}); this run writes "
-                             f"{signature}: choose another out_dir")
+    todo = unfinished_units(out, split, mine, signature)
     known = [u.size for u in todo]
     total = sum(known) if all(s is not None for s in known) else None
     counts = {"written": 0, "skipped": 0, "resumed": len(mine) - len(todo)}

@@ -5,7 +5,6 @@ The scaling-law records, fits and plots are :mod:`varlib.evaluation.scaling`, im
 
 from varlib.evaluation.adm_npz import (
     AdmNpzWriter,
-    check_uint8_nhwc,
     load_adm_npz,
     shuffle_permutation,
     to_uint8_nhwc,
@@ -58,7 +57,6 @@ __all__ = [
     "ReconstructionMetrics",
     "build_inception_extractor",
     "calibration_points",
-    "check_uint8_nhwc",
     "feature_statistics",
     "emoji_metric",
     "emoji_scores",

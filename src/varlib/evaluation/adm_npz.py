@@ -21,20 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from varlib.images import unit_float_to_uint8
+from varlib.images import check_uint8_images, unit_float_to_uint8
 
 ADM_ARRAY_KEY = "arr_0"
 _ROWS_PER_WRITE = 256
-
-
-def check_uint8_nhwc(images_NHWC: np.ndarray) -> None:
-    """Raise ValueError unless ``images_NHWC`` is a uint8 numpy array of shape (N, H, W, 3)."""
-    if not isinstance(images_NHWC, np.ndarray):
-        raise ValueError(f"expected a numpy array (N,H,W,3), got {type(images_NHWC).__name__}")
-    if images_NHWC.dtype != np.uint8:
-        raise ValueError(f"expected dtype uint8 (values 0..255), got {images_NHWC.dtype}")
-    if images_NHWC.ndim != 4 or images_NHWC.shape[3] != 3:
-        raise ValueError(f"expected shape (N,H,W,3), got {images_NHWC.shape}")
 
 
 def to_uint8_nhwc(images_BCHW: torch.Tensor) -> np.ndarray:
@@ -81,7 +71,7 @@ def write_adm_npz(path: str | Path, images_uint8_NHWC: np.ndarray, seed: int = 0
 
     ``.npz`` is appended to ``path`` if missing. Returns the written path.
     """
-    check_uint8_nhwc(images_uint8_NHWC)
+    check_uint8_images(images_uint8_NHWC, channels_last=True)
     if images_uint8_NHWC.shape[0] == 0:
         raise ValueError("expected at least one image, got N=0")
     path = _npz_path(path)
@@ -95,7 +85,7 @@ def load_adm_npz(path: str | Path) -> np.ndarray:
         if ADM_ARRAY_KEY not in archive:
             raise ValueError(f"{path}: expected key {ADM_ARRAY_KEY!r}, got {sorted(archive.keys())}")
         images_NHWC = archive[ADM_ARRAY_KEY]
-    check_uint8_nhwc(images_NHWC)
+    check_uint8_images(images_NHWC, channels_last=True)
     return images_NHWC
 
 
@@ -147,7 +137,7 @@ class AdmNpzWriter:
         if self.buffer is None:
             raise ValueError("the writer is closed")
         images_NHWC = to_uint8_nhwc(images) if isinstance(images, torch.Tensor) else images
-        check_uint8_nhwc(images_NHWC)
+        check_uint8_images(images_NHWC, channels_last=True)
         if images_NHWC.shape[1:] != self.buffer.shape[1:]:
             raise ValueError(f"expected images of size {self.buffer.shape[1:]}, got {images_NHWC.shape[1:]}")
         end = self.num_added + images_NHWC.shape[0]

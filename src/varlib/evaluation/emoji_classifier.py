@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from varlib.evaluation.generative_metrics import fid_from_features
-from varlib.evaluation.inception import check_uint8_images
+from varlib.images import check_uint8_images
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMOJI_CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "emoji_classifier.safetensors"

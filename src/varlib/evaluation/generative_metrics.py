@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from varlib.evaluation.inception import check_uint8_images
+from varlib.images import check_uint8_images
 
 
 def _as_float64_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -19,6 +19,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from varlib.images import check_uint8_images
+
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch-fidelity stores the same converted weights under this name in the torch hub cache.
 TORCH_FIDELITY_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -76,16 +78,6 @@ class InceptionV3Features(nn.Module):
         check_uint8_images(images_BCHW)
         features_BD, logits_BK = self.network(images_BCHW)
         return features_BD, logits_BK
-
-
-def check_uint8_images(images_BCHW: torch.Tensor) -> None:
-    """Raise ValueError unless ``images_BCHW`` is a uint8 tensor of shape (B, 3, H, W)."""
-    if not isinstance(images_BCHW, torch.Tensor):
-        raise ValueError(f"expected a torch.Tensor of uint8 images (B,3,H,W), got {type(images_BCHW).__name__}")
-    if images_BCHW.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images in [0,255], got dtype {images_BCHW.dtype}")
-    if images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(images_BCHW.shape)}")
 
 
 def inception_weights_candidates(weights_path: str | Path | None = None) -> list[Path]:

@@ -27,8 +27,8 @@ from torch import nn
 
 from varlib.configs import datamodule_config, instantiate_config
 from varlib.data.base import check_int_at_least, images_from_batch
-from varlib.evaluation.adm_npz import ADM_ARRAY_KEY, check_uint8_nhwc
-from varlib.images import signed_float_to_uint8
+from varlib.evaluation.adm_npz import ADM_ARRAY_KEY
+from varlib.images import check_uint8_images, signed_float_to_uint8
 from varlib.inference import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def load_reference(path: str | Path) -> ReferenceStatistics:
         raise ValueError(f"{path}: expected mu (D,) and sigma (D,D), got {mu.shape} and {sigma.shape}")
     images_NHWC = arrays.get(ADM_ARRAY_KEY)
     if images_NHWC is not None:
-        check_uint8_nhwc(images_NHWC)
+        check_uint8_images(images_NHWC, channels_last=True)
     return ReferenceStatistics(mu, sigma, images_NHWC)
 
 

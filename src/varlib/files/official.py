@@ -16,7 +16,7 @@ import torch
 from varlib.models.pretrained import load_strict
 from varlib.models.patch_schedules import PRESETS, sequence_length
 from varlib.models.sampling import SamplingConfig
-from varlib.models.transformer import VAR
+from varlib.models.transformer import VAR, VARConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 
 StateDict = Mapping[str, torch.Tensor]
@@ -92,7 +92,8 @@ def schedules_of_length(length: int, num_scales: int) -> list[tuple[int, ...]]:
 
 
 def var_config_from_state_dict(sd: StateDict, vae_patch_nums=None) -> dict:
-    """The ``VAR`` arguments implied by an official transformer state dict (depth, classes, AdaLN, schedule).
+    """The :class:`~varlib.models.transformer.VARConfig` fields implied by an official transformer state dict (depth,
+    classes, AdaLN, schedule).
 
     The schedule is the tokenizer's own when its length L matches ``pos_1LC``, else the preset that does, else the
     only increasing schedule of ``lvl_embed``'s scale count with that L (a file trained at another schedule than
@@ -127,15 +128,15 @@ def load_official_var(source: StateDict, vae: MultiScaleVQVAE, **overrides) -> V
     the weights; ``overrides`` replace any of them. ``sampling`` is set to the official FID settings.
     """
     sd = plain_state_dict(source, "load_official_var")
-    config = {**var_config_from_state_dict(sd, vae.patch_nums), **overrides}
-    if config["width"] != 64 * config["depth"] and "width" not in overrides:
-        raise ValueError(f"unexpected width {config['width']} for depth {config['depth']} (official: 64 * depth)")
+    config = VARConfig.from_dict({**var_config_from_state_dict(sd, vae.patch_nums), **overrides}, "load_official_var")
+    if config.width != 64 * config.depth and "width" not in overrides:
+        raise ValueError(f"unexpected width {config.width} for depth {config.depth} (official: 64 * depth)")
     if sd["word_embed.weight"].shape[1] != vae.z_channels or sd["head.weight"].shape[0] != vae.vocab_size:
         raise ValueError(
             f"checkpoint expects a tokenizer with Cvae={sd['word_embed.weight'].shape[1]} and V={sd['head.weight'].shape[0]}, "
             f"got Cvae={vae.z_channels} and V={vae.vocab_size}"
         )
-    var = VAR(vae, **config)
-    load_strict(var, sd, f"VAR(depth={config['depth']})")
+    var = VAR(vae, config)
+    load_strict(var, sd, f"VAR(depth={config.depth})")
     var.sampling = OFFICIAL_SAMPLING
     return var.eval()

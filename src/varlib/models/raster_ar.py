@@ -15,7 +15,7 @@ import torch
 
 from varlib.models.attention import BlockCausalAttention
 from varlib.models.sampling import as_labels, filter_top_k_top_p_
-from varlib.models.transformer import AdaLNTransformer
+from varlib.models.transformer import AdaLNTransformer, VARConfig
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
@@ -28,23 +28,24 @@ class RasterAR(AdaLNTransformer):
 
     Args:
         vae: a tokenizer with a single scale (``patch_nums == (side,)``); held by reference, as in VAR.
-        depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
-        num_classes: number of real classes; class ``num_classes`` is the null class.
-        shape: width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm,
-            adaln, cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer` (no shared AdaLN).
+        config: the architecture (:class:`~varlib.models.transformer.VARConfig`): class-conditional, without shared
+            AdaLN, on the tokenizer's one scale.
     """
 
     FILE_KIND, FILE_PREFIX = "raster_ar", "ar"
 
-    def __init__(self, vae: MultiScaleVQVAE, depth: int = 16, num_classes: int = 1000, **shape):
+    def __init__(self, vae: MultiScaleVQVAE, config: VARConfig = VARConfig()):
         if len(vae.patch_nums) != 1:
             raise ValueError(
                 f"RasterAR needs a single-scale tokenizer (patch_nums of one entry), got patch_nums {vae.patch_nums}"
             )
-        if {"scale_embedding", "shared_aln", "conditioning"} & shape.keys():
-            raise TypeError(f"RasterAR takes neither scale_embedding, shared_aln nor conditioning (VAR's; it is "
-                            f"class-conditional), got {sorted(shape)}")
-        super().__init__(vae, tuple(vae.patch_nums), depth, num_classes, **shape)
+        conditioning = dict(config.conditioning or {"type": "class"})
+        if config.shared_aln or conditioning != {"type": "class"} or config.patch_nums not in (None, vae.patch_nums):
+            raise ValueError(f"RasterAR takes neither shared_aln, conditioning nor another patch_nums (VAR's; it is "
+                             f"class-conditional on the tokenizer's one scale {vae.patch_nums}), got "
+                             f"shared_aln={config.shared_aln}, conditioning={config.conditioning}, "
+                             f"patch_nums={config.patch_nums}")
+        super().__init__(vae, config, tuple(vae.patch_nums))
         self.side = self.patch_nums[0]
         causal = torch.ones(self.L, self.L, dtype=torch.bool).tril()
         bias = torch.zeros(self.L, self.L).masked_fill_(~causal, float("-inf"))

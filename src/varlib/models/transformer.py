@@ -6,7 +6,8 @@ Shapes: B batch, L = sum pn^2 tokens, C width (= D condition width), V vocabular
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -14,27 +15,95 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from varlib.models.attention import BlockCausalAttention, resolve_attn_impl
-from varlib.models.conditioning import ClassConditioning, Conditioning, build_conditioning
+from varlib.models.conditioning import Conditioning, build_conditioning
 from varlib.models.layers import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, LNBeforeHead, LNSelfAttn, SharedAdaLin
 from varlib.models.editing import keep_masks_per_scale, token_grid_mask
 from varlib.models.flops import flops_per_token, per_token_linear_params
-from varlib.models.pretrained import PretrainedMixin
+from varlib.models.pretrained import PretrainedMixin, load_strict
 from varlib.models.patch_schedules import scale_slices, sequence_length, validate_patch_nums
 from varlib.models.sampling import Draft, SampleOutput, SamplingConfig, TokenConstraint, sample_token_maps
 from varlib.models.vqvae import MultiScaleVQVAE
 
 
-def depth_scaled_shape(depth: int) -> dict:
-    """The official depth-scaled shape: width 64*d, d heads of 64, drop-path 0.1*d/24."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    return dict(width=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24)
+@dataclass(frozen=True)
+class VARConfig:
+    """The architecture of a VAR (or of the raster-AR baseline): what builds the network, what its model file
+    records (``var_config``, :meth:`to_dict`) and what the Hydra node ``model.var`` holds (:meth:`from_dict`).
+
+    Args:
+        depth: number of blocks; ``width`` (64*depth), ``num_heads`` (depth) and ``drop_path_rate`` (0.1*depth/24),
+            the official depth-scaled shape, unless given.
+        num_classes: number of real classes (class conditioning; a text model records 0).
+        mlp_ratio, drop_rate, attn_drop_rate, norm_eps: the blocks.
+        attn_l2_norm: L2-normalised queries and keys with a learned per-head scale (the paper's Table 3 row
+            "+Attn. Norm."); off: the official code's plain attention, softmax scale 0.25/sqrt(head width).
+        cond_drop_rate: conditional dropout probability (to the null class or null text) in training mode.
+        adaln: the condition modulates every block's and the head's LayerNorm (AdaLN, Table 3 row "+AdaLN");
+            off: affine LayerNorms and the condition reaches the model only through the start token (rows "AR" and
+            "AR to VAR"); class conditioning only, no shared AdaLN.
+        shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px VAR).
+        patch_nums: the token-map schedule; None: the tokenizer's.
+        conditioning: None (class labels) or a conditioning spec (see
+            :func:`~varlib.models.conditioning.build_conditioning`), e.g. text with an encoder; text adds a
+            cross-attention to every block.
+        init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
+    """
+
+    depth: int = 16
+    num_classes: int = 1000
+    width: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float | None = None
+    norm_eps: float = 1e-6
+    attn_l2_norm: bool = True
+    cond_drop_rate: float = 0.1
+    adaln: bool = True
+    shared_aln: bool = False
+    patch_nums: tuple[int, ...] | None = None
+    conditioning: Mapping | None = None
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
+    init_std: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.depth is None or self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if not 0.0 <= self.cond_drop_rate < 1.0:
+            raise ValueError(f"cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}")
+        conditioning_type = dict(self.conditioning or {"type": "class"}).get("type")
+        if not self.adaln and (self.shared_aln or conditioning_type != "class"):
+            raise ValueError(f"adaln=False takes class conditioning and no shared AdaLN, got "
+                             f"shared_aln={self.shared_aln}, conditioning={self.conditioning}")
+        depth_scaled = dict(width=64 * self.depth, num_heads=self.depth, drop_path_rate=0.1 * self.depth / 24)
+        for name, value in depth_scaled.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.patch_nums is not None:
+            object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], section: str = "model.var") -> VARConfig:
+        """The config of a plain mapping (a Hydra node, a file's ``var_config``): keys left out take the defaults
+        (files written before a field existed), unknown keys are a ValueError naming them and ``section``."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {section} keys {unknown}; expected some of {known}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a mapping (the model's ``config``, its file's ``var_config``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class AdaLNTransformer(PretrainedMixin, nn.Module):
-    """What VAR and the raster-AR baseline share: the shape and its checks, the input embeddings, the AdaLN blocks
-    and head, the official initialisation, the conditioning and its dropout, and the frozen tokenizer held by
-    reference.
+    """What VAR and the raster-AR baseline share: the architecture of a :class:`VARConfig`, the input embeddings,
+    the AdaLN blocks and head, the official initialisation, the conditioning and its dropout, and the frozen tokenizer
+    held by reference.
 
     Modules, in the official order (the random initialisation depends on it): ``word_embed`` (Cvae -> C),
     the conditioning (:mod:`varlib.models.conditioning`): ``class_emb`` (num_classes + 1 rows, the last the null
@@ -45,101 +114,61 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
 
     Args:
         vae: the frozen tokenizer whose codebook defines the token space.
+        config: the architecture; :attr:`var_config` is it as built (the schedule, class count and conditioning
+            spec resolved), :attr:`config` its plain mapping.
         patch_nums: the token-map schedule (validated by the subclass); L = sum pn^2.
-        depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
-        num_classes: number of real classes (class conditioning).
-        conditioning: None (class labels) or a conditioning spec (see
-            :func:`~varlib.models.conditioning.build_conditioning`), e.g. text with an encoder; text adds a
-            cross-attention to every block.
-        width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps: the blocks.
-        attn_l2_norm: L2-normalised queries and keys with a learned per-head scale (the paper's Table 3 row
-            "+Attn. Norm."); off: the official code's plain attention, softmax scale 0.25/sqrt(head width).
-        adaln: the class condition modulates every block's and the head's LayerNorm (AdaLN, Table 3 row "+AdaLN");
-            off: affine LayerNorms (:class:`~varlib.models.layers.LNSelfAttn`) and the condition reaches the model
-            only through the start token (rows "AR" and "AR to VAR"); class conditioning only.
-        cond_drop_rate: conditional dropout probability (to the null class or null text) in training mode (never
-            applied in eval mode).
-        init_adaln, init_adaln_gamma, init_head, init_std: the official initialisation (init_std < 0: sqrt(1/(3C))).
         scale_embedding: a learned embedding per scale added to every token (VAR's ``lvl_embed``).
-        shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px VAR).
     """
 
-    def __init__(
-        self,
-        vae: MultiScaleVQVAE,
-        patch_nums: tuple[int, ...],
-        depth: int = 16,
-        num_classes: int = 1000,
-        *,
-        width: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float | None = None,
-        norm_eps: float = 1e-6,
-        attn_l2_norm: bool = True,
-        cond_drop_rate: float = 0.1,
-        init_adaln: float = 0.5,
-        init_adaln_gamma: float = 1e-5,
-        init_head: float = 0.02,
-        init_std: float = -1.0,
-        scale_embedding: bool = False,
-        shared_aln: bool = False,
-        conditioning: Mapping | None = None,
-        adaln: bool = True,
-    ):
+    def __init__(self, vae: MultiScaleVQVAE, config: VARConfig, patch_nums: tuple[int, ...],
+                 scale_embedding: bool = False):
         super().__init__()
-        shape = depth_scaled_shape(depth)
-        width = shape["width"] if width is None else width
-        num_heads = shape["num_heads"] if num_heads is None else num_heads
-        drop_path_rate = shape["drop_path_rate"] if drop_path_rate is None else drop_path_rate
-        if not 0.0 <= cond_drop_rate < 1.0:
-            raise ValueError(f"cond_drop_rate must be in [0, 1), got {cond_drop_rate}")
+        width = config.width
         self._vae = (vae,)
         self.patch_nums = patch_nums
         self.L = sequence_length(patch_nums)
-        self.depth, self.width, self.num_heads = depth, width, num_heads
-        self.cond_drop_rate = cond_drop_rate
+        self.depth, self.width, self.num_heads = config.depth, width, config.num_heads
+        self.cond_drop_rate, self.adaln = config.cond_drop_rate, config.adaln
         self.vocab_size, self.code_channels = vae.vocab_size, vae.z_channels
-        self.config = dict(depth=depth, num_classes=num_classes, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
-                           norm_eps=norm_eps, attn_l2_norm=attn_l2_norm, cond_drop_rate=cond_drop_rate, adaln=adaln)
-        self.adaln = adaln
         self.sampling = SamplingConfig()  # recommended generate() settings; model files carry them
 
         self.word_embed = nn.Linear(self.code_channels, width)
-        cond_module = build_conditioning(conditioning, num_classes, width)
-        if not adaln and (shared_aln or not isinstance(cond_module, ClassConditioning)):
-            raise ValueError(f"adaln=False takes class conditioning and no shared AdaLN, got shared_aln={shared_aln}, "
-                             f"conditioning={cond_module.spec}")
+        cond_module = build_conditioning(config.conditioning, config.num_classes, width)
         # registered under its own name: class models keep the official key class_emb.weight
         self.add_module(cond_module.ATTRIBUTE, cond_module)
         self._conditioning_name = cond_module.ATTRIBUTE
-        self.num_classes = self.config["num_classes"] = cond_module.num_classes
+        self.num_classes = cond_module.num_classes
+        self.var_config = replace(config, num_classes=self.num_classes, patch_nums=patch_nums,
+                                  conditioning=cond_module.spec)
         self.pos_start = nn.Parameter(torch.empty(1, 1, width))
         self.pos_1LC = nn.Parameter(torch.empty(1, self.L, width))
         if scale_embedding:
             self.lvl_embed = nn.Embedding(len(patch_nums), width)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(width, 6 * width)) if shared_aln else nn.Identity()
-        drop_path = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        if adaln:
-            self.blocks = nn.ModuleList(
-                AdaLNSelfAttn(width, width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                              drop_path=drop_path[i], norm_eps=norm_eps, shared_aln=shared_aln,
-                              attn_l2_norm=attn_l2_norm, cross_attn_dim=cond_module.context_dim)
-                for i in range(depth)
-            )
-            self.head_nm = AdaLNBeforeHead(width, width, norm_eps)
-        else:
-            self.blocks = nn.ModuleList(
-                LNSelfAttn(width, num_heads, mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                           drop_path=drop_path[i], norm_eps=norm_eps, attn_l2_norm=attn_l2_norm)
-                for i in range(depth)
-            )
-            self.head_nm = LNBeforeHead(width, eps=norm_eps)
+        self.shared_ada_lin = (nn.Sequential(nn.SiLU(), SharedAdaLin(width, 6 * width)) if config.shared_aln
+                               else nn.Identity())
+        self.blocks = nn.ModuleList(self._new_block(config, i, cond_module.context_dim) for i in range(config.depth))
+        self.head_nm = AdaLNBeforeHead(width, width, config.norm_eps) if self.adaln else LNBeforeHead(
+            width, eps=config.norm_eps)
         self.head = nn.Linear(width, self.vocab_size)
-        self.init_weights(init_adaln, init_adaln_gamma, init_head, math.sqrt(1 / width / 3) if init_std < 0 else init_std)
+        init_std = math.sqrt(1 / width / 3) if config.init_std < 0 else config.init_std
+        self.init_weights(config.init_adaln, config.init_adaln_gamma, config.init_head, init_std)
+
+    @staticmethod
+    def _new_block(config: VARConfig, index: int, context_dim: int | None) -> nn.Module:
+        """Block ``index``: AdaLN (cross-attending to ``context_dim`` features when given) or, with ``adaln`` off,
+        affine LayerNorms; drop-path grows linearly from 0 to ``drop_path_rate`` over the depth."""
+        drop_path = config.drop_path_rate * index / (config.depth - 1) if config.depth > 1 else 0.0
+        common = dict(drop=config.drop_rate, attn_drop=config.attn_drop_rate, drop_path=drop_path,
+                      norm_eps=config.norm_eps, attn_l2_norm=config.attn_l2_norm)
+        if config.adaln:
+            return AdaLNSelfAttn(config.width, config.width, config.num_heads, config.mlp_ratio,
+                                 shared_aln=config.shared_aln, cross_attn_dim=context_dim, **common)
+        return LNSelfAttn(config.width, config.num_heads, config.mlp_ratio, **common)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The architecture as a plain mapping (:meth:`VARConfig.to_dict` of :attr:`var_config`)."""
+        return self.var_config.to_dict()
 
     @property
     def vae(self) -> MultiScaleVQVAE:
@@ -159,12 +188,16 @@ class AdaLNTransformer(PretrainedMixin, nn.Module):
     class_names: list[str] | None = None
 
     @classmethod
-    def from_config(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor] | None = None, *,
+    def from_config(cls, config: Mapping | VARConfig, state_dict: Mapping[str, torch.Tensor] | None = None, *,
                     vae: MultiScaleVQVAE, sampling: Mapping | None = None, class_names: list[str] | None = None):
-        """The transformer on ``vae`` (see :meth:`PretrainedMixin.from_config`); ``sampling``, the recommended
-        settings as a model file's plain mapping, replaces the defaults when given, and ``class_names`` names the
-        classes."""
-        model = super().from_config(config, state_dict, vae=vae)
+        """The transformer on ``vae`` with the architecture ``config`` (a :class:`VARConfig`, or a file's
+        ``var_config`` mapping) and every weight of ``state_dict`` when given; ``sampling``, the recommended settings
+        as a model file's plain mapping, replaces the defaults when given, and ``class_names`` names the classes."""
+        if not isinstance(config, VARConfig):
+            config = VARConfig.from_dict(config, f"{cls.FILE_PREFIX}_config")
+        model = cls(vae, config)
+        if state_dict is not None:
+            load_strict(model, state_dict, cls.__name__)
         if sampling is not None:
             model.sampling = SamplingConfig.from_dict(sampling)
         if class_names is not None:
@@ -266,43 +299,23 @@ class VAR(AdaLNTransformer):
 
     Args:
         vae: the tokenizer whose codebook and phi convolutions define the token space.
-        depth: number of blocks; width, heads and drop-path follow :func:`depth_scaled_shape` unless given.
-        num_classes: number of real classes (class conditioning; a text model records 0).
-        conditioning: None (class labels) or ``{"type": "text", "encoder": <TextEncoder or its config>,
-            "cross_attention": True}`` (see :func:`~varlib.models.conditioning.build_conditioning`); the config
-            records it.
-        patch_nums: the token-map schedule (default: the tokenizer's).
-        shared_aln: one shared AdaLN projection plus per-block offsets (the official 512px model).
+        config: the architecture (:class:`VARConfig`; the default: VAR-d16 on ImageNet's 1000 classes, the
+            tokenizer's schedule).
         attn_impl: teacher-forced attention, ``auto`` (the fastest exact one for the device: FlexAttention on
             CUDA, per-scale key prefixes elsewhere), ``dense`` (the masked reference), ``prefix`` or ``flex``;
             see :mod:`varlib.models.attention`. A runtime setting, not saved with the weights.
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             storing them (training with gradients only); also a runtime setting.
-        shape: width, num_heads, mlp_ratio, drop_rate, attn_drop_rate, drop_path_rate, norm_eps, attn_l2_norm,
-            adaln, cond_drop_rate and the official initialisation, as :class:`AdaLNTransformer`.
     """
 
     FILE_KIND, FILE_PREFIX = "var", "var"
 
-    def __init__(
-        self,
-        vae: MultiScaleVQVAE,
-        depth: int = 16,
-        num_classes: int = 1000,
-        *,
-        patch_nums: Sequence[int] | None = None,
-        shared_aln: bool = False,
-        conditioning: Mapping | None = None,
-        attn_impl: str = "auto",
-        activation_checkpointing: bool = False,
-        **shape,
-    ):
-        patch_nums = validate_patch_nums(vae.patch_nums if patch_nums is None else patch_nums)
+    def __init__(self, vae: MultiScaleVQVAE, config: VARConfig = VARConfig(), *, attn_impl: str = "auto",
+                 activation_checkpointing: bool = False):
+        patch_nums = validate_patch_nums(vae.patch_nums if config.patch_nums is None else config.patch_nums)
         if len(patch_nums) != len(vae.patch_nums):
             raise ValueError(f"the schedule {patch_nums} must have as many scales as the tokenizer's {vae.patch_nums}")
-        super().__init__(vae, patch_nums, depth, num_classes, scale_embedding=True, shared_aln=shared_aln,
-                         conditioning=conditioning, **shape)
-        self.config.update(shared_aln=shared_aln, patch_nums=self.patch_nums, conditioning=self.conditioning.spec)
+        super().__init__(vae, config, patch_nums, scale_embedding=True)
         level_1L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)]).view(1, self.L)
         self.register_buffer("lvl_1L", level_1L)
         # Additive block-causal mask (0 where key scale <= query scale, -inf elsewhere), kept persistent
@@ -487,22 +500,8 @@ class VAR(AdaLNTransformer):
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)
 
     @torch.no_grad()
-    def edit(
-        self,
-        images: torch.Tensor,
-        keep_mask: torch.Tensor,
-        labels,
-        cfg: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = 0,
-        more_smooth: bool = False,
-        negative=None,
-        cfg_until: int | None = None,
-        prune: float | None = None,
-        stop_after: int | None = None,
-        draft: Draft | None = None,
-    ) -> torch.Tensor:
+    def edit(self, images: torch.Tensor, keep_mask: torch.Tensor, labels, seed: int | None = 0,
+             **options) -> torch.Tensor:
         """Zero-shot in-painting, out-painting or class- or text-conditional editing (the official method).
 
         The ground-truth tokens of ``images`` are teacher-forced wherever ``keep_mask`` is 1 at every
@@ -514,8 +513,9 @@ class VAR(AdaLNTransformer):
                 it (e.g. the image resolution). See ``varlib.models.editing.box_keep_mask``.
             labels: classes or prompts as in :meth:`generate` (one is used for every image); ``num_classes``
                 (null) for unconditional in-/out-painting.
-            cfg, top_k, top_p, more_smooth, negative, cfg_until, prune, stop_after, draft: as :meth:`generate`
-                (left out: the model's :attr:`sampling`).
+            seed: seeds a private ``torch.Generator``.
+            options: ``cfg``, ``top_k``, ``top_p``, ``more_smooth``, ``negative``, ``cfg_until``, ``prune``,
+                ``stop_after``, ``draft``, as :meth:`generate` (left out: the model's :attr:`sampling`).
         Returns:
             (B,3,H,W) edited images in [0,1].
         """
@@ -525,7 +525,6 @@ class VAR(AdaLNTransformer):
         if grid.shape[0] not in (1, B):
             raise ValueError(f"keep mask batch {grid.shape[0]} does not match the {B} images")
         keep = [m.expand(B, -1, -1) for m in keep_masks_per_scale(grid, self.patch_nums)]
-        out = self.generate_tokens(labels, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, more_smooth=more_smooth,
-                                   batch_size=B, constraint=TokenConstraint(tokens, keep), negative=negative,
-                                   cfg_until=cfg_until, prune=prune, stop_after=stop_after, draft=draft)
+        out = self.generate_tokens(labels, seed=seed, batch_size=B, constraint=TokenConstraint(tokens, keep),
+                                   **options)
         return self.vae.fhat_to_img(out.f_hat).add_(1).mul_(0.5)

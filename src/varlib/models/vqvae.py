@@ -5,6 +5,7 @@ The module tree and parameter names follow the official ``VQVAE`` so official ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -80,13 +81,33 @@ class Upsample2x(nn.Module):
         return self.conv(F.interpolate(x_BChw, scale_factor=2, mode="nearest"))
 
 
-def _level(blocks: list[nn.Module], attns: list[nn.Module], resample: nn.Module | None) -> nn.Module:
+def _level(channels_in: int, channels: int, num_blocks: int, dropout: float, norm_groups: int, attention: bool,
+           resample: type[nn.Module] | None) -> nn.Module:
+    """One resolution level: ``num_blocks`` ResnetBlocks (channels_in -> channels, then channels -> channels), each
+    followed by self-attention when ``attention``, then ``resample`` (Downsample2x or Upsample2x) when given."""
+    blocks, attns = [], []
+    for i in range(num_blocks):
+        blocks.append(ResnetBlock(channels_in if i == 0 else channels, channels, dropout, norm_groups))
+        if attention:
+            attns.append(AttnBlock(channels, norm_groups))
     level = nn.Module()
     level.block = nn.ModuleList(blocks)
     level.attn = nn.ModuleList(attns)
     if resample is not None:
-        level.add_module("downsample" if isinstance(resample, Downsample2x) else "upsample", resample)
+        level.add_module("downsample" if resample is Downsample2x else "upsample", resample(channels))
     return level
+
+
+def _forward_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A level of :func:`_level`: its blocks (each with its attention, when it has them), then its resampling."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    for name in ("downsample", "upsample"):
+        if hasattr(level, name):
+            h = getattr(level, name)(h)
+    return h
 
 
 def _mid(channels: int, dropout: float, using_mid_sa: bool, norm_groups: int) -> nn.Module:
@@ -97,50 +118,46 @@ def _mid(channels: int, dropout: float, using_mid_sa: bool, norm_groups: int) ->
     return mid
 
 
+@dataclass(frozen=True)
+class CNNShape:
+    """The shape of the tokenizer's encoder and decoder CNNs (see :class:`MultiScaleVQVAE`)."""
+
+    ch: int
+    ch_mult: Sequence[int]
+    num_res_blocks: int
+    z_channels: int
+    dropout: float = 0.0
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    norm_groups: int = OFFICIAL_NORM_GROUPS
+
+
 class Encoder(nn.Module):
     """Image (B,3,H,W) -> latent (B,z,H/2^(n-1),W/2^(n-1)) with n = len(ch_mult) levels.
 
     Each level has ``num_res_blocks`` ResnetBlocks; self-attention follows each block of the last level.
     """
 
-    def __init__(
-        self,
-        ch: int,
-        ch_mult: Sequence[int],
-        num_res_blocks: int,
-        z_channels: int,
-        in_channels: int = 3,
-        dropout: float = 0.0,
-        using_sa: bool = True,
-        using_mid_sa: bool = True,
-        norm_groups: int = OFFICIAL_NORM_GROUPS,
-    ):
+    def __init__(self, shape: CNNShape, in_channels: int = 3):
         super().__init__()
+        ch, ch_mult, num_res_blocks, dropout, norm_groups = (shape.ch, shape.ch_mult, shape.num_res_blocks,
+                                                             shape.dropout, shape.norm_groups)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
         self.down = nn.ModuleList()
         block_in = ch
         for i_level, mult in enumerate(ch_mult):
             last = i_level == len(ch_mult) - 1
-            blocks, attns = [], []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, ch * mult, dropout, norm_groups))
-                block_in = ch * mult
-                if last and using_sa:
-                    attns.append(AttnBlock(block_in, norm_groups))
-            self.down.append(_level(blocks, attns, None if last else Downsample2x(block_in)))
-        self.mid = _mid(block_in, dropout, using_mid_sa, norm_groups)
+            self.down.append(_level(block_in, ch * mult, num_res_blocks, dropout, norm_groups,
+                                    last and shape.using_sa, None if last else Downsample2x))
+            block_in = ch * mult
+        self.mid = _mid(block_in, dropout, shape.using_mid_sa, norm_groups)
         self.norm_out = group_norm(block_in, norm_groups)
-        self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
+        self.conv_out = nn.Conv2d(block_in, shape.z_channels, 3, 1, 1)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x_BChw)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = _forward_level(level, h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -152,31 +169,19 @@ class Decoder(nn.Module):
     ResnetBlocks; self-attention follows each block of the coarsest level.
     """
 
-    def __init__(
-        self,
-        ch: int,
-        ch_mult: Sequence[int],
-        num_res_blocks: int,
-        z_channels: int,
-        out_channels: int = 3,
-        dropout: float = 0.0,
-        using_sa: bool = True,
-        using_mid_sa: bool = True,
-        norm_groups: int = OFFICIAL_NORM_GROUPS,
-    ):
+    def __init__(self, shape: CNNShape, out_channels: int = 3):
         super().__init__()
+        ch, ch_mult, num_res_blocks, dropout, norm_groups = (shape.ch, shape.ch_mult, shape.num_res_blocks,
+                                                             shape.dropout, shape.norm_groups)
         block_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = _mid(block_in, dropout, using_mid_sa, norm_groups)
+        self.conv_in = nn.Conv2d(shape.z_channels, block_in, 3, 1, 1)
+        self.mid = _mid(block_in, dropout, shape.using_mid_sa, norm_groups)
         levels = []
         for i_level in reversed(range(len(ch_mult))):
-            blocks, attns = [], []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, ch * ch_mult[i_level], dropout, norm_groups))
-                block_in = ch * ch_mult[i_level]
-                if i_level == len(ch_mult) - 1 and using_sa:
-                    attns.append(AttnBlock(block_in, norm_groups))
-            levels.insert(0, _level(blocks, attns, Upsample2x(block_in) if i_level != 0 else None))
+            coarsest = i_level == len(ch_mult) - 1
+            levels.insert(0, _level(block_in, ch * ch_mult[i_level], num_res_blocks + 1, dropout, norm_groups,
+                                    coarsest and shape.using_sa, Upsample2x if i_level != 0 else None))
+            block_in = ch * ch_mult[i_level]
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, 1, 1)
@@ -184,18 +189,27 @@ class Decoder(nn.Module):
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = _forward_level(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @property
     def last_layer_weight(self) -> torch.Tensor:
         """The output conv's weight, for the adaptive GAN weight."""
         return self.conv_out.weight
+
+
+def check_shape(vocab_size: int, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
+                norm_groups: int) -> None:
+    """Raises ValueError for a tokenizer shape that cannot be built."""
+    if norm_groups < 1 or any(ch * m % norm_groups for m in ch_mult):
+        raise ValueError(
+            f"every CNN width ch*ch_mult must be a multiple of norm_groups={norm_groups}, "
+            f"got ch={ch}, ch_mult={tuple(ch_mult)}"
+        )
+    if vocab_size < 2 or z_channels < 1 or num_res_blocks < 1:
+        raise ValueError(
+            f"expected vocab_size >= 2, z_channels >= 1, num_res_blocks >= 1; got {vocab_size}, {z_channels}, {num_res_blocks}"
+        )
 
 
 class MultiScaleVQVAE(PretrainedMixin, nn.Module):
@@ -233,16 +247,7 @@ class MultiScaleVQVAE(PretrainedMixin, nn.Module):
         norm_groups: int = OFFICIAL_NORM_GROUPS,
     ):
         super().__init__()
-        widths = {ch * m for m in ch_mult}
-        if norm_groups < 1 or any(w % norm_groups for w in widths):
-            raise ValueError(
-                f"every CNN width ch*ch_mult must be a multiple of norm_groups={norm_groups}, "
-                f"got ch={ch}, ch_mult={tuple(ch_mult)}"
-            )
-        if vocab_size < 2 or z_channels < 1 or num_res_blocks < 1:
-            raise ValueError(
-                f"expected vocab_size >= 2, z_channels >= 1, num_res_blocks >= 1; got {vocab_size}, {z_channels}, {num_res_blocks}"
-            )
+        check_shape(vocab_size, z_channels, ch, ch_mult, num_res_blocks, norm_groups)
         self.vocab_size, self.z_channels, self.in_channels = vocab_size, z_channels, in_channels
         self.patch_nums = validate_patch_nums(patch_nums)
         self.downsample = 2 ** (len(ch_mult) - 1)
@@ -251,8 +256,8 @@ class MultiScaleVQVAE(PretrainedMixin, nn.Module):
         self.config = dict(vocab_size=vocab_size, patch_nums=self.patch_nums, beta=beta, quant_resi=quant_resi,
                            share_quant_resi=share_quant_resi, in_channels=in_channels, **cnn)
         self.config["ch_mult"] = tuple(ch_mult)
-        self.encoder = Encoder(in_channels=in_channels, **cnn)
-        self.decoder = Decoder(out_channels=in_channels, **cnn)
+        self.encoder = Encoder(CNNShape(**cnn), in_channels)
+        self.decoder = Decoder(CNNShape(**cnn), out_channels=in_channels)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, 1, 1)
         num_phi = share_quant_resi if share_quant_resi > 0 else len(self.patch_nums)

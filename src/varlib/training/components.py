@@ -43,3 +43,12 @@ def build_component(factory: partial, section: str, *args: Any, **kwargs: Any) -
     except (TypeError, ValueError) as error:
         target = f"{factory.func.__module__}.{factory.func.__qualname__}"
         raise ValueError(f"bad {section} config for {target} with {factory.keywords}: {error}") from error
+
+
+def construct(cls: type, kwargs: Mapping[str, Any], section: str) -> Any:
+    """``cls(**kwargs)`` of a node without ``_target_`` (``model.vae``, ``model.perceptual``), with a ValueError
+    naming ``section`` for an unknown or missing keyword."""
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"bad {section} config {dict(kwargs)}: {error}") from error

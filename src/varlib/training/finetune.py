@@ -1,5 +1,6 @@
 """Starting a training run from a pretrained model: ``model.init_from``, ``model.class_map``, ``model.trainable``
-and ``model.lora`` of the VAR, raster-AR and tokenizer modules.
+and ``model.lora`` of the VAR, raster-AR and tokenizer modules; :func:`start_transformer` is what the transformer
+modules call to build the network they train (tokenizer, architecture, pretrained weights, LoRA, freezing).
 
 ``init_from`` takes weights only (the optimiser, step and data position start fresh, unlike resuming) from any
 file :func:`varlib.load` opens, and maps them with :func:`varlib.models.transfer.transfer_state` (another class
@@ -20,6 +21,9 @@ from typing import Any
 import torch.nn as nn
 
 from varlib.models.transfer import TransferReport, transfer_state
+from varlib.models.transformer import AdaLNTransformer, VARConfig
+from varlib.models.vqvae import MultiScaleVQVAE
+from varlib.training.components import construct
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +139,92 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         raise ValueError(f"model.lora.target_modules {list(spec.target_modules)} do not fit the "
                          f"{type(model).__name__}: {error}") from error
     return model
+
+
+def with_pretrained_values(given: Mapping[str, Any], pretrained: Mapping[str, Any],
+                           keep: Sequence[str] = ()) -> dict[str, Any]:
+    """A model config node with its entries left out or set to null taken from the pretrained model's config,
+    except the ``keep`` keys (left as given)."""
+    given = dict(given)
+    return {**given, **{k: v for k, v in pretrained.items() if k not in keep and given.get(k) is None}}
+
+
+#: what a fine-tuned transformer does not take from the pretrained one: the schedule (null: the tokenizer's) and
+#: the initialisation of the weights it does not load
+NOT_INHERITED = ("patch_nums", "init_adaln", "init_adaln_gamma", "init_head", "init_std")
+
+
+def start_transformer(transformer_class: type[AdaLNTransformer], var: Mapping[str, Any], what: str, *,
+                      tokenizer_path: str | None = None, vae: MultiScaleVQVAE | None = None,
+                      init_from: str | None = None, class_map: Mapping[int, int] | None = None,
+                      class_names: Sequence[str] | None = None, trainable: Sequence[str] | None = None,
+                      lora: Mapping[str, Any] | None = None,
+                      **runtime) -> tuple[AdaLNTransformer, LoraSpec | None]:
+    """The transformer a training run of ``what`` (the module's name, for errors) starts from, and its LoRA spec.
+
+    Args:
+        transformer_class: VAR or RasterAR, built as ``transformer_class(vae, config, **runtime)``.
+        var: ``model.var``, the :class:`~varlib.models.transformer.VARConfig` fields as plain data; with
+            ``init_from``, the entries left out or null take the pretrained model's values (not ``patch_nums``: null
+            is the tokenizer's schedule).
+        tokenizer_path, vae: the frozen tokenizer, a file (:func:`varlib.files.loading.load_tokenizer`) or a model.
+        init_from, class_map, class_names, trainable, lora: the pretrained weights (mapped by ``class_map``, new
+            index -> pretrained index; see :func:`initialise_from`), the class names (None: the pretrained names of
+            the mapped classes), the trained parameters and the LoRA adapters (:class:`LoraSpec`; the base weights
+            frozen except the class embedding).
+    """
+    from varlib.files.loading import load_tokenizer  # as pretrained_model: imported when used
+
+    if (tokenizer_path is None) == (vae is None):
+        raise ValueError("give exactly one of tokenizer_path or vae")
+    vae = load_tokenizer(tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
+    pretrained = None
+    if init_from is not None:
+        pretrained = pretrained_model(init_from, what, transformer_class, vae=vae, patch_nums=vae.patch_nums)
+        var = with_pretrained_values(var, pretrained.config, keep=NOT_INHERITED)
+    model = transformer_class(vae, VARConfig.from_dict(var, "model.var"), **runtime)
+    model.class_names = _take_pretrained(model, pretrained, init_from, class_map, class_names)
+    spec = LoraSpec.from_config(lora)
+    if spec is not None:
+        add_lora(model, spec)
+        # the class rows are the only per-class weights: new classes start equal and must train
+        trainable = [*(trainable or []), *LORA_ALWAYS_TRAINED, "*.lora_*"]
+    freeze_except(model, trainable)
+    return model, spec
+
+
+def _take_pretrained(model: AdaLNTransformer, pretrained: AdaLNTransformer | None, init_from: str | None,
+                     class_map: Mapping[int, int] | None, class_names: Sequence[str] | None) -> list[str] | None:
+    """Loads ``pretrained``'s weights into ``model`` (mapped by ``class_map``) and returns the model's class names:
+    ``class_names``, else the pretrained names of the mapped classes when every class has one."""
+    class_map = None if class_map is None else {int(k): int(v) for k, v in class_map.items()}
+    if class_names is not None and len(class_names) != model.num_classes:
+        raise ValueError(f"model.class_names has {len(class_names)} names, expected num_classes={model.num_classes}")
+    if pretrained is None:
+        if class_map is not None:
+            raise ValueError("model.class_map maps new classes to pretrained ones: it needs model.init_from")
+        return None if class_names is None else list(class_names)
+    initialise_from(model, pretrained, init_from, class_map)
+    if class_names is None and pretrained.class_names is not None and class_map is not None:
+        carried = [pretrained.class_names[class_map[i]] if i in class_map else None for i in range(model.num_classes)]
+        class_names = None if None in carried else carried
+    return None if class_names is None else list(class_names)
+
+
+def start_tokenizer(vae: Mapping[str, Any] | MultiScaleVQVAE, what: str, init_from: str | None = None,
+                    trainable: Sequence[str] | None = None) -> MultiScaleVQVAE:
+    """The tokenizer a training run of ``what`` starts from: ``vae`` built (``model.vae``, the MultiScaleVQVAE
+    arguments; with ``init_from``, entries left out or null take the pretrained tokenizer's values) or as given,
+    with the pretrained weights of ``init_from`` and only the ``trainable`` parameters trained."""
+    pretrained = None
+    if init_from is not None:
+        pretrained = pretrained_model(init_from, what, MultiScaleVQVAE,
+                                      patch_nums=None if isinstance(vae, MultiScaleVQVAE) else vae.get("patch_nums"))
+        if not isinstance(vae, MultiScaleVQVAE):
+            vae = with_pretrained_values(vae, pretrained.config)
+    if not isinstance(vae, MultiScaleVQVAE):
+        vae = construct(MultiScaleVQVAE, vae, "model.vae")
+    if pretrained is not None:
+        initialise_from(vae, pretrained, init_from)
+    freeze_except(vae, trainable)
+    return vae

@@ -1,8 +1,8 @@
 """What VAR's and the raster-AR baseline's Lightning modules share: their construction from the config (``model.var``
-names the network's keyword arguments in both), the official optimisation recipe (AdamW with the no-decay groups,
-the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded randomness, the
-teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample grid,
-whole-weight sampling/export and checkpoint metadata. A text-conditional VAR (``var.conditioning`` a text spec)
+holds the :class:`~varlib.models.transformer.VARConfig` of both), the official optimisation recipe (AdamW with the
+no-decay groups, the 'lin0' lr schedule, global gradient clipping, the weight-decay schedule), step-seeded
+randomness, the teacher-forced cross-entropy step with per-scale metrics, EMA, FSDP2 sharding, the validation sample
+grid, whole-weight sampling/export and checkpoint metadata. A text-conditional VAR (``var.conditioning`` a text spec)
 trains on the captions of captioned batches where a class model takes the labels, and its grid shows prompts.
 
 A subclass names its network class (:attr:`transformer_class`, whose ``FILE_PREFIX`` is also the module attribute
@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from varlib.data.token_cache import read_text_encoder_config
 from varlib.evaluation.per_scale import PerScaleAccumulator
 from varlib.images import image_grid
-from varlib.files.loading import load_tokenizer, pop_ema_tensors
+from varlib.files.loading import pop_ema_tensors
 from varlib.loggers import log_image
 from varlib.files.format import model_metadata, save_var
 from varlib.models.losses import token_cross_entropy
@@ -46,9 +46,7 @@ from varlib.models.vqvae import MultiScaleVQVAE
 from varlib.training.components import build_component, component_factory
 from varlib.training.settings import RecipeOptimConfig, TokenLossConfig, build_config
 from varlib.training.ema import ModelEMA
-from varlib.training.finetune import (
-    LORA_ALWAYS_TRAINED, LoraSpec, add_lora, freeze_except, initialise_from, pretrained_model,
-)
+from varlib.training.finetune import LoraSpec, start_transformer
 from varlib.training.optim_schedules import cosine_weight_decay, decay_parameter_groups, lin0_lr_factor
 from varlib.training.seeding import seed_training_step
 
@@ -76,7 +74,9 @@ class TokenTransformerModule(L.LightningModule):
     (see module doc). The arguments are saved as hyperparameters (a subclass's own ones with them).
 
     Args:
-        var: the network's keyword arguments (``transformer_class``: depth, num_classes, width, ...).
+        var: ``model.var``, the network's architecture: the fields of :class:`~varlib.models.transformer.VARConfig`
+            (depth, num_classes, width, ...) as plain data, as every hyperparameter (checkpoints load with
+            ``weights_only``); :func:`~varlib.training.finetune.start_transformer` builds the network from them.
         tokenizer_path: the frozen tokenizer (:func:`varlib.files.loading.load_tokenizer`); or pass it as ``vae``.
         optim: the optimisation recipe, the fields of :class:`~varlib.training.settings.RecipeOptimConfig`.
         optimizer: the optimiser as a config node ``{_target_: torch.optim.AdamW, betas: [0.9, 0.95], ...}``
@@ -139,23 +139,26 @@ class TokenTransformerModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["vae"])
         hparams = self.hparams
-        if (hparams.tokenizer_path is None) == (vae is None):
-            raise ValueError("give exactly one of tokenizer_path or vae")
         self.optim_config = build_config(RecipeOptimConfig, hparams.optim, "model.optim")
         self.optimizer_factory = recipe_optimizer_factory(hparams.optimizer)
         self.loss_config = build_config(self.loss_class, hparams.loss, "model.loss")
         check_grid(hparams.grid_classes, hparams.grid_per_class, hparams.grid_prompts)
-        self.vae = load_tokenizer(hparams.tokenizer_path) if vae is None else vae.eval().requires_grad_(False)
-        pretrained = self.load_pretrained(hparams.init_from)
-        transformer = self.build_transformer()
+        transformer, self.lora = start_transformer(
+            self.transformer_class, hparams.var, type(self).__name__, tokenizer_path=hparams.tokenizer_path, vae=vae,
+            init_from=hparams.init_from, class_map=hparams.class_map, class_names=hparams.class_names,
+            trainable=hparams.trainable, lora=hparams.lora, **self.runtime_settings())
         transformer.sampling = SamplingConfig.from_dict(hparams.sampling or {})
+        self.vae = transformer.vae
         setattr(self, self.transformer_class.FILE_PREFIX, transformer)
         if hparams.grid_prompts and not self.text_conditional:
             raise ValueError(f"model.grid_prompts are for a text-conditional model (var.conditioning type text); "
                              f"this one is conditioned on classes, got grid_prompts={list(hparams.grid_prompts)}")
-        self.prepare_finetuning(pretrained, hparams.class_map, hparams.trainable, hparams.lora, hparams.class_names)
         self.ema = ModelEMA(transformer, hparams.ema_decay) if hparams.ema_decay else None
         self._validation_copy: list[nn.Module] = []  # full_weights' copy during a validation's end
+
+    def runtime_settings(self) -> dict[str, Any]:
+        """The network's settings that its file does not record (none here; VAR's attention and recomputation)."""
+        return {}
 
     @property
     def transformer(self) -> AdaLNTransformer:
@@ -196,10 +199,6 @@ class TokenTransformerModule(L.LightningModule):
             self.ema = ModelEMA(self.transformer, self.ema.decay)
         self.text_encoder_from = Path(path)
 
-    def build_transformer(self) -> AdaLNTransformer:
-        """A new transformer from the module's hyperparameters (the sharded model's plain copy uses it too)."""
-        return self.transformer_class(self.vae, **dict(self.hparams.var))
-
     def check_token_batch(self, tokens: torch.Tensor) -> None:
         """Raises ValueError unless a token-cache batch is (B, L) for the model's L."""
         if tokens.ndim != 2 or tokens.shape[1] != self.transformer.L:
@@ -208,47 +207,6 @@ class TokenTransformerModule(L.LightningModule):
     def tokens_and_input(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(labels (B,), targets (B,L), the transformer's teacher-forcing input (B,L-1,...)) of a data batch."""
         raise NotImplementedError
-
-    def load_pretrained(self, init_from: str | None) -> AdaLNTransformer | None:
-        """The pretrained transformer of ``model.init_from`` (None without one), and the hyperparameters' ``var``
-        completed from its architecture: entries set to null (depth, width, heads, ...) take the pretrained model's
-        values; ``patch_nums`` null stays the tokenizer's schedule."""
-        if init_from is None:
-            return None
-        pretrained = pretrained_model(init_from, type(self).__name__, self.transformer_class, vae=self.vae,
-                                      patch_nums=self.vae.patch_nums)
-        given = dict(self.hparams.var)
-        inherited = {k: v for k, v in pretrained.config.items() if k != "patch_nums" and given.get(k) is None}
-        self.hparams.var = {**given, **{k: list(v) if isinstance(v, tuple) else v for k, v in inherited.items()}}
-        return pretrained
-
-    def prepare_finetuning(self, pretrained: AdaLNTransformer | None, class_map: Mapping[int, int] | None,
-                           trainable: list[str] | None, lora: Mapping[str, Any] | None,
-                           class_names: list[str] | None) -> None:
-        """After the transformer is built (before the EMA): the weights of
-        ``pretrained`` (:meth:`load_pretrained`, mapped by ``class_map``; see :mod:`varlib.training.finetune`),
-        ``class_names``, LoRA adapters and the frozen parameters. A resumed run then loads its checkpoint over
-        these weights."""
-        model = self.transformer
-        class_map = None if class_map is None else {int(k): int(v) for k, v in class_map.items()}
-        if class_names is not None and len(class_names) != model.num_classes:
-            raise ValueError(f"model.class_names has {len(class_names)} names, expected num_classes="
-                             f"{model.num_classes}")
-        if pretrained is not None:
-            initialise_from(model, pretrained, self.hparams.init_from, class_map)
-            if class_names is None and pretrained.class_names is not None and class_map is not None:
-                carried = [pretrained.class_names[class_map[i]] if i in class_map else None
-                           for i in range(model.num_classes)]
-                class_names = None if None in carried else carried
-        elif class_map is not None:
-            raise ValueError("model.class_map maps new classes to pretrained ones: it needs model.init_from")
-        model.class_names = None if class_names is None else list(class_names)
-        self.lora = LoraSpec.from_config(lora)
-        if self.lora is not None:
-            add_lora(model, self.lora)
-            # the class rows are the only per-class weights: new classes start equal and must train
-            trainable = [*(trainable or []), *LORA_ALWAYS_TRAINED, "*.lora_*"]
-        freeze_except(model, trainable)
 
     def active_length(self) -> int:
         """Tokens trained at the current step (all of them)."""
@@ -476,7 +434,7 @@ class TokenTransformerModule(L.LightningModule):
         if self.lora is not None:  # a plain copy with the adapters merged, which opens without peft
             state = merge_lora_state(state, lora_scaling(self.lora.as_dict()))
         with torch.device(self.device):  # built where it runs: initialising a large model on the CPU takes long
-            plain = self.build_transformer()
+            plain = self.transformer_class(self.vae, self.transformer.var_config, **self.runtime_settings())
         plain.load_state_dict(state)
         plain.sampling, plain.class_names = self.transformer.sampling, self.transformer.class_names
         return plain

@@ -46,9 +46,9 @@ from varlib.loggers import log_image
 from varlib.files.format import model_metadata, save_tokenizer
 from varlib.models.quantizer import QuantizerOutput
 from varlib.models.vqvae import MultiScaleVQVAE
-from varlib.training.components import build_component, component_factory
+from varlib.training.components import build_component, component_factory, construct
 from varlib.training.ema import ModelEMA
-from varlib.training.finetune import freeze_except, initialise_from, pretrained_model
+from varlib.training.finetune import start_tokenizer
 from varlib.training.gan import gan_start_factor
 from varlib.training.optim_schedules import lr_multiplier
 from varlib.training.perceptual import PerceptualLoss, default_vgg16_weights_path
@@ -63,18 +63,27 @@ TOKENIZER_OPTIMIZER = {"_target_": "torch.optim.AdamW", "betas": [0.5, 0.9]}
 DISCRIMINATOR = "varlib.training.discriminator.PatchDiscriminator"
 
 
-def _construct(cls: type, kwargs: Mapping[str, Any], section: str) -> Any:
-    try:
-        return cls(**kwargs)
-    except TypeError as error:  # unknown or missing keyword
-        raise ValueError(f"bad {section} config {dict(kwargs)}: {error}") from error
-
-
 def unsaved_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's buffers that its state dict leaves out (non-persistent, so that official checkpoints load
     strictly) but training needs, such as the quantizer's update count: checkpoints keep them beside it."""
     saved = module.state_dict().keys()
     return {name: buffer for name, buffer in module.named_buffers() if name not in saved}
+
+
+def check_training_options(ema_decay: float | None, dead_code_restart_every: int | None, dead_code_min_hits: float,
+                           num_grid_images: int) -> None:
+    """Raises ValueError for a tokenizer module's EMA, dead-code and grid options outside their range."""
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be null or in (0, 1), got {ema_decay!r}")
+    if dead_code_restart_every is not None and (
+        isinstance(dead_code_restart_every, bool) or not isinstance(dead_code_restart_every, int)
+        or dead_code_restart_every < 1
+    ):
+        raise ValueError(f"dead_code_restart_every must be null or an int >= 1, got {dead_code_restart_every!r}")
+    if dead_code_min_hits < 0:
+        raise ValueError(f"dead_code_min_hits must be >= 0, got {dead_code_min_hits!r}")
+    if num_grid_images < 0:
+        raise ValueError(f"num_grid_images must be >= 0, got {num_grid_images!r}")
 
 
 class TokenizerModule(L.LightningModule):
@@ -138,56 +147,43 @@ class TokenizerModule(L.LightningModule):
         self.optim_config = build_config(OptimConfig, optim, "model.optim")
         self.optimizer_factory = component_factory(
             TOKENIZER_OPTIMIZER if optimizer is None else optimizer, "model.optimizer", "torch.optim.AdamW")
-        discriminator_factory = component_factory(discriminator, "model.discriminator", DISCRIMINATOR)
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be null or in (0, 1), got {ema_decay!r}")
-        if dead_code_restart_every is not None and (
-            isinstance(dead_code_restart_every, bool) or not isinstance(dead_code_restart_every, int)
-            or dead_code_restart_every < 1
-        ):
-            raise ValueError(f"dead_code_restart_every must be null or an int >= 1, got {dead_code_restart_every!r}")
-        if dead_code_min_hits < 0:
-            raise ValueError(f"dead_code_min_hits must be >= 0, got {dead_code_min_hits!r}")
-        if num_grid_images < 0:
-            raise ValueError(f"num_grid_images must be >= 0, got {num_grid_images!r}")
-
-        pretrained = None
-        if init_from is not None:
-            pretrained = pretrained_model(init_from, type(self).__name__, MultiScaleVQVAE,
-                                          patch_nums=None if isinstance(vae, MultiScaleVQVAE) else vae.get("patch_nums"))
-            if not isinstance(vae, MultiScaleVQVAE):  # null entries: the pretrained tokenizer's values
-                vae = {**pretrained.config, **{k: v for k, v in vae.items() if v is not None}}
-        self.vae = vae if isinstance(vae, MultiScaleVQVAE) else _construct(MultiScaleVQVAE, vae, "model.vae")
-        if pretrained is not None:
-            initialise_from(self.vae, pretrained, init_from)
-        freeze_except(self.vae, trainable)
+        check_training_options(ema_decay, dead_code_restart_every, dead_code_min_hits, num_grid_images)
+        self.vae = start_tokenizer(vae, type(self).__name__, init_from, trainable)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["vae"])
-        for key, value in self.hparams.items():
-            if isinstance(value, Container):
-                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
+        self.hparams.update({k: OmegaConf.to_container(v, resolve=True) for k, v in self.hparams.items()
+                             if isinstance(v, Container)})
         self.hparams["vae"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vae.config.items()}
+        self.perceptual = self._perceptual_loss(perceptual)
+        self.discriminator = self._discriminator(discriminator)
+        for network in (self.vae, self.discriminator) if channels_last else ():
+            if network is not None:
+                network.to(memory_format=torch.channels_last)
+        self._build_metrics(rfid_extractor)
+        self.ema = ModelEMA(self.vae, ema_decay, ema_warmup) if ema_decay is not None else None
+        self._ema_scope = ExitStack()
 
+    def _perceptual_loss(self, perceptual: Mapping[str, Any] | None) -> PerceptualLoss | None:
+        """LPIPS (``model.perceptual``), when the loss weighs it or its VGG weights exist."""
         perceptual = dict(perceptual or {})
         vgg_path = perceptual.get("vgg_weights_path") or default_vgg16_weights_path()
         wants_lpips = self.loss_config.lpips_weight > 0 or Path(vgg_path).is_file()
-        self.perceptual = _construct(PerceptualLoss, perceptual, "model.perceptual") if wants_lpips else None
-        self.discriminator = None
-        if self.loss_config.disc_weight > 0:
-            self.discriminator = build_component(discriminator_factory, "model.discriminator",
-                                                 in_channels=self.vae.in_channels)
-            min_size = getattr(self.discriminator, "min_input_size", 0)
-            if self.vae.image_size < min_size:
-                raise ValueError(
-                    f"images of {self.vae.image_size} px are too small for the discriminator "
-                    f"{discriminator_factory.keywords}: expected >= {min_size} px"
-                )
+        return construct(PerceptualLoss, perceptual, "model.perceptual") if wants_lpips else None
 
-        if channels_last:
-            for network in (self.vae, self.discriminator):
-                if network is not None:
-                    network.to(memory_format=torch.channels_last)
+    def _discriminator(self, discriminator: Mapping[str, Any] | None) -> nn.Module | None:
+        """The discriminator of ``model.discriminator`` when the GAN loss is on, checked against the image size."""
+        factory = component_factory(discriminator, "model.discriminator", DISCRIMINATOR)
+        if self.loss_config.disc_weight <= 0:
+            return None
+        network = build_component(factory, "model.discriminator", in_channels=self.vae.in_channels)
+        min_size = getattr(network, "min_input_size", 0)
+        if self.vae.image_size < min_size:
+            raise ValueError(f"images of {self.vae.image_size} px are too small for the discriminator "
+                             f"{factory.keywords}: expected >= {min_size} px")
+        return network
 
+    def _build_metrics(self, rfid_extractor: Mapping[str, Any] | None) -> None:
+        """The validation metrics: reconstruction (with LPIPS on a pretrained backbone), codebook usage and rFID."""
         pretrained_lpips = self.perceptual is not None and self.perceptual.pretrained_backbone
         lpips_metric = partial(self.perceptual, reduction="none") if pretrained_lpips else None
         self.val_metrics = ReconstructionMetrics(perceptual=lpips_metric, prefix="val/")
@@ -197,8 +193,6 @@ class TokenizerModule(L.LightningModule):
             extractor_factory = component_factory(rfid_extractor, "model.rfid_extractor")
             self.rfid_metric = GenerativeMetrics(build_component(extractor_factory, "model.rfid_extractor"),
                                                  num_is_splits=1)
-        self.ema = ModelEMA(self.vae, ema_decay, ema_warmup) if ema_decay is not None else None
-        self._ema_scope = ExitStack()
 
     # -- setup ---------------------------------------------------------------------------------------------
 

@@ -22,9 +22,10 @@ class VARModule(TokenTransformerModule):
     which documents the arguments).
 
     Args:
-        var: ``VAR`` keyword arguments (depth, num_classes, cond_drop_rate, ...); the other arguments are the base
-            class's, with
+        var: the :class:`~varlib.models.transformer.VARConfig` fields (depth, num_classes, cond_drop_rate, ...); the
+            other arguments are the base class's, with
         loss: the fields of :class:`~varlib.training.settings.VARLossConfig`: label smoothing and progressive training.
+        attn_impl: the teacher-forced attention (``VAR(attn_impl=...)``: auto, dense, prefix, flex).
         activation_checkpointing: recompute each block's activations in the backward pass (less memory,
             about one more forward of compute); per block, so it composes with DDP and FSDP2's per-block sharding.
     """
@@ -32,12 +33,12 @@ class VARModule(TokenTransformerModule):
     transformer_class = VAR
     loss_class = VARLossConfig
 
-    def __init__(self, *args, activation_checkpointing: bool = False, **kwargs):
+    def __init__(self, *args, attn_impl: str = "auto", activation_checkpointing: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.slices = scale_slices(self.var.patch_nums)
 
-    def build_transformer(self) -> VAR:
-        return VAR(self.vae, **dict(self.hparams.var), activation_checkpointing=self.hparams.activation_checkpointing)
+    def runtime_settings(self) -> dict:
+        return dict(attn_impl=self.hparams.attn_impl, activation_checkpointing=self.hparams.activation_checkpointing)
 
     # -- data -> (tokens, teacher-forcing input) ------------------------------------------------------
 
