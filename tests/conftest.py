@@ -18,13 +18,6 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
 
 
-def pytest_collection_modifyitems(config, items):
-    """The slow tests first, each group in pytest-randomly's order (it shuffles before this hook; the sort is
-    stable). Two workers that steal from each other then end on short tests: a minute-long test drawn last would
-    run alone while the other worker idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def restore_thread_count():
     threads = torch.get_num_threads()
