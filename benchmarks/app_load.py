@@ -86,7 +86,7 @@ def http_request(url: str, inputs: list) -> float:
     with urllib.request.urlopen(post, timeout=REQUEST_TIMEOUT_S) as response:
         event_id = json.load(response)["event_id"]
     with urllib.request.urlopen(f"{url}gradio_api/call/generate/{event_id}", timeout=REQUEST_TIMEOUT_S) as stream:
-        event = None
+        event, gallery = None, None
         for line in stream:
             line = line.decode().strip()
             if line.startswith("event:"):
@@ -96,6 +96,8 @@ def http_request(url: str, inputs: list) -> float:
                     raise RuntimeError(f"the app answered an error: {line}")
                 gallery = json.loads(line.split(":", 1)[1])[0]
                 break
+    if gallery is None:
+        raise RuntimeError(f"the app's event stream for {event_id} ended without a complete event")
     for item in gallery:
         with urllib.request.urlopen(item["image"]["url"], timeout=REQUEST_TIMEOUT_S) as image:
             image.read()
