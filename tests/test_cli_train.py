@@ -1,7 +1,9 @@
 """`python -m varlib.cli.train`: composes the Hydra config, trains, resumes, exports, sweeps, runs DDP on CPU.
 
-Each test starts the CLI in a subprocess whose working directory is a temporary folder, so the deterministic
-output directories (outputs/<task_name>, multirun/<task_name>/<n>) land there.
+Each test runs the CLI in a temporary working directory, so the deterministic output directories
+(outputs/<task_name>, multirun/<task_name>/<n>) land there: in a subprocess where the test needs one (the command
+as a user starts it, two ranks, a kill), else through its Hydra entry point in the test's process
+(:mod:`helpers.commands`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.cli import assert_usage_error
+from helpers.commands import run_in_process
 
 import varlib
 
@@ -36,6 +39,11 @@ QUICK = [
 def train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "varlib.cli.train", *overrides]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def train_here(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """:func:`train`'s run in this process."""
+    return run_in_process([sys.executable, "-m", "varlib.cli.train", *overrides], cwd)
 
 
 def check_finished_run(output_dir: Path, steps: int) -> dict[str, float]:
@@ -66,7 +74,7 @@ def test_cli_trains_exports_and_resumes_from_the_same_command(tmp_path):
 
 @pytest.mark.slow
 def test_cli_multirun_sweeps_two_learning_rates(tmp_path):
-    result = train(tmp_path, "--multirun", *QUICK, "model.optim.lr=0.001,0.002")
+    result = train_here(tmp_path, "--multirun", *QUICK, "model.optim.lr=0.001,0.002")
     assert result.returncode == 0, result.stderr[-3000:]
     for job, lr in enumerate((0.001, 0.002)):
         output_dir = tmp_path / "multirun" / "tokenizer_emoji" / str(job)
@@ -164,7 +172,6 @@ def test_tokenizer_ddp_sigkill_mid_epoch_in_the_gan_phase_resumes_like_an_uninte
         ("export_name=model.pt", "export_name must end with '.safetensors'"),
     ],
 )
-@pytest.mark.slow  # a subprocess each
 def test_cli_bad_config_fails_before_training(tmp_path, override, message):
-    result = train(tmp_path, *QUICK, override)
+    result = train_here(tmp_path, *QUICK, override)
     assert_usage_error(result, message, tmp_path / "outputs" / "tokenizer_emoji")

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.token_caches import tokenize_to_cache
 from helpers.cli import assert_usage_error
+from helpers.commands import run_in_process
+from helpers.token_caches import tokenize_to_cache
 
 import varlib
 from varlib.models.vqvae import MultiScaleVQVAE
@@ -60,6 +61,12 @@ def train_command(tmp: Path, out: str, *extra: str, experiment: str = "var_emoji
 def train(tmp: Path, out: str, *extra: str, experiment: str = "var_emoji") -> subprocess.CompletedProcess:
     command, env = train_command(tmp, out, *extra, experiment=experiment)
     return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train_here(tmp: Path, out: str, *extra: str, experiment: str = "var_emoji") -> subprocess.CompletedProcess:
+    """:func:`train`'s run in this process, for a run that needs no process of its own (one rank, not killed)."""
+    command, _ = train_command(tmp, out, *extra, experiment=experiment)
+    return run_in_process(command, tmp)
 
 
 def logged_train_steps(run_dir: Path) -> list[int]:
@@ -105,7 +112,8 @@ def shorten_a_shard(checkpoint: Path) -> str:
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_cache, case):
     extra, kill_step = RESUME_CASES[case]
-    reference = train(tiny_cache, f"reference_{case}", *extra)
+    train_whole = train_here if case == "one_process" else train  # one rank needs a process only to be killed
+    reference = train_whole(tiny_cache, f"reference_{case}", *extra)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     resumed_dir = tiny_cache / f"resumed_{case}"
@@ -123,7 +131,7 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
         damaged = shorten_a_shard(last)
         (step_checkpoint,) = last.parent.glob(f"epoch=*-step={kill_step}.ckpt")
 
-    resumed = train(tiny_cache, resumed_dir.name, *extra)
+    resumed = train_whole(tiny_cache, resumed_dir.name, *extra)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     if case == "one_process":
@@ -156,9 +164,8 @@ def test_sigkill_then_same_command_resumes_and_matches_uninterrupted_run(tiny_ca
     ("model.var.num_classes=2", "data has 3 classes but the model only 2"),
     ("data.batch_size=0", "batch_size must be >= 1"),
 ])
-@pytest.mark.slow  # a subprocess each, on a token cache made first
 def test_invalid_configuration_fails_before_training(tiny_cache, override, message):
-    result = train(tiny_cache, "invalid", override)
+    result = train_here(tiny_cache, "invalid", override)
     assert_usage_error(result, message, tiny_cache / "invalid")
 
 
@@ -251,7 +258,7 @@ def test_in_loop_fid_is_identical_on_one_and_two_processes_under_ddp_and_fsdp(ti
     metrics = {}
     for name, extra in {"one": (), "ddp": ("trainer=ddp", *TWO_CPU_PROCESSES),
                         "fsdp": ("trainer=fsdp", *TWO_CPU_PROCESSES)}.items():
-        result = train(tiny_cache, f"fid_{name}", *fid, *extra)
+        result = (train_here if name == "one" else train)(tiny_cache, f"fid_{name}", *fid, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         metrics[name] = json.loads((tiny_cache / f"fid_{name}" / "metrics.json").read_text())
     for key in ("val/fid", "val/is", "val/precision", "val/recall"):
@@ -267,7 +274,7 @@ def test_killed_scaling_run_keeps_every_logged_step_and_validation_point_once(ti
     run drops what the killed one logged after its checkpoint and logs it again; the scaling record's points travel
     in the checkpoint. The record equals an uninterrupted run's."""
     scaling = ("callbacks.step_checkpoint.every_n_steps=5", "model.var.width=64", "model.var.num_heads=2")
-    reference = train(tiny_cache, "scaling_reference", *scaling, experiment="var_emoji_scaling")
+    reference = train_here(tiny_cache, "scaling_reference", *scaling, experiment="var_emoji_scaling")
     assert reference.returncode == 0, reference.stderr[-3000:]
     resumed_dir = tiny_cache / "scaling_resumed"
     scaling = (*scaling, "+callbacks.kill._target_=helpers.callbacks.KillAtStep", "+callbacks.kill.step=7")
@@ -275,7 +282,7 @@ def test_killed_scaling_run_keeps_every_logged_step_and_validation_point_once(ti
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5  # periodic
     assert logged_train_steps(resumed_dir) == list(range(7))  # steps 5 and 6 were logged after the checkpoint
-    resumed = train(tiny_cache, resumed_dir.name, *scaling, experiment="var_emoji_scaling")
+    resumed = train_here(tiny_cache, resumed_dir.name, *scaling, experiment="var_emoji_scaling")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     assert logged_train_steps(resumed_dir) == list(range(12)) == logged_train_steps(tiny_cache / "scaling_reference")
@@ -321,12 +328,12 @@ def test_sigterm_to_a_two_process_run_saves_exits_cleanly_and_the_same_command_e
 @pytest.mark.slow
 def test_a_changed_command_stops_before_training_and_resume_force_or_false_go_on(tiny_cache):
     run_dir = tiny_cache / "changed"
-    first = train(tiny_cache, run_dir.name, "trainer.max_steps=4")
+    first = train_here(tiny_cache, run_dir.name, "trainer.max_steps=4")
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     saved = checkpoint.read_bytes()
 
-    changed = train(tiny_cache, run_dir.name, "trainer.max_steps=8", "model.var.depth=3", "model.optim.lr=1e-3")
+    changed = train_here(tiny_cache, run_dir.name, "trainer.max_steps=8", "model.var.depth=3", "model.optim.lr=1e-3")
     output = changed.stdout + changed.stderr
     assert changed.returncode == 2, output[-3000:]
     assert "model.var.depth: 2 -> 3" in output and "model.optim.lr: 0.0078125 -> 0.001" in output
@@ -335,13 +342,13 @@ def test_a_changed_command_stops_before_training_and_resume_force_or_false_go_on
     assert "Traceback" not in output and "state_dict" not in output
     assert checkpoint.read_bytes() == saved
 
-    forced = train(tiny_cache, run_dir.name, "trainer.max_steps=6", "model.optim.lr=1e-3", "resume=force")
+    forced = train_here(tiny_cache, run_dir.name, "trainer.max_steps=6", "model.optim.lr=1e-3", "resume=force")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert "resume=force: continuing with changed settings" in forced.stdout + forced.stderr
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
     assert logged_train_steps(run_dir) == list(range(6))
 
-    fresh = train(tiny_cache, run_dir.name, "trainer.max_steps=2", "model.var.depth=3", "resume=false")
+    fresh = train_here(tiny_cache, run_dir.name, "trainer.max_steps=2", "model.var.depth=3", "resume=false")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming from" not in fresh.stdout + fresh.stderr
     assert varlib.load(run_dir / "model.safetensors").depth == 3

@@ -3,18 +3,23 @@
 The slow tests execute each notebook with nbclient: a kernel running this interpreter (a kernelspec written to a
 temporary folder), a temporary working directory each, and ``VARLIB_PROJECT_DIR`` pointing at one temporary project
 folder that starts empty, so no ``make demo`` output is found and nothing lands in the repository. The notebooks
-share that folder as a user's notebooks share a checkout: whichever runs first trains the tiny models it needs, the
-others reuse them (pipeline tests check that a finished stage is reused). The wall time of each notebook is recorded (``record_property``,
-and printed under ``pytest -s``); it is not asserted, since other work on the machine slows it down.
+share that folder as a user's notebooks share a checkout, and so do the pytest workers: the first test to need it
+trains the tiny class and text models there with the notebooks' own ``prepare_models`` and ``prepare_text_model``
+(once per run, under a file lock); each notebook reuses them and trains what only it needs (the scaling sweep, the
+ablation's rows). The wall time of each notebook is recorded (``record_property``, and printed under
+``pytest -s``); it is not asserted, since other work on the machine slows it down.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
+from varlib.pipelines.notebook_models import prepare_models, prepare_text_model
 from varlib.pipelines.stages import PROJECT_DIR_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +43,18 @@ def kernel_path(tmp_path_factory) -> Path:
     return prefix / "share" / "jupyter"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("project")
+    """The run's project folder, holding the notebooks' tiny models (see the module docstring)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's folder lies in the run's, which every worker sees
+        root = root.parent
+    project = root / "notebook_project"
+    with FileLock(root / "notebook_project.lock"), pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PROJECT_DIR_VARIABLE, str(project))
+        assert prepare_models().kind == "tiny"
+        prepare_text_model()
+    return project
 
 
 @pytest.mark.slow

@@ -1,11 +1,10 @@
 """The README's "Your own images" commands run as written on a tiny class-folder dataset: only step and sample
 counts are added, the official files are tiny official-format stand-ins at the same names (in $VARLIB_WEIGHTS),
-and varlib-evaluate's Inception (weights absent offline) is the tests' small extractor."""
+and varlib-evaluate's Inception (weights absent offline) is the tests' small extractor. Each command runs through
+the Hydra entry point its console script calls, in the test's process (:mod:`helpers.commands`)."""
 
-import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from helpers.commands import run_in_process
 
 import varlib
 
@@ -52,7 +53,7 @@ def make_folder(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_your_own_images_commands_run_as_written(tmp_path):
+def test_your_own_images_commands_run_as_written(tmp_path, monkeypatch):
     from conftest import load_bundle
 
     bundle = load_bundle("tiny10")  # official format at the official 256px schedule
@@ -61,9 +62,11 @@ def test_your_own_images_commands_run_as_written(tmp_path):
     torch.save(bundle["vqvae_state_dict"], weights / "vae_ch160v4096z32.pth")
     torch.save(bundle["var_state_dict"], weights / "var_d16.pth")
     make_folder(tmp_path / "my_images")
-    env = {**os.environ, "VARLIB_WEIGHTS": str(tmp_path / "weights"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT / "tests")]))}
-    bin_dir = Path(sys.executable).parent
+    monkeypatch.setenv("VARLIB_WEIGHTS", str(tmp_path / "weights"))
+    # no download: the Hub switched off, also where huggingface_hub, imported by an earlier test, read the variable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "huggingface_hub.constants" in sys.modules:
+        monkeypatch.setattr(sys.modules["huggingface_hub.constants"], "HF_HUB_OFFLINE", True)
     commands = guide_commands()
     assert [c.split()[0] for c in commands] == ["varlib-train", "varlib-tokenize", "varlib-train", "varlib-train",
                                                 "varlib-sample", "varlib-evaluate"]
@@ -73,8 +76,7 @@ def test_your_own_images_commands_run_as_written(tmp_path):
         if "experiment=var_emoji" in words:
             words = [w for w in words if not w.startswith(("model.var.depth", "model.var.width", "model.var.num_heads"))]
             words += ["model.var.depth=2", "model.var.width=64", "model.var.num_heads=2"]
-        words = [str(bin_dir / words[0]), *words[1:], *SHORT[words[0]]]
-        done = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        done = run_in_process([*words, *SHORT[words[0]]], tmp_path)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     var = varlib.load(tmp_path / "outputs" / "my_var" / "model.safetensors")
     assert var.num_classes == 3 and var.class_names == CLASSES

@@ -5,7 +5,6 @@ command's --help."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from helpers.commands import run_in_process
 from helpers.runs import untrained_validation
 
 import varlib
@@ -129,8 +129,7 @@ def test_prepare_models_uses_the_demo_files_without_training(tmp_path, monkeypat
 def test_help_prints_the_commands_own_commented_config(command, config, line):
     # The module behind the script (test_packaging checks that each script is its module's main): an environment
     # installed before a command was added lacks its script until reinstalled.
-    completed = subprocess.run([sys.executable, "-m", f"varlib.cli.{config}", "--help"], capture_output=True,
-                               text=True, timeout=900)
+    completed = run_in_process([sys.executable, "-m", f"varlib.cli.{config}", "--help"], REPO)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert (REPO / "conf" / f"{config}.yaml").read_text() in completed.stdout  # every key with its comment
     assert line in completed.stdout

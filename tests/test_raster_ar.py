@@ -2,8 +2,6 @@
 VAR, file round trip, the Lightning module on a single-scale token cache, and `varlib-train experiment=ar_emoji`."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from helpers.token_caches import tokenize_to_cache
+from helpers.commands import run_in_process
 from helpers.runs import untrained_validation
+from helpers.token_caches import tokenize_to_cache
 
 import varlib
 from varlib.data.token_cache import TokenCacheDataModule
@@ -197,8 +196,7 @@ def test_training_through_the_cli_improves_on_the_untrained_model(tmp_path):
         "trainer.val_check_interval=12", "trainer.num_sanity_val_steps=0", "logger=csv",
         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "cpu_threads=1",
     ]
-    result = subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp_path,
-                            env={**os.environ}, capture_output=True, text=True, timeout=600)
+    result = run_in_process([sys.executable, "-m", "varlib.cli.train", *overrides], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     after = json.loads((tmp_path / "run" / "metrics.json").read_text())["val/loss_avg"]
 

@@ -11,7 +11,7 @@ The convention for README code blocks (new ones follow it; the fence's info stri
   ``python -m varlib.cli.*`` with ``--cfg job`` (Hydra composes and prints the config without running; a
   ``--multirun`` command its first job, see :func:`first_job`), ``torchrun ... -m MODULE ARGS`` as ``python -m
   MODULE ARGS --cfg job`` (these three call the command's Hydra entry point in the test's process, see
-  :func:`hydra_entry_point`), ``pip install X`` as ``pip install --dry-run --no-index --no-build-isolation X``
+  :func:`~helpers.commands.hydra_entry_point`), ``pip install X`` as ``pip install --dry-run --no-index --no-build-isolation X``
   (resolved against the installed packages, nothing installed), ``make X`` as ``make -n X``.
 - ```` ```text ````: not code (listings, folder layouts). No other info string is allowed.
 
@@ -25,7 +25,6 @@ The stand-ins lie at the names a user has: ``vae_ch160v4096z32.pth`` and ``var_d
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shlex
@@ -33,14 +32,14 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from helpers.commands import hydra_entry_point, run_in_process
 
 import varlib
 from varlib.models.sampling import SamplingConfig
@@ -111,49 +110,29 @@ def first_job(args: list[str]) -> list[str]:
     return [sweep.sub(r"\1\2", arg) for arg in args if arg != "--multirun"]
 
 
-def hydra_entry_point(argv: list[str]) -> tuple[Callable[[], None], list[str]] | None:
-    """The Hydra ``main`` of a varlib command (``varlib-*``, ``python -m MODULE``, ``torchrun ... -m MODULE``) and
-    its arguments, or None for other programs. A dry run calls it in this process: a subprocess each would spend
-    seconds importing torch and Lightning again to compose a config."""
-    program, *args = argv
-    if program.startswith("varlib-"):
-        (entry,) = entry_points(group="console_scripts", name=program)
-        return entry.load(), args
-    if program in ("python", "torchrun") and "-m" in args:
-        module_at = args.index("-m") + 1
-        return importlib.import_module(args[module_at]).main, args[module_at + 1:]
-    return None
+def call_entry_point(argv: list[str], cwd: Path) -> None:
+    """A varlib command (see :func:`~helpers.commands.hydra_entry_point`) in ``cwd``, in this process: it succeeds."""
+    done = run_in_process(argv, cwd)
+    assert done.returncode == 0, f"{shlex.join(argv)} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
 
 
-def call_entry_point(argv: list[str], cwd: Path, monkeypatch) -> None:
-    """A varlib command (see :func:`hydra_entry_point`) with ``argv``'s arguments, in ``cwd``, in this process."""
-    main, args = hydra_entry_point(argv)
-    monkeypatch.setattr(sys, "argv", [argv[0], *args])
-    monkeypatch.chdir(cwd)
-    try:
-        main()
-    except SystemExit as exit_:  # Hydra exits on a config that does not compose, having printed why
-        if exit_.code not in (None, 0):
-            raise AssertionError(f"{shlex.join(argv)} exited with {exit_.code}") from exit_
-
-
-def compose_job(argv: list[str], monkeypatch) -> None:
+def compose_job(argv: list[str]) -> None:
     """``argv --cfg job`` through the command's own Hydra entry point, in this process: the config composes."""
     program, *args = argv
-    call_entry_point([program, *first_job(args), "--cfg", "job"], REPO, monkeypatch)
+    call_entry_point([program, *first_job(args), "--cfg", "job"], REPO)
 
 
-def run_command(argv: list[str], cwd: Path, monkeypatch) -> None:
+def run_command(argv: list[str], cwd: Path) -> None:
     """A ``bash`` block's command as written: a varlib command through its Hydra entry point in this process (as
     its console script calls it), another program as a subprocess."""
     if hydra_entry_point(argv) is None:
         run(executable(argv), cwd)
     else:
-        call_entry_point(argv, cwd, monkeypatch)
+        call_entry_point(argv, cwd)
 
 
 def dry_run(argv: list[str]) -> list[str]:
-    """The dry-run form of a command that is not a varlib command (see :func:`hydra_entry_point`)."""
+    """The dry-run form of a command that is not a varlib command (see :func:`~helpers.commands.hydra_entry_point`)."""
     program, *args = argv
     if program == "pip" and args[:1] == ["install"]:
         return executable(["pip", "install", "--dry-run", "--no-index", "--no-build-isolation", *args[1:]])
@@ -231,15 +210,15 @@ def test_every_block_follows_the_convention():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.info != "text"], ids=lambda b: b.name)
-def test_readme_block_runs(block, workdir, monkeypatch):
+def test_readme_block_runs(block, workdir):
     if block.info == "python":
         run([sys.executable, "-c", block.code], workdir)
     elif block.info == "bash":
         for argv in commands(block.code):
-            run_command([argv[0], *SMALL_COUNTS.get(argv[0], []), *argv[1:]], workdir, monkeypatch)
+            run_command([argv[0], *SMALL_COUNTS.get(argv[0], []), *argv[1:]], workdir)
     else:
         for argv in commands(block.code):
             if hydra_entry_point(argv) is not None:
-                compose_job(argv, monkeypatch)
+                compose_job(argv)
             else:
                 run(dry_run(argv), REPO)

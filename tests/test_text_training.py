@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.commands import run_in_process
 from helpers.token_caches import tokenize_to_cache
 
 import varlib
@@ -296,24 +297,28 @@ def test_varlib_tokenize_writes_the_emoji_captions_with_their_features(tmp_path)
 # -- varlib-train experiment=t2i_emoji -------------------------------------------------------------------------------
 
 
-def run_train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+def train_command(tmp: Path, out: str, *extra: str) -> list[str]:
     """``varlib-train experiment=t2i_emoji``: a tiny text VAR on the tiny captioned cache of ``t2i_cache``."""
-    overrides = [
-        "experiment=t2i_emoji", f"paths.output_dir={tmp / out}", f"data.root={tmp / 'cache'}",
-        f"model.tokenizer_path={tmp / 'tok.safetensors'}", "data.batch_size=4", "model.var.depth=2",
-        "model.var.width=64", "model.var.conditioning.encoder.width=32", "model.var.conditioning.encoder.depth=1",
-        "trainer.num_sanity_val_steps=0", "logger=csv", "trainer.enable_progress_bar=false",
-        "callbacks.progress_bar=null", *extra,
+    return [
+        sys.executable, "-m", "varlib.cli.train", "experiment=t2i_emoji", f"paths.output_dir={tmp / out}",
+        f"data.root={tmp / 'cache'}", f"model.tokenizer_path={tmp / 'tok.safetensors'}", "data.batch_size=4",
+        "model.var.depth=2", "model.var.width=64", "model.var.conditioning.encoder.width=32",
+        "model.var.conditioning.encoder.depth=1", "trainer.num_sanity_val_steps=0", "logger=csv",
+        "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", *extra,
     ]
+
+
+def run_killed(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    """:func:`train_command` in a process of its own, for a run that kills itself (helpers.callbacks.KillAtStep)."""
     # tests/ for the helper callbacks, after whatever PYTHONPATH selects the varlib under test
     path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).parent)]))
-    return subprocess.run([sys.executable, "-m", "varlib.cli.train", *overrides], cwd=tmp,
-                          env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(train_command(tmp, out, *extra), cwd=tmp, env={**os.environ, "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=600)
 
 
 def train(tmp: Path, out: str, *extra: str) -> dict:
-    """:func:`run_train` to its end; returns the final val metrics."""
-    run = run_train(tmp, out, *extra)
+    """:func:`train_command` to its end in this process (helpers.commands); returns the final val metrics."""
+    run = run_in_process(train_command(tmp, out, *extra), tmp)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((tmp / out / "metrics.json").read_text())
 
@@ -360,8 +365,8 @@ def test_a_killed_t2i_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_one(t
     steps = ("trainer.max_steps=12", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1")
     train(t2i_cache, "reference", *steps)
     kill = ("+callbacks.kill._target_=helpers.callbacks.KillAtStep", "+callbacks.kill.step=6")
-    assert run_train(t2i_cache, "resumed", *steps, *kill).returncode == -9
-    resumed = run_train(t2i_cache, "resumed", *steps, *kill)
+    assert run_killed(t2i_cache, "resumed", *steps, *kill).returncode == -9
+    resumed = run_in_process(train_command(t2i_cache, "resumed", *steps, *kill), t2i_cache)  # the marker: no kill
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr  # not a fresh (equally deterministic) run
     # the same captions in the same order, text dropout and optimiser state (the text encoder's too)
