@@ -1,8 +1,11 @@
-"""`varlib-train` for VAR end to end in subprocesses: SIGKILL mid-run then the same command resumes and
-matches an uninterrupted run, on one process and on DDP and FSDP2 with 2 CPU processes (gloo), EMA on and off,
-killed at an epoch's end and in its middle, with the logged history and the scaling record kept whole; SIGTERM
-to a 2-process run saves and exits cleanly, and the same command ends like an uninterrupted run; a changed command
-stops before training; in-loop FID/IS equal on 1 and 2 processes; invalid configurations fail before training."""
+"""`varlib-train` for VAR end to end: SIGKILL mid-run then the same command resumes and matches an uninterrupted run,
+on one process and on DDP and FSDP2 with 2 CPU processes (gloo), EMA on and off, killed at an epoch's end and in its
+middle, with the logged history and the scaling record kept whole; SIGTERM to a 2-process run saves and exits
+cleanly, and the same command ends like an uninterrupted run; a changed command stops before training; in-loop
+FID/IS equal on 1 and 2 processes; invalid configurations fail before training.
+
+A killed or two-rank run is a process of its own; any other run goes through the command's Hydra entry point in the
+test's process (helpers.commands)."""
 
 import csv
 import json
