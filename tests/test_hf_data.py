@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import varlib
-from helpers.shard_training import assert_killed_run_resumes_exactly
 from helpers.hf_data import CLASS_NAMES, caption, png, rows, write_image_folder, write_parquet
+from helpers.hub import switch_hub_off
+from helpers.shard_training import assert_killed_run_resumes_exactly
 from varlib.data.tokenizing import TokenizeResult, tokenize_dataset
 from varlib.configs import compose_config
 from varlib.data import HFDataModule, ImageTransform, decode_rgb_image
@@ -112,11 +113,8 @@ def test_a_wrong_column_or_split_stops_naming_what_the_dataset_has(parquet, tmp_
 
 
 def test_an_unreachable_hub_says_to_download_first_or_use_a_local_builder(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    # the Hub switched off as HF_HUB_OFFLINE=1 does (it is read at import)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    switch_hub_off(monkeypatch)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # datasets' own copy, also read at its import
     with pytest.raises(ValueError) as error:
         hf_data(tmp_path, True, path="ILSVRC/imagenet-1k")
     message = str(error.value)

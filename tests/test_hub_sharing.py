@@ -10,6 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from helpers.hub import switch_hub_off
+
 import varlib
 from varlib.files.format import OFFICIAL_TOKENIZER
 from varlib.models.transformer import VAR, VARConfig
@@ -118,10 +120,7 @@ def test_official_names_resolve_in_the_weights_folder_and_fail_offline_with_advi
     folder = tmp_path / "FoundationVision" / "var"
     folder.mkdir(parents=True)
     monkeypatch.setenv("VARLIB_WEIGHTS", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable when it is imported; imported earlier in this process, it would try the
-    # network and wait for its timeouts (46 s in the suite against 0.3 s alone)
-    monkeypatch.setattr(pytest.importorskip("huggingface_hub.constants"), "HF_HUB_OFFLINE", True)
+    switch_hub_off(monkeypatch)  # set only as a variable, it took 46 s after another test's import
     with pytest.raises(FileNotFoundError, match=r"download https://huggingface.co/FoundationVision/var/resolve/main/"
                                                 r"var_d16.pth and put it at .*FoundationVision/var/var_d16.pth"):
         varlib.load("FoundationVision/var/var_d16.pth")

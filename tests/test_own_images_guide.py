@@ -5,7 +5,6 @@ the Hydra entry point its console script calls, in the test's process (:mod:`hel
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from helpers.commands import run_in_process
+from helpers.hub import switch_hub_off
 
 import varlib
 
@@ -63,10 +63,7 @@ def test_your_own_images_commands_run_as_written(tmp_path, monkeypatch):
     torch.save(bundle["var_state_dict"], weights / "var_d16.pth")
     make_folder(tmp_path / "my_images")
     monkeypatch.setenv("VARLIB_WEIGHTS", str(tmp_path / "weights"))
-    # no download: the Hub switched off, also where huggingface_hub, imported by an earlier test, read the variable
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    if "huggingface_hub.constants" in sys.modules:
-        monkeypatch.setattr(sys.modules["huggingface_hub.constants"], "HF_HUB_OFFLINE", True)
+    switch_hub_off(monkeypatch)  # no download
     commands = guide_commands()
     assert [c.split()[0] for c in commands] == ["varlib-train", "varlib-tokenize", "varlib-train", "varlib-train",
                                                 "varlib-sample", "varlib-evaluate"]
